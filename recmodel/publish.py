@@ -35,36 +35,34 @@ VERSION_PATTERN = re.compile(r"^v[0-9]{14}$")
 @dataclass(frozen=True)
 class ServingTable:
     view: str
-    columns: tuple[tuple[str, str], ...]  # (name, SQL type) in contract order
+    columns: tuple[tuple[str, str], ...]  # (name, Postgres type name) in contract order
     key: tuple[str, ...]  # unique per version; indexed for readers
 
 
 SERVING_TABLES = (
     ServingTable("user_recommendations",
-                 (("user_id", "bigint"), ("rank", "int"), ("item_id", "bigint"), ("score", "real"),
+                 (("user_id", "int8"), ("rank", "int4"), ("item_id", "int8"), ("score", "float4"),
                   ("model_version", "text"), ("generated_at", "timestamptz")),
                  ("user_id", "rank")),
     ServingTable("similar_items",
-                 (("item_id", "bigint"), ("rank", "int"), ("similar_item_id", "bigint"), ("score", "real"),
+                 (("item_id", "int8"), ("rank", "int4"), ("similar_item_id", "int8"), ("score", "float4"),
                   ("model_version", "text")),
                  ("item_id", "rank")),
     ServingTable("popular_items",
-                 (("rank", "int"), ("item_id", "bigint"), ("score", "real"), ("model_version", "text")),
+                 (("rank", "int4"), ("item_id", "int8"), ("score", "float4"), ("model_version", "text")),
                  ("rank",)),
 )
 
+UNMARK_SERVING = "UPDATE recsys.published_versions SET serving = false WHERE serving AND version <> %(version)s"
 MARK_SERVING = """
-UPDATE recsys.published_versions SET serving = false WHERE serving AND version <> %(version)s;
 INSERT INTO recsys.published_versions (version, tables, row_counts, serving, published_at)
 VALUES (%(version)s, %(tables)s::jsonb, %(row_counts)s::jsonb, true, now())
 ON CONFLICT (version) DO UPDATE
 SET tables = EXCLUDED.tables, row_counts = EXCLUDED.row_counts, serving = true, published_at = now(),
     pruned_at = NULL
 """
-PROMOTE = """
-UPDATE recsys.model_registry SET status = 'retired' WHERE status = 'champion' AND version <> %(version)s;
-UPDATE recsys.model_registry SET status = 'champion' WHERE version = %(version)s
-"""
+RETIRE_CHAMPION = "UPDATE recsys.model_registry SET status = 'retired' WHERE status = 'champion' AND version <> %(version)s"
+PROMOTE = "UPDATE recsys.model_registry SET status = 'champion' WHERE version = %(version)s"
 SELECT_PRUNABLE = """
 SELECT version, tables FROM recsys.published_versions
 WHERE NOT serving AND pruned_at IS NULL
@@ -116,9 +114,10 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
             conn.execute(sql.SQL("ALTER TABLE recsys.{} RENAME TO {}").format(sql.Identifier(staging),
                                                                               sql.Identifier(final)))
         tables = {t.view: table_name(t.view, version) for t in SERVING_TABLES}
+        conn.execute(UNMARK_SERVING, {"version": version})
         conn.execute(MARK_SERVING, {"version": version, "tables": json.dumps(tables),
                                     "row_counts": json.dumps(row_counts)})
-        conn.execute(PROMOTE, {"version": version})
+        _promote(conn, version)
     swap_seconds = (datetime.now() - started).total_seconds()
     pruned = prune(url, keep_versions)
     log.info("published %s (%s) in a %.3f s swap; pruned %s", version,
@@ -173,6 +172,12 @@ def _point_view(conn: psycopg.Connection, table: ServingTable, source: str) -> N
         sql.Identifier(table.view), columns, sql.Identifier(source)))
 
 
+def _promote(conn: psycopg.Connection, version: str) -> None:
+    """The retire comes first: the one-champion index would refuse two at once."""
+    conn.execute(RETIRE_CHAMPION, {"version": version})
+    conn.execute(PROMOTE, {"version": version})
+
+
 def prune(url: str, keep_versions: int) -> list[str]:
     """Drop the tables of published versions older than the newest `keep_versions` (serving is kept)."""
     pruned = []
@@ -204,7 +209,8 @@ def rollback(url: str, version: str) -> str:
         conn.execute("SET LOCAL lock_timeout = '10s'")
         for table in SERVING_TABLES:
             _point_view(conn, table, tables[table.view])
-        conn.execute("UPDATE recsys.published_versions SET serving = (version = %s)", (version,))
-        conn.execute(PROMOTE, {"version": version})
+        conn.execute(UNMARK_SERVING, {"version": version})
+        conn.execute("UPDATE recsys.published_versions SET serving = true WHERE version = %s", (version,))
+        _promote(conn, version)
     log.info("rolled back: %s now serves (was %s)", version, previous[0] if previous else "nothing")
     return previous[0] if previous else ""

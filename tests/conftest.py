@@ -48,3 +48,21 @@ def movielens_dir() -> Path:
     if not (MOVIELENS_DIR / "ratings.csv").exists():
         pytest.skip("MovieLens latest-small is not present at ../shared/data (only in the project workspace)")
     return MOVIELENS_DIR
+
+
+SMALL_MODEL = {"epochs": 3, "warm_start_epochs": 2, "d_model": 32, "max_history": 20, "holdout_days": 7.0}
+
+
+@pytest.fixture
+def recsys_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """RECSYS_DATABASE_URL and RECSYS_HOME for one test; returns the database URL."""
+    monkeypatch.setenv("RECSYS_DATABASE_URL", db_url)
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    return db_url
+
+
+def seed_small(url: str, now, *, events: int = 8000, seed: int = 1):
+    """A small synthetic dataset (200 users, 150 items) ending at `now`."""
+    from recmodel.synth import seed_database
+
+    return seed_database(url, users=200, items=150, events=events, seed=seed, now=now)

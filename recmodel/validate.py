@@ -1,0 +1,286 @@
+"""Data validation of an event increment with Great Expectations (1.x).
+
+Every rule is a GX expectation; pandas only derives helper columns GX cannot express (`duplicate_of`) and
+splits the increment by the failing `event_id`s GX reports. Three checkpoints run per increment:
+
+* ``increment_schema`` on the raw increment: the columns are exactly the expected ones. Row-level checks need
+  those columns, so a missing column skips them and the run fails on the schema alone.
+* ``increment_rows`` on the increment indexed by `event_id`: one expectation per quarantine reason. Indexing by
+  `event_id` lets GX return failing ids as one plain list (`unexpected_index_list`) instead of looking each
+  failing row up cell by cell, which is what keeps a 1M-row increment fast.
+* ``increment_dataset`` on a one-row metrics frame: quarantine share and clean row count, so dataset-level
+  failures also show up in Data Docs.
+
+The GX project lives under `gx_dir` (file context), so results and Data Docs persist across runs. Suites,
+assets and checkpoints have fixed names and are replaced on every run, which makes a re-run of the same
+`run_key` safe; two runs sharing one `gx_dir` concurrently are not (the project file is rewritten).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+from great_expectations.checkpoint import Checkpoint
+from great_expectations.core.expectation_validation_result import (
+    ExpectationSuiteValidationResult,
+    ExpectationValidationResult,
+)
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context import FileDataContext
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.data_context.types.resource_identifiers import ValidationResultIdentifier
+from great_expectations.expectations import Expectation
+
+from recmodel.config import PipelineConfig
+
+REASONS = ("null_user_id", "null_item_id", "non_positive_id", "unknown_item", "bad_event_type",
+           "value_out_of_range", "future_timestamp", "duplicate")
+
+EXPECTED_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
+DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
+
+DATASOURCE = "recsys_increment"
+SCHEMA, ROWS, DATASET = "increment_schema", "increment_rows", "increment_dataset"
+
+# Failing rows come back as {"event_id": [ids]}: no per-row value lists and no pandas query string, both of
+# which GX would otherwise build (and store) row by row.
+ROW_RESULT_FORMAT: dict[str, Any] = {
+    "result_format": "COMPLETE",
+    "unexpected_index_column_names": ["event_id"],
+    "exclude_unexpected_values": True,
+    "return_unexpected_index_query": False,
+}
+DATASET_RESULT_FORMAT: dict[str, Any] = {"result_format": "COMPLETE"}
+
+
+class DataValidationError(RuntimeError):
+    """The increment failed a dataset-level expectation; raised by the caller with `report.dataset_failures`."""
+
+
+@dataclass
+class ExpectationOutcome:
+    expectation: str
+    column: str | None
+    reason: str | None  # quarantine reason for row-level expectations, None for dataset-level ones
+    success: bool
+    unexpected_count: int
+    observed: str
+
+
+@dataclass
+class ValidationReport:
+    clean: pd.DataFrame
+    quarantined: pd.DataFrame  # one row per (event_id, reason): event_id, reason, then the other input columns
+    outcomes: list[ExpectationOutcome]
+    dataset_failures: list[str]
+    docs_path: Path | None
+
+    @property
+    def passed(self) -> bool:
+        return not self.dataset_failures
+
+
+def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *, as_of: datetime,
+                       config: PipelineConfig, gx_dir: Path, run_key: str) -> ValidationReport:
+    """Validate one increment: quarantine bad rows, evaluate dataset-level rules, build Data Docs.
+
+    Never raises for bad data: the caller decides what a failed report means (see `DataValidationError`).
+    """
+    if as_of.tzinfo is None:
+        raise ValueError("as_of must be timezone-aware (occurred_at is UTC)")
+    context = _context(gx_dir)
+    run_id = RunIdentifier(run_name=run_key, run_time=datetime.now(timezone.utc))
+    result_ids: list[ValidationResultIdentifier] = []
+
+    schema_result = _run(context, SCHEMA, [gx.expectations.ExpectTableColumnsToMatchSet(
+        column_set=list(EXPECTED_COLUMNS), exact_match=True)], increment, DATASET_RESULT_FORMAT, run_id, result_ids)
+    outcomes = [_dataset_outcome(r) for r in schema_result.results]
+    dataset_failures = [_failure_message(r) for r in schema_result.results if not r.success]
+
+    bad_ids: dict[str, set[int]] = {reason: set() for reason in REASONS}
+    if set(EXPECTED_COLUMNS) <= set(increment.columns):
+        rows_result = _run(context, ROWS, _row_expectations(catalog_item_ids, as_of, config),
+                           _row_frame(increment), ROW_RESULT_FORMAT, run_id, result_ids)
+        for result in sorted(rows_result.results, key=lambda r: REASONS.index(r.expectation_config.meta["reason"])):
+            reason = result.expectation_config.meta["reason"]
+            outcomes.append(_row_outcome(result, reason))
+            if _raised(result):
+                dataset_failures.append(_failure_message(result))
+            bad_ids[reason].update(_unexpected_event_ids(result))
+        quarantined = _quarantined(increment, bad_ids)
+        clean = increment[~increment["event_id"].isin(quarantined["event_id"])]
+    else:
+        quarantined = pd.DataFrame(columns=["event_id", "reason", *(c for c in increment.columns if c != "event_id")])
+        clean = increment.iloc[:0]
+
+    metrics = pd.DataFrame({"quarantine_share": [quarantined["event_id"].nunique() / max(len(increment), 1)],
+                            "clean_rows": [len(clean)]})
+    dataset_result = _run(context, DATASET, [
+        gx.expectations.ExpectColumnMaxToBeBetween(column="quarantine_share", max_value=config.max_quarantine_share),
+        gx.expectations.ExpectColumnMinToBeBetween(column="clean_rows", min_value=1),
+    ], metrics, DATASET_RESULT_FORMAT, run_id, result_ids)
+    outcomes += [_dataset_outcome(r) for r in dataset_result.results]
+    dataset_failures += [_failure_message(r) for r in dataset_result.results if not r.success]
+
+    return ValidationReport(clean=clean, quarantined=quarantined, outcomes=outcomes,
+                            dataset_failures=dataset_failures, docs_path=_build_docs(context, result_ids))
+
+
+def _context(gx_dir: Path) -> FileDataContext:
+    """A file-backed GX project under `gx_dir`, without analytics or progress bars (task logs stay readable)."""
+    context = gx.get_context(mode="file", project_root_dir=gx_dir)
+    context.variables.analytics_enabled = False
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    context.variables.save()
+    return context
+
+
+def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: PipelineConfig) -> list[Expectation]:
+    """Row-level expectations, each carrying in `meta["reason"]` the quarantine reason of its failing rows.
+
+    The reason travels in `meta` because GX does not return results in suite order. GX map expectations skip
+    nulls, so nulls only fail the explicit not-null rules; `event_type` has one under the same reason as its
+    value-set rule, because a missing event type is as unusable as a wrong one.
+    """
+    E = gx.expectations
+    newest_allowed = (pd.Timestamp(as_of) + pd.Timedelta(seconds=config.future_tolerance_seconds)).to_pydatetime()
+    return [
+        E.ExpectColumnValuesToNotBeNull(column="user_id", meta={"reason": "null_user_id"}),
+        E.ExpectColumnValuesToNotBeNull(column="item_id", meta={"reason": "null_item_id"}),
+        E.ExpectColumnValuesToBeBetween(column="user_id", min_value=1, meta={"reason": "non_positive_id"}),
+        E.ExpectColumnValuesToBeBetween(column="item_id", min_value=1, meta={"reason": "non_positive_id"}),
+        E.ExpectColumnValuesToBeInSet(column="item_id", value_set=np.unique(catalog_item_ids).tolist(),
+                                      meta={"reason": "unknown_item"}),
+        E.ExpectColumnValuesToNotBeNull(column="event_type", meta={"reason": "bad_event_type"}),
+        E.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(config.event_types),
+                                      meta={"reason": "bad_event_type"}),
+        E.ExpectColumnValuesToBeBetween(column="value", min_value=config.value_min, max_value=config.value_max,
+                                        meta={"reason": "value_out_of_range"}),
+        E.ExpectColumnValuesToBeBetween(column="occurred_at", max_value=newest_allowed,
+                                        meta={"reason": "future_timestamp"}),
+        E.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"reason": "duplicate"}),
+    ]
+
+
+def _row_frame(increment: pd.DataFrame) -> pd.DataFrame:
+    """The increment as GX sees it for row checks: indexed by `event_id`, plus the `duplicate_of` helper."""
+    return increment.assign(duplicate_of=_duplicate_of(increment)).set_index("event_id")
+
+
+def _duplicate_of(increment: pd.DataFrame) -> pd.Series:
+    """For each row repeating an earlier one by DUPLICATE_KEY, the lowest `event_id` of its group; else <NA>.
+
+    GX's compound-uniqueness expectation flags every member of a duplicate group, but the lowest
+    `event_id` must survive, so the "earlier row" is resolved here and GX checks the column is null.
+    """
+    ordered = increment.sort_values("event_id", kind="stable")
+    first = ordered.groupby(DUPLICATE_KEY, dropna=False, sort=False)["event_id"].transform("first")
+    return first.where(first != ordered["event_id"]).astype("Int64").reindex(increment.index)
+
+
+def _run(context: FileDataContext, name: str, expectations: list[Expectation], frame: pd.DataFrame,
+         result_format: dict[str, Any], run_id: RunIdentifier,
+         result_ids: list[ValidationResultIdentifier]) -> ExpectationSuiteValidationResult:
+    """(Re)define suite, asset and checkpoint `name`, validate `frame` with it and record the stored result's id.
+
+    Everything is replaced rather than reused: expectations depend on the run (as_of, catalog, config).
+    """
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
+    source = context.data_sources.add_or_update_pandas(name=f"{DATASOURCE}_{name}")
+    batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe(name)
+    definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=name, data=batch,
+                                                                                      suite=suite))
+    checkpoint = context.checkpoints.add_or_update(Checkpoint(name=name, validation_definitions=[definition],
+                                                              result_format=result_format))
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+    [(result_id, suite_result)] = result.run_results.items()
+    result_ids.append(result_id)
+    return suite_result
+
+
+def _unexpected_event_ids(result: ExpectationValidationResult) -> list[int]:
+    """The failing rows' event_ids; ROW_RESULT_FORMAT makes GX report them as [{"event_id": [...]}]."""
+    return [int(i) for entry in result.result.get("unexpected_index_list") or [] for i in entry["event_id"]]
+
+
+def _raised(result: ExpectationValidationResult) -> bool:
+    return bool(result.exception_info and result.exception_info.get("raised_exception"))
+
+
+def _quarantined(increment: pd.DataFrame, bad_ids: dict[str, set[int]]) -> pd.DataFrame:
+    """One row per (event_id, reason), in event_id then REASONS order, with the row's original columns."""
+    pairs = pd.DataFrame([(event_id, reason) for reason in REASONS for event_id in bad_ids[reason]],
+                         columns=["event_id", "reason"]).astype({"event_id": increment["event_id"].dtype})
+    pairs["reason"] = pd.Categorical(pairs["reason"], categories=REASONS, ordered=True)
+    merged = pairs.merge(increment, on="event_id", how="inner").sort_values(["event_id", "reason"], kind="stable")
+    merged["reason"] = merged["reason"].astype(str)
+    others = [c for c in increment.columns if c != "event_id"]
+    return merged[["event_id", "reason", *others]].reset_index(drop=True)
+
+
+def _row_outcome(result: ExpectationValidationResult, reason: str) -> ExpectationOutcome:
+    count = int(result.result.get("unexpected_count") or 0)
+    total = int(result.result.get("element_count") or 0)
+    observed = _exception_text(result) if _raised(result) else f"{count} of {total} rows unexpected"
+    return ExpectationOutcome(expectation=result.expectation_config.type, column=_column(result), reason=reason,
+                              success=bool(result.success), unexpected_count=count, observed=observed)
+
+
+def _dataset_outcome(result: ExpectationValidationResult) -> ExpectationOutcome:
+    return ExpectationOutcome(expectation=result.expectation_config.type, column=_column(result), reason=None,
+                              success=bool(result.success),
+                              unexpected_count=int(result.result.get("unexpected_count") or 0),
+                              observed=_observed(result))
+
+
+def _failure_message(result: ExpectationValidationResult) -> str:
+    """E.g. "expect_column_values_to_be_between(quarantine_share) failed: observed 0.43 > max 0.2"."""
+    column = _column(result)
+    name = result.expectation_config.type + (f"({column})" if column else "")
+    if _raised(result):
+        return f"{name} could not be evaluated: {_exception_text(result)}"
+    kwargs = result.expectation_config.kwargs
+    limits = " or ".join(f"{sign} {label} {_short(kwargs[key])}"
+                         for key, label, sign in (("min_value", "min", "<"), ("max_value", "max", ">"))
+                         if kwargs.get(key) is not None)
+    return f"{name} failed: observed {_observed(result)}" + (f" {limits}" if limits else "")
+
+
+def _observed(result: ExpectationValidationResult) -> str:
+    """GX's observed value, shortened; for a column-set mismatch also the missing and unexpected columns."""
+    if _raised(result):
+        return _exception_text(result)
+    value = result.result.get("observed_value")
+    mismatched = (result.result.get("details") or {}).get("mismatched") or {}
+    extra = "".join(f"; {key} {sorted(columns)}" for key, columns in sorted(mismatched.items()) if columns)
+    return _short(value) + extra
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _exception_text(result: ExpectationValidationResult) -> str:
+    return str((result.exception_info or {}).get("exception_message") or "exception")
+
+
+def _column(result: ExpectationValidationResult) -> str | None:
+    return result.expectation_config.kwargs.get("column")
+
+
+def _build_docs(context: FileDataContext, result_ids: list[ValidationResultIdentifier]) -> Path | None:
+    """Render this run's validation pages and refresh the site index; the index path, if the site is local."""
+    sites = context.build_data_docs(resource_identifiers=result_ids)
+    for url in sites.values():
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            return Path(url2pathname(parsed.path))
+    return None

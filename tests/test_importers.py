@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+import pytest
+
+from recmodel import importers
+
+COUNT_ROWS = "SELECT (SELECT count(*) FROM items), (SELECT count(*) FROM interactions)"
+
+
+def _write(folder: Path, files: dict[str, str], encoding: str = "utf-8") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_bytes(text.encode(encoding))
+    return folder
+
+
+def _latest(folder: Path, *, ratings: str | None = None, movies: str | None = None) -> Path:
+    """A tiny latest-format folder with CRLF line endings and a quoted, comma-bearing title."""
+    return _write(folder, {
+        "movies.csv": movies or ('movieId,title,genres\r\n1,"American President, The (1995)",Comedy|Drama\r\n'
+                                 '2,Heat (1995),(no genres listed)\r\n'),
+        "ratings.csv": ratings or "userId,movieId,rating,timestamp\r\n1,1,4.0,964982703\r\n1,2,3.5,964981247\r\n"
+                                  "2,7,5.0,964983000\r\n",
+    })
+
+
+def _ml100k(folder: Path) -> Path:
+    genres = "".join(f"{name}|{index}\n" for index, name in enumerate(importers.ML100K_GENRES))
+    flags = ["0"] * 19
+    flags[2], flags[11] = "1", "1"  # Adventure, Horror
+    return _write(folder, {
+        "u.data": "1\t10\t4\t881250949\n2\t10\t2\t881250950\n2\t20\t5\t881250940\n",
+        "u.item": (f"10|Amélie (2001)|01-Jan-2001||http://imdb/x|{'|'.join(flags)}\n"
+                   f"20|Kolya (1996)|24-Jan-1997||http://imdb/y|{'|'.join(['1'] + ['0'] * 18)}\n"),
+        "u.genre": genres,
+    }, encoding="latin-1")
+
+
+def test_movielens_latest_small_imports(db_url: str, movielens_dir: Path) -> None:
+    summary = importers.import_movielens(db_url, movielens_dir)
+    assert (summary.interactions, summary.items, summary.users, summary.format) == (100_836, 9_742, 610, "latest")
+    assert summary.first_event_at < summary.last_event_at
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(COUNT_ROWS).fetchone() == (9_742, 100_836)
+        title, description, tags = conn.execute(
+            "SELECT title, description, tags FROM items WHERE item_id = 11").fetchone()
+        kinds = conn.execute("SELECT array_agg(DISTINCT event_type) FROM interactions").fetchone()[0]
+    assert title == "American President, The (1995)"
+    assert description == "Genres: Comedy, Drama, Romance. Released 1995."
+    assert tags[:3] == ["comedy", "drama", "romance"] and len(tags) <= importers.MAX_TAGS
+    assert kinds == ["rating"]
+
+
+def test_importing_twice_is_refused_and_changes_nothing(db_url: str, tmp_path: Path) -> None:
+    folder = _latest(tmp_path / "ml")
+    importers.import_movielens(db_url, folder)
+    with pytest.raises(importers.DatabaseNotEmptyError, match="interactions already holds 3 rows"):
+        importers.import_movielens(db_url, folder)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(COUNT_ROWS).fetchone() == (2, 3)
+
+
+def test_latest_format_details(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = _latest(tmp_path / "ml")
+    _write(folder, {"tags.csv": "userId,movieId,tag,timestamp\r\n1,1,Politics,1\r\n2,1,politics ,2\r\n"
+                                "2,1,Comedy,3\r\n3,1,white house,4\r\n"})
+    items, interactions = importers.read_movielens(folder)
+    assert items["title"].tolist() == ["American President, The (1995)", "Heat (1995)"]
+    assert items["tags"].tolist() == [["comedy", "drama", "politics", "white house"], []]
+    assert items["description"].tolist() == ["Genres: Comedy, Drama. Released 1995.",
+                                             "No genres listed. Released 1995."]
+    assert items["created_at"].tolist() == [pd.Timestamp(964982703, unit="s", tz="UTC"),
+                                            pd.Timestamp(964981247, unit="s", tz="UTC")]
+    assert interactions["occurred_at"].is_monotonic_increasing
+    assert interactions["ingested_at"].equals(interactions["occurred_at"])
+    assert 7 in set(interactions["item_id"])  # unknown movie kept for validation to quarantine
+    assert "1 ratings" in caplog.text
+
+
+def test_ml100k_folder_imports(db_url: str, tmp_path: Path) -> None:
+    folder = _ml100k(tmp_path / "ml-100k")
+    summary = importers.import_movielens(db_url, folder)
+    assert (summary.format, summary.items, summary.interactions, summary.users) == ("100k", 2, 3, 2)
+    assert summary.first_event_at == datetime.fromtimestamp(881250940, timezone.utc)
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT item_id, title, description, tags, created_at FROM items ORDER BY 1").fetchall()
+        values = conn.execute("SELECT array_agg(value ORDER BY event_id) FROM interactions").fetchone()[0]
+    assert rows[0][:4] == (10, "Amélie (2001)", "Genres: Adventure, Horror. Released 2001.", ["adventure", "horror"])
+    assert rows[0][4] == datetime.fromtimestamp(881250949, timezone.utc)
+    assert rows[1][2:4] == ("No genres listed. Released 1996.", [])
+    assert values == [5.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ("no folder", "does not exist"),
+    ("only ratings", r"looked for ratings\.csv \+ movies\.csv .* or u\.data \+ u\.item"),
+    ("missing column", r"ratings\.csv lacks column\(s\) timestamp"),
+    ("bad id", r"ratings\.csv line 3: movieId is 'abc', not a number"),
+    ("bad timestamp", r"u\.data line 2: timestamp is missing"),
+    ("duplicate movie", r"movies\.csv lists movie 1 more than once"),
+])
+def test_malformed_folders_name_the_problem(tmp_path: Path, layout: str, message: str) -> None:
+    folder = tmp_path / "ml"
+    if layout == "only ratings":
+        _write(folder, {"ratings.csv": "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n"})
+    elif layout == "missing column":
+        _latest(folder, ratings="userId,movieId,rating\n1,1,4.0\n")
+    elif layout == "bad id":
+        _latest(folder, ratings="userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,abc,4.0,964982703\n")
+    elif layout == "bad timestamp":
+        _ml100k(folder)
+        _write(folder, {"u.data": "1\t10\t4\t881250949\n2\t10\t2\n"})
+    elif layout == "duplicate movie":
+        _latest(folder, movies="movieId,title,genres\n1,Heat (1995),Action\n1,Heat (1995),Crime\n")
+    with pytest.raises(importers.MalformedDatasetError, match=message):
+        importers.read_movielens(folder)
+
+
+def test_malformed_folder_leaves_the_database_empty(db_url: str, tmp_path: Path) -> None:
+    folder = _latest(tmp_path / "ml", ratings="userId,movieId,rating,timestamp\n1,x,4.0,1\n")
+    with pytest.raises(importers.MalformedDatasetError):
+        importers.import_movielens(db_url, folder)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(COUNT_ROWS).fetchone() == (0, 0)

@@ -1,0 +1,208 @@
+"""Unit tests of the Great Expectations validation stage (no database)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recmodel.config import PipelineConfig
+from recmodel.validate import REASONS, ValidationReport, validate_increment
+
+AS_OF = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+CATALOG = np.arange(1, 51, dtype=np.int64)
+
+
+def make_increment(n: int = 10) -> pd.DataFrame:
+    """`n` valid, distinct events with the dtypes the loader produces."""
+    occurred = pd.Timestamp("2024-03-01 10:00", tz="UTC") + pd.to_timedelta(np.arange(n), unit="min")
+    return pd.DataFrame({
+        "event_id": np.arange(101, 101 + n, dtype=np.int64),
+        "user_id": pd.array(np.arange(n) % 7 + 1, dtype="Int64"),
+        "item_id": pd.array(np.arange(n) % 50 + 1, dtype="Int64"),
+        "event_type": pd.Series(["view", "click", "purchase", "rating", "add_to_cart"] * (n // 5 + 1),
+                                dtype=object)[:n],
+        "value": np.linspace(0.0, 5.0, n),
+        "occurred_at": occurred,
+        "ingested_at": occurred + pd.Timedelta(seconds=30),
+    })
+
+
+def validate(increment: pd.DataFrame, tmp_path: Path, config: PipelineConfig | None = None,
+             run_key: str = "run-1") -> ValidationReport:
+    return validate_increment(increment, CATALOG, as_of=AS_OF, config=config or PipelineConfig(),
+                              gx_dir=tmp_path / "gx", run_key=run_key)
+
+
+def reasons_by_event(report: ValidationReport) -> dict[int, list[str]]:
+    return {int(k): list(v) for k, v in report.quarantined.groupby("event_id")["reason"]}
+
+
+def test_clean_rows_pass_untouched(tmp_path: Path) -> None:
+    increment = make_increment()
+    report = validate(increment, tmp_path)
+    assert report.passed, report.dataset_failures
+    pd.testing.assert_frame_equal(report.clean, increment)
+    assert report.quarantined.empty
+    assert all(o.success for o in report.outcomes)
+    assert {o.reason for o in report.outcomes if o.reason} == set(REASONS)
+
+
+def _set(increment: pd.DataFrame, row: int, **values: object) -> int:
+    for column, value in values.items():
+        increment.loc[row, column] = value
+    return int(increment.loc[row, "event_id"])
+
+
+@pytest.mark.parametrize(("values", "reasons"), [
+    ({"user_id": pd.NA}, ["null_user_id"]),
+    ({"item_id": pd.NA}, ["null_item_id"]),
+    ({"user_id": 0}, ["non_positive_id"]),
+    ({"item_id": -3}, ["non_positive_id", "unknown_item"]),  # no catalog id is below 1
+    ({"item_id": 999}, ["unknown_item"]),
+    ({"event_type": "hover"}, ["bad_event_type"]),
+    ({"event_type": None}, ["bad_event_type"]),
+    ({"value": 5.5}, ["value_out_of_range"]),
+    ({"value": -0.1}, ["value_out_of_range"]),
+    ({"occurred_at": pd.Timestamp(AS_OF) + pd.Timedelta(minutes=6)}, ["future_timestamp"]),
+])
+def test_each_reason_quarantines_only_its_row(tmp_path: Path, values: dict[str, object], reasons: list[str]) -> None:
+    increment = make_increment()
+    bad_id = _set(increment, 3, **values)
+    report = validate(increment, tmp_path)
+    assert reasons_by_event(report) == {bad_id: reasons}
+    assert bad_id not in set(report.clean["event_id"])
+    assert len(report.clean) == len(increment) - 1
+    assert report.clean.dtypes.equals(increment.dtypes)
+    assert list(report.quarantined.columns) == ["event_id", "reason", *increment.columns[1:]]
+    failed = [o for o in report.outcomes if not o.success]
+    assert sorted({o.reason for o in failed}) == reasons and all(o.unexpected_count == 1 for o in failed)
+
+
+def test_tolerated_values_are_not_quarantined(tmp_path: Path) -> None:
+    """NaN values, bounds, and timestamps within the clock-skew tolerance are fine."""
+    increment = make_increment()
+    _set(increment, 1, value=np.nan)
+    _set(increment, 2, value=5.0)
+    _set(increment, 4, occurred_at=pd.Timestamp(AS_OF) + pd.Timedelta(minutes=4))
+    report = validate(increment, tmp_path)
+    assert report.quarantined.empty
+    assert len(report.clean) == len(increment)
+
+
+def test_row_with_two_problems_gets_both_reasons_once(tmp_path: Path) -> None:
+    increment = make_increment()
+    bad_id = _set(increment, 5, user_id=pd.NA, value=7.0)
+    report = validate(increment, tmp_path)
+    assert reasons_by_event(report) == {bad_id: ["null_user_id", "value_out_of_range"]}
+    assert len(report.clean) == len(increment) - 1
+    assert report.clean["event_id"].is_unique
+
+
+def test_duplicates_keep_the_lowest_event_id(tmp_path: Path) -> None:
+    increment = make_increment()
+    key = ["user_id", "item_id", "event_type", "occurred_at"]
+    copies = pd.concat([increment.iloc[[2]]] * 2, ignore_index=True)
+    copies["event_id"] = [90, 500]  # row 2 is event 103, so the copy with id 90 is the one kept
+    copies["value"] = [1.0, 2.0]  # not part of the key
+    increment = pd.concat([increment, copies], ignore_index=True)
+    report = validate(increment, tmp_path)
+    assert reasons_by_event(report) == {103: ["duplicate"], 500: ["duplicate"]}
+    assert 90 in set(report.clean["event_id"])
+    assert not report.clean.duplicated(key).any()
+
+
+def test_quarantine_share_above_max_fails_the_dataset(tmp_path: Path) -> None:
+    increment = make_increment()
+    for row in range(4):
+        _set(increment, row, item_id=999)
+    report = validate(increment, tmp_path, PipelineConfig(max_quarantine_share=0.2))
+    assert not report.passed
+    assert report.dataset_failures == [
+        "expect_column_max_to_be_between(quarantine_share) failed: observed 0.4 > max 0.2"]
+    assert len(report.clean) == 6
+
+
+def test_empty_clean_set_fails_the_dataset(tmp_path: Path) -> None:
+    increment = make_increment(1)
+    _set(increment, 0, event_type="hover")
+    report = validate(increment, tmp_path, PipelineConfig(max_quarantine_share=1.0))
+    assert report.clean.empty
+    assert report.dataset_failures == ["expect_column_min_to_be_between(clean_rows) failed: observed 0 < min 1"]
+
+
+def test_wrong_columns_fail_the_schema(tmp_path: Path) -> None:
+    increment = make_increment().drop(columns=["ingested_at"]).assign(extra=1)
+    report = validate(increment, tmp_path)
+    assert not report.passed
+    schema = [f for f in report.dataset_failures if f.startswith("expect_table_columns_to_match_set")]
+    assert len(schema) == 1
+    assert "missing ['ingested_at']" in schema[0] and "unexpected ['extra']" in schema[0]
+    assert report.clean.empty
+
+
+def test_extra_column_fails_the_schema_but_rows_are_still_checked(tmp_path: Path) -> None:
+    increment = make_increment().assign(extra="x")
+    bad_id = _set(increment, 0, item_id=999)
+    report = validate(increment, tmp_path, PipelineConfig(max_quarantine_share=1.0))
+    assert [f.split(" ")[0] for f in report.dataset_failures] == ["expect_table_columns_to_match_set"]
+    assert reasons_by_event(report) == {bad_id: ["unknown_item"]}
+    assert list(report.clean.columns) == list(increment.columns)
+
+
+def test_data_docs_are_built_and_rerun_is_idempotent(tmp_path: Path) -> None:
+    increment = make_increment()
+    first = validate(increment, tmp_path, run_key="same")
+    _set(increment, 0, value=9.0)
+    second = validate(increment, tmp_path, run_key="same")
+    assert first.docs_path is not None and second.docs_path == first.docs_path
+    assert second.docs_path.name == "index.html" and second.docs_path.is_file()
+    assert "same" in second.docs_path.read_text()
+    assert first.quarantined.empty and len(second.quarantined) == 1
+
+
+def test_naive_as_of_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        validate_increment(make_increment(), CATALOG, as_of=AS_OF.replace(tzinfo=None), config=PipelineConfig(),
+                           gx_dir=tmp_path, run_key="r")
+
+
+def test_100k_random_rows_counts(tmp_path: Path) -> None:
+    n = 100_000
+    rng = np.random.default_rng(7)
+    catalog = np.arange(1, 10_001, dtype=np.int64)
+    occurred = pd.Timestamp("2024-02-01", tz="UTC") + pd.to_timedelta(rng.integers(0, 86_400 * 28, n), unit="s")
+    increment = pd.DataFrame({
+        "event_id": np.arange(1, n + 1, dtype=np.int64),
+        "user_id": pd.array(rng.integers(1, 5_000, n), dtype="Int64"),
+        "item_id": pd.array(rng.integers(1, 10_001, n), dtype="Int64"),
+        "event_type": pd.Series(rng.choice(["view", "click", "purchase"], n), dtype=object),
+        "value": rng.uniform(0, 5, n),
+        "occurred_at": occurred,
+        "ingested_at": occurred,
+    })
+    unknown = rng.choice(n, 1_000, replace=False)
+    increment.loc[unknown, "item_id"] = 20_000
+    out_of_range = rng.choice(np.setdiff1d(np.arange(n), unknown), 500, replace=False)
+    increment.loc[out_of_range, "value"] = 6.0
+    duplicates = increment.iloc[:300].assign(event_id=np.arange(n + 1, n + 301))
+
+    increment = pd.concat([increment, duplicates], ignore_index=True)
+    started = time.perf_counter()
+    report = validate_increment(increment, catalog, as_of=AS_OF, config=PipelineConfig(), gx_dir=tmp_path,
+                                run_key="big")
+    elapsed = time.perf_counter() - started
+
+    counts = report.quarantined["reason"].value_counts().to_dict()
+    # A duplicate of a bad row is quarantined twice (its own reason and "duplicate"): count via the originals.
+    dup_of_unknown = int(np.isin(np.arange(300), unknown).sum())
+    dup_of_range = int(np.isin(np.arange(300), out_of_range).sum())
+    assert counts == {"unknown_item": 1_000 + dup_of_unknown, "value_out_of_range": 500 + dup_of_range,
+                      "duplicate": 300}
+    assert len(report.clean) == n - 1_000 - 500
+    assert report.passed
+    assert elapsed < 20, f"validation of {len(increment)} rows took {elapsed:.1f}s"
