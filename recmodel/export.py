@@ -24,6 +24,10 @@ from recmodel.score import open_session
 from recmodel.train import load_model
 
 log = logging.getLogger(__name__)
+for _chatty in ("onnx_ir", "onnxscript"):  # an INFO line per folded initializer otherwise
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
+# torch.onnx warns that torchvision ops are not registered; this model uses none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 ONNX_FILE = "model.onnx"
 ITEM_VECTORS_FILE = "item_vectors.npy"

@@ -54,6 +54,8 @@ class SequentialRecommender(nn.Module):
             resid_pdrop=config.dropout,
             embd_pdrop=config.dropout,
             attn_pdrop=config.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
         ))
 
     def item_vectors(self) -> torch.Tensor:

@@ -49,7 +49,8 @@ def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, max_histo
     user_ids = np.fromiter(sequences.keys(), dtype=np.int64, count=len(sequences))
     session, provider = open_session(onnx_path)
     frames = []
-    for start in tqdm(range(0, len(user_ids), batch_size), desc=f"score ({provider})", unit="batch", leave=False):
+    for start in tqdm(range(0, len(user_ids), batch_size), desc=f"score ({provider})", unit="batch", leave=False,
+                      disable=None):
         batch_users = user_ids[start:start + batch_size]
         histories = left_pad([sequences[u] for u in batch_users], max_history)  # (B, L)
         item_index, scores = session.run(None, {"history": histories})  # (B, K) each

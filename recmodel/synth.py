@@ -219,10 +219,15 @@ def generate(n_users: int, n_items: int, n_events: int, *, days: float = 90.0, s
     return SyntheticData(items=items, interactions=interactions)
 
 
-def _check_counts(*, users: int, items: int, events: int) -> None:
+def _check_positive(*, users: int, items: int, events: int) -> None:
     for name, count in (("users", users), ("items", items), ("events", events)):
         if count <= 0:
             raise ValueError(f"{name} must be a positive count, got {count}")
+
+
+def _check_counts(*, users: int, items: int, events: int) -> None:
+    """A fresh history needs at least three events per user; an append samples returning users instead."""
+    _check_positive(users=users, items=items, events=events)
     if events < 3 * users:
         raise ValueError(f"events ({events}) must be at least 3 per user (3 * {users} = {3 * users})")
 
@@ -469,7 +474,6 @@ def seed_database(url: str, *, users: int, items: int, events: int, seed: int = 
     existing items and on a few new items created in that period. Item series and user tastes of
     the continuation are drawn afresh rather than recovered from the existing history.
     """
-    _check_counts(users=users, items=items, events=events)
     now = now or datetime.now(timezone.utc)
     with db.transaction(url) as conn:
         conn.execute(LOCK_SOURCE_TABLES)
@@ -477,8 +481,10 @@ def seed_database(url: str, *, users: int, items: int, events: int, seed: int = 
         existing_items = _read_items(conn)
         first_item_id = int(existing_items["item_id"].max()) + 1 if len(existing_items) else 1
         if n_existing == 0:
+            _check_counts(users=users, items=items, events=events)
             data = generate(users, items, events, days=days, seed=seed, end=now, first_item_id=first_item_id)
         else:
+            _check_positive(users=users, items=items, events=events)
             start = max(latest_occurred, latest_ingested) + timedelta(seconds=1)
             data = _continuation(conn, users=users, items=items, events=events, seed=seed + n_existing,
                                  start=start, now=now, first_item_id=first_item_id, existing_items=existing_items)
@@ -488,7 +494,7 @@ def seed_database(url: str, *, users: int, items: int, events: int, seed: int = 
                           users=int(data.interactions["user_id"].nunique()),
                           first_event_at=occurred.min().to_pydatetime(), last_event_at=occurred.max().to_pydatetime(),
                           appended=n_existing > 0)
-    log.info("seeded %s: %s", db.redact(url), summary)
+    log.debug("seeded %s: %s", db.redact(url), summary)
     return summary
 
 

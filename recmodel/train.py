@@ -109,7 +109,7 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
                                                     pct_start=0.1)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss_value = float("nan")
-    with tqdm(total=steps, desc=f"train ({device.type})", unit="step", leave=False) as bar:
+    with tqdm(total=steps, desc=f"train ({device.type})", unit="step", leave=False, disable=None) as bar:
         for epoch in range(epochs):
             order = torch.randperm(len(x_all), generator=generator)
             running, batches = 0.0, 0

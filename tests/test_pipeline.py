@@ -1,0 +1,137 @@
+"""Each pipeline step against a real Postgres, without Airflow: bad data, empty increments, lineage."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
+import pytest
+
+from conftest import SMALL_MODEL, seed_small
+from recmodel import db, pipeline
+from recmodel.extract import ExtractError
+from recmodel.validate import DataValidationError
+
+NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+
+INSERT_EVENT = """
+INSERT INTO interactions (user_id, item_id, event_type, value, occurred_at, ingested_at)
+VALUES (%s, %s, %s, %s, %s, %s)
+"""
+
+
+def serving_version(url: str) -> str | None:
+    with db.connect(url) as conn:
+        row = conn.execute("SELECT max(model_version) FROM recsys.user_recommendations").fetchone()
+    return row[0]
+
+
+def add_events(url: str, rows: list[tuple]) -> None:
+    with db.transaction(url) as conn:
+        conn.cursor().executemany(INSERT_EVENT, rows)
+
+
+@pytest.mark.slow
+def test_bad_rows_are_quarantined_and_the_rest_trains(recsys_env: str) -> None:
+    seed_small(recsys_env, NOW)
+    ingested = NOW - timedelta(minutes=5)
+    occurred = NOW - timedelta(hours=1)
+    add_events(recsys_env, [
+        (5, 999_999, "view", None, occurred, ingested),  # unknown item
+        (5, 3, "view", None, NOW + timedelta(days=2), ingested),  # future timestamp
+        (5, 3, "teleport", None, occurred, ingested),  # event type outside the set
+        (5, 3, "rating", 11.0, occurred, ingested),  # value out of range
+        (-4, 3, "view", None, occurred, ingested),  # non-positive id
+        (6, 4, "click", None, occurred, ingested),  # a clean row ...
+        (6, 4, "click", None, occurred, ingested),  # ... and its exact duplicate
+    ])
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    result = pipeline.run_all(ctx)
+    assert result["version"] == ctx.version
+    with db.connect(recsys_env) as conn:
+        reasons = dict(conn.execute("SELECT reason, count(*) FROM recsys.quarantine GROUP BY reason").fetchall())
+        run = conn.execute("SELECT status, rows_quarantined FROM recsys.pipeline_runs").fetchone()
+        registry = conn.execute("SELECT status, decision, parent_version FROM recsys.model_registry").fetchone()
+    assert reasons == {"unknown_item": 1, "future_timestamp": 1, "bad_event_type": 1, "value_out_of_range": 1,
+                       "non_positive_id": 1, "duplicate": 1}
+    assert run == ("success", 6)
+    assert registry == ("champion", "accepted", None)
+    assert serving_version(recsys_env) == ctx.version
+
+
+@pytest.mark.slow
+def test_a_run_of_mostly_bad_data_fails_before_training_and_publishes_nothing(recsys_env: str) -> None:
+    seed_small(recsys_env, NOW)
+    first = pipeline.make_context(NOW, SMALL_MODEL)
+    pipeline.run_all(first)
+    later = NOW + timedelta(hours=6)
+    add_events(recsys_env, [(7, 888_000 + i, "view", None, later - timedelta(hours=1), later - timedelta(minutes=1))
+                            for i in range(20)] +
+               [(7, 3, "view", None, later - timedelta(hours=1), later - timedelta(minutes=1))])
+    second = pipeline.make_context(later, SMALL_MODEL)
+    with pytest.raises(DataValidationError, match="quarantine_share"):
+        pipeline.step_validate(second, pipeline.step_extract(second))
+    with db.connect(recsys_env) as conn:
+        status, message = conn.execute("SELECT status, message FROM recsys.pipeline_runs WHERE run_key = %s",
+                                       (second.run_key,)).fetchone()
+        watermark = conn.execute("SELECT count(*) FROM recsys.extract_watermarks WHERE run_key = %s",
+                                 (second.run_key,)).fetchone()[0]
+    assert status == "failed" and "quarantine_share" in message
+    assert watermark == 0  # the bad increment is not folded in; the next run reads it again
+    assert serving_version(recsys_env) == first.version
+
+
+@pytest.mark.slow
+def test_incremental_runs_warm_start_and_reruns_are_idempotent(recsys_env: str) -> None:
+    seed_small(recsys_env, NOW)
+    first = pipeline.make_context(NOW, SMALL_MODEL)
+    pipeline.run_all(first)
+
+    # Nothing new: the run stops after validation and says so.
+    idle = pipeline.make_context(NOW + timedelta(hours=1), SMALL_MODEL)
+    skipped = pipeline.step_validate(idle, pipeline.step_extract(idle))
+    assert skipped["new_rows"] == 0 and "no new interactions" in skipped["message"]
+
+    appended = seed_small(recsys_env, NOW + timedelta(days=2), events=1500, seed=2)
+    second = pipeline.make_context(NOW + timedelta(days=2), SMALL_MODEL)
+    extracted = pipeline.step_extract(second)
+    assert extracted["rows"] == appended.events_added  # only the new rows
+    outcome = pipeline.run_all(second)
+    with db.connect(recsys_env) as conn:
+        parent, status = conn.execute("SELECT parent_version, status FROM recsys.model_registry WHERE version = %s",
+                                      (second.version,)).fetchone()
+        dataset_rows = conn.execute("SELECT dataset_rows FROM recsys.extract_watermarks WHERE run_key = %s",
+                                    (second.run_key,)).fetchone()[0]
+    assert parent == first.version  # warm-started from the champion
+    assert dataset_rows == 8000 + appended.events_added
+    assert status in ("champion", "rejected")
+    if status == "champion":
+        assert outcome["version"] == second.version == serving_version(recsys_env)
+    else:
+        assert serving_version(recsys_env) == first.version
+
+    # The same interval again: same snapshot, no duplicate registry rows or recommendations.
+    dataset_before = pd.read_parquet(second.run_dir / pipeline.DATASET_FILE)
+    pipeline.run_all(second)
+    dataset_after = pd.read_parquet(second.run_dir / pipeline.DATASET_FILE)
+    pd.testing.assert_frame_equal(dataset_before, dataset_after)
+    with db.connect(recsys_env) as conn:
+        assert conn.execute("SELECT count(*) FROM recsys.model_registry").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM recsys.pipeline_runs").fetchone()[0] == 3
+        duplicates = conn.execute("SELECT count(*) FROM (SELECT user_id, rank FROM recsys.user_recommendations "
+                                  "GROUP BY 1, 2 HAVING count(*) > 1) d").fetchone()[0]
+    assert duplicates == 0
+
+
+def test_an_empty_interactions_table_is_a_clear_error(recsys_env: str) -> None:
+    with db.transaction(recsys_env) as conn:
+        conn.execute("INSERT INTO items (item_id, title) VALUES (1, 'x')")
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    with pytest.raises(ExtractError, match="interactions table is empty"):
+        pipeline.step_validate(ctx, pipeline.step_extract(ctx))
+
+
+def test_an_empty_catalog_is_a_clear_error(recsys_env: str) -> None:
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    with pytest.raises(ExtractError, match="items table is empty"):
+        pipeline.step_extract(ctx)
