@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,8 +18,9 @@ from rich.table import Table
 from recmodel import db
 from recmodel.config import settings
 
-console = Console()
-log_console = Console(stderr=True)  # logs on stderr, so `$(python -m recmodel db url)` captures just the URL
+# Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and wrap version ids.
+console = Console(width=None if sys.stdout.isatty() else 140)
+log_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)  # logs on stderr, so `$(python -m recmodel db url)` captures just the URL
 log = logging.getLogger("recmodel")
 
 SAMPLE_RECOMMENDATIONS = """
@@ -177,7 +179,9 @@ def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], e
     version = run["model_version"]
     model = next((m for m in state["models"] if m["version"] == version), None)
     if model and model["metrics"]:
-        table = Table(title=f"gate on the holdout ({model['decision']})")
+        champion_version = model["metrics"].get("holdout", {}).get("champion_version")
+        caption = f"champion = {champion_version}" if champion_version else "no champion yet"
+        table = Table(title=f"gate on the holdout ({model['decision']})", caption=caption)
         table.add_column("model")
         names = [n for n in ("candidate", "champion", "popularity") if n in model["metrics"]]
         metric_names = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "coverage@10"]
@@ -185,8 +189,7 @@ def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], e
             table.add_column(m, justify="right")
         for name in names:
             row = model["metrics"][name]
-            table.add_row(name if name != "champion" else f"champion {model['metrics']['holdout'].get('champion_version', '')}",
-                          *(f"{row[m]:.4f}" for m in metric_names))
+            table.add_row(name, *(f"{row[m]:.4f}" for m in metric_names))
         console.print(table)
         for reason in model["reasons"]:
             console.print(f"  gate: {reason}")
