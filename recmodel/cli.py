@@ -252,9 +252,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else None
+    if args.suite == "accuracy":
+        from recmodel.accuracy import run_accuracy
+
+        if not args.movielens:
+            raise UsageError("bench accuracy needs --movielens DIR (a folder with ratings.csv + movies.csv)")
+        run_accuracy(Path(args.movielens), output=output, budget_seconds=args.budget)
+        return 0
     from recmodel.bench import run_bench
 
-    return run_bench(output=Path(args.output) if args.output else None, events=args.events)
+    return run_bench(output=output, events=args.events)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,9 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(func=cmd_status)
 
-    bench = sub.add_parser("bench", help="performance benchmarks (table + JSON)")
+    bench = sub.add_parser("bench", help="benchmarks: stage timings (perf) or model vs baselines (accuracy)")
+    bench.add_argument("suite", nargs="?", choices=["perf", "accuracy"], default="perf")
     bench.add_argument("--output", help="write results as JSON here")
-    bench.add_argument("--events", type=int, default=100_000, help="synthetic interactions to benchmark on")
+    bench.add_argument("--events", type=int, default=100_000, help="perf: synthetic interactions to benchmark on")
+    bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ../shared/data/ml-latest-small)")
+    bench.add_argument("--budget", type=float, default=900.0, help="accuracy: seconds for the model's tuning")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -51,15 +51,16 @@ class PipelineConfig:
     training_window_days: float | None = None  # None: all history
     max_quarantine_share: float = 0.2  # dataset-level: more than this quarantined fails the run
     # --- model and training ---------------------------------------------------------------
-    max_history: int = 50
+    max_history: int = 200  # items the transformer reads; all of a user's history is masked at scoring
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
-    epochs: int = 6
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    warm_start_epochs: int = 3
+    epochs: int = 30  # at most; early stopping on each user's last training item picks the epoch
+    patience: int = 3
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warm_start_epochs: int = 10
     seed: int = 13
     # --- gate -------------------------------------------------------------------------------
     holdout_days: float = 7.0
@@ -96,7 +97,7 @@ class PipelineConfig:
             raise ConfigError("event_types must name at least one event type")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "batch_size", "top_k",
+        for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "patience", "batch_size", "top_k",
                      "similar_k", "popular_k", "score_batch_size", "keep_versions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -144,6 +144,11 @@ def user_sequences(events: pd.DataFrame, vocab: Vocab) -> dict[int, np.ndarray]:
     return {int(u[0]): s for u, s in zip(np.split(users, bounds), np.split(idx, bounds)) if len(u)}
 
 
+def pad_batch(sequences: list[np.ndarray]) -> np.ndarray:
+    """Whole sequences left-padded to the longest in the batch: (B, max(len)) int64."""
+    return left_pad(sequences, max([len(s) for s in sequences] + [1]))
+
+
 def left_pad(sequences: list[np.ndarray], length: int) -> np.ndarray:
     """(len(sequences), length) int64, the last `length` items of each right-aligned, PAD on the left."""
     out = np.zeros((len(sequences), length), dtype=np.int64)

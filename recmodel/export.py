@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recmodel.data import Vocab, left_pad, user_sequences
+from recmodel.data import Vocab, pad_batch, user_sequences
 from recmodel.model import TopKRecommender
 from recmodel.score import open_session
 from recmodel.train import load_model
@@ -56,14 +56,14 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
     model, vocab = load_model(model_dir)
     excluded = torch.from_numpy(inactive_mask(vocab, catalog))
     wrapper = TopKRecommender(model, excluded, k=min(top_k, len(vocab) - 1)).eval()
-    histories = sample_histories(dataset, vocab, model.config.max_history, parity_users, seed)
+    histories = sample_histories(dataset, vocab, parity_users, seed)
     onnx_path = model_dir / ONNX_FILE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper, (torch.from_numpy(histories[:2]),), str(onnx_path),
             input_names=["history"], output_names=["item_index", "score"],
-            dynamic_shapes={"history": {0: torch.export.Dim("batch")}},
+            dynamic_shapes={"history": {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}},
             dynamo=True, verbose=False,
         )
     with torch.inference_mode():
@@ -71,7 +71,7 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
         np.save(model_dir / ITEM_VECTORS_FILE, model.item_vectors().numpy())
     session, provider = open_session(onnx_path)
     got_items, got_scores = session.run(None, {"history": histories})
-    max_diff = float(np.max(np.abs(ref_scores - got_scores))) if len(histories) else 0.0
+    max_diff = _max_score_diff(ref_scores, got_scores)
     agreement = _topk_agreement(ref_items, ref_scores, got_items)
     result = ExportResult(onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
                           item_vectors_path=str(model_dir / ITEM_VECTORS_FILE), provider=provider,
@@ -96,11 +96,19 @@ def inactive_mask(vocab: Vocab, catalog: pd.DataFrame) -> np.ndarray:
     return mask
 
 
-def sample_histories(dataset: pd.DataFrame, vocab: Vocab, max_history: int, n: int, seed: int) -> np.ndarray:
+def sample_histories(dataset: pd.DataFrame, vocab: Vocab, n: int, seed: int) -> np.ndarray:
     sequences = list(user_sequences(dataset, vocab).values())
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(sequences), size=min(n, len(sequences)), replace=False) if sequences else []
-    return left_pad([sequences[i] for i in chosen], max_history)
+    return pad_batch([sequences[i] for i in chosen])
+
+
+def _max_score_diff(ref: np.ndarray, got: np.ndarray) -> float:
+    """Largest gap between finite scores; a slot masked (-inf) on one side only counts as infinite."""
+    finite = np.isfinite(ref)
+    if not np.array_equal(finite, np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(ref[finite] - got[finite]))) if finite.any() else 0.0
 
 
 def _topk_agreement(ref_items: np.ndarray, ref_scores: np.ndarray, got_items: np.ndarray) -> float:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from recmodel.config import PipelineConfig
-from recmodel.data import Vocab, left_pad, user_sequences
+from recmodel.data import Vocab, left_pad, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -65,44 +66,110 @@ def build_holdout(dataset: pd.DataFrame, cutoff: pd.Timestamp) -> Holdout:
     return Holdout(cutoff=cutoff, histories={u: histories[u] for u in targets}, targets=targets)
 
 
-def ranking_metrics(recommended: dict[int, np.ndarray], targets: dict[int, set[int]], n_items: int,
-                    k: int = K) -> dict[str, float]:
-    """Mean NDCG@k, Recall@k, HR@k and MRR@k over users, plus catalog coverage@k.
+def per_user_metrics(recommended: dict[int, np.ndarray], targets: dict[int, set[int]],
+                     k: int = K) -> dict[str, np.ndarray]:
+    """Per-user NDCG@k, Recall@k, HR@k and MRR@k, in the order of `targets`.
 
     Binary relevance; the ideal DCG places min(|targets|, k) hits at the top. Recall divides by
-    min(|targets|, k) so a perfect list scores 1 even when a user has more than k targets.
+    min(|targets|, k) so a perfect list scores 1 even when a user has more than k targets. MRR is
+    the reciprocal rank of the first hit within the top k (0 without one).
     """
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    ndcg, recall, hit, rr = [], [], [], []
-    shown: set[int] = set()
-    for user, relevant in targets.items():
+    out = {name: np.zeros(len(targets)) for name in (f"ndcg@{k}", f"recall@{k}", f"hr@{k}", f"mrr@{k}")}
+    for row, (user, relevant) in enumerate(targets.items()):
         top = recommended.get(user, np.array([], dtype=np.int64))[:k]
-        shown.update(top.tolist())
-        gains = np.array([item in relevant for item in top.tolist()], dtype=float)
-        ideal = discounts[:min(len(relevant), k)].sum()
-        ndcg.append(float((gains * discounts[:len(gains)]).sum() / ideal))
-        recall.append(float(gains.sum() / min(len(relevant), k)))
-        hit.append(float(gains.any()))
+        gains = np.fromiter((item in relevant for item in top.tolist()), dtype=float, count=len(top))
+        out[f"ndcg@{k}"][row] = (gains * discounts[:len(gains)]).sum() / discounts[:min(len(relevant), k)].sum()
+        out[f"recall@{k}"][row] = gains.sum() / min(len(relevant), k)
+        out[f"hr@{k}"][row] = float(gains.any())
         first = np.flatnonzero(gains)
-        rr.append(float(1.0 / (first[0] + 1)) if len(first) else 0.0)
-    return {
-        f"ndcg@{k}": float(np.mean(ndcg)),
-        f"recall@{k}": float(np.mean(recall)),
-        f"hr@{k}": float(np.mean(hit)),
-        f"mrr@{k}": float(np.mean(rr)),
-        f"coverage@{k}": len(shown) / max(n_items, 1),
+        out[f"mrr@{k}"][row] = 1.0 / (first[0] + 1) if len(first) else 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class CatalogStats:
+    """What the slice metrics need to know about the training data."""
+
+    n_items: int  # recommendable items, the denominator of coverage
+    head_items: frozenset[int]  # the 20% most-interacted items
+    cold_items: frozenset[int]  # items with fewer than COLD_THRESHOLD training interactions
+
+
+COLD_THRESHOLD = 5
+HEAD_SHARE = 0.2
+
+
+def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> CatalogStats:
+    counts = pd.Series(np.asarray(train_item_ids)).value_counts()
+    counts = counts.reindex(np.asarray(recommendable_ids), fill_value=0)
+    ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
+    head = ranked.index[: max(1, int(round(HEAD_SHARE * len(ranked))))]
+    return CatalogStats(n_items=len(recommendable_ids), head_items=frozenset(int(i) for i in head),
+                        cold_items=frozenset(int(i) for i in counts.index[counts.to_numpy() < COLD_THRESHOLD]))
+
+
+def evaluate_lists(recommended: dict[int, np.ndarray], targets: dict[int, set[int]], stats: CatalogStats,
+                   k: int = K) -> dict[str, Any]:
+    """Means of the per-user metrics plus list-level and slice metrics.
+
+    coverage@k: distinct recommended items / recommendable items. tail_share@k: share of
+    recommended slots outside the 20% most popular items. cold_*: NDCG and Recall computed on the
+    cold targets only, over users who have one (cold_users of them).
+    """
+    per_user = per_user_metrics(recommended, targets, k)
+    slots = [item for user in targets for item in recommended.get(user, np.array([], np.int64))[:k].tolist()]
+    cold_targets = {u: t & stats.cold_items for u, t in targets.items() if t & stats.cold_items}
+    cold = per_user_metrics(recommended, cold_targets, k) if cold_targets else None
+    summary: dict[str, Any] = {name: float(values.mean()) for name, values in per_user.items()}
+    summary.update({
+        f"coverage@{k}": len(set(slots)) / max(stats.n_items, 1),
+        f"tail_share@{k}": float(np.mean([item not in stats.head_items for item in slots])) if slots else 0.0,
+        f"cold_ndcg@{k}": float(cold[f"ndcg@{k}"].mean()) if cold else 0.0,
+        f"cold_recall@{k}": float(cold[f"recall@{k}"].mean()) if cold else 0.0,
+        "cold_users": float(len(cold_targets)),
         "users": float(len(targets)),
-    }
+    })
+    summary["per_user"] = per_user
+    return summary
 
 
-def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, max_history: int,
-                         batch_size: int = 1024) -> dict[int, np.ndarray]:
+def bootstrap_interval(values: np.ndarray, *, reference: np.ndarray | None = None, samples: int = 1000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval over users of mean(values), or of mean(values) / mean(reference).
+
+    Resampling the same users for both arrays keeps the ratio paired, so a model that wins on
+    the same users gets a tight interval even when both means are noisy.
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(samples, len(values)))
+    stat = values[picks].mean(axis=1)
+    if reference is not None:
+        stat = stat / np.maximum(reference[picks].mean(axis=1), 1e-12)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stat, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def ranking_metrics(recommended: dict[int, np.ndarray], targets: dict[int, set[int]], stats: CatalogStats,
+                    k: int = K) -> dict[str, float]:
+    """`evaluate_lists` with 95% bootstrap intervals for NDCG@k and HR@k, JSON-ready for the registry."""
+    summary = evaluate_lists(recommended, targets, stats, k)
+    per_user = summary.pop("per_user")
+    for name in (f"ndcg@{k}", f"hr@{k}"):
+        summary[f"{name}_ci"] = list(bootstrap_interval(per_user[name]))
+    return summary
+
+
+def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, batch_size: int = 256) -> dict[int, np.ndarray]:
     """Top-K item ids per holdout user from an exported model (its own vocabulary)."""
     users = list(holdout.targets)
+    fixed_length = session.get_inputs()[0].shape[1]  # an int for graphs exported with a fixed history window
     out: dict[int, np.ndarray] = {}
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
-        histories = left_pad([_known(vocab, holdout.histories[u]) for u in batch], max_history)
+        known = [_known(vocab, holdout.histories[u]) for u in batch]
+        histories = left_pad(known, fixed_length) if isinstance(fixed_length, int) else pad_batch(known)
         item_index, scores = session.run(None, {"history": histories})
         for user, row, row_scores in zip(batch, item_index, scores):
             out[user] = vocab.item_ids[row[np.isfinite(row_scores)]]

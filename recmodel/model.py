@@ -77,16 +77,20 @@ class SequentialRecommender(nn.Module):
         return output.last_hidden_state
 
     def next_item_logits(self, history: torch.Tensor) -> torch.Tensor:
-        """(B, n_items) scores for the item that follows each history."""
-        last = self(history)[:, -1]  # (B, d_model)
+        """(B, n_items) scores for the item that follows each history (B, T), any T >= 1.
+
+        Only the most recent `max_history` items are encoded.
+        """
+        last = self(history[:, -self.config.max_history:])[:, -1]  # (B, d_model)
         return last @ self.item_vectors().T
 
 
 class TopKRecommender(nn.Module):
-    """What is exported to ONNX: history (B, L) -> top-K item indices (B, K) and scores (B, K).
+    """What is exported to ONNX: history (B, T) -> top-K item indices (B, K) and scores (B, K).
 
-    Items the user has in the history window, the padding index and items marked `excluded`
-    (inactive in the catalog) are never returned.
+    The history may be a user's whole past (any length T, left-padded): the transformer reads
+    its last `max_history` items, and every item in it is masked, so nothing the user already
+    has is recommended. The padding index and items marked `excluded` (inactive) never are.
     """
 
     def __init__(self, model: SequentialRecommender, excluded: torch.Tensor, k: int) -> None:
@@ -98,7 +102,7 @@ class TopKRecommender(nn.Module):
     def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.model.next_item_logits(history)  # (B, n_items)
         scores = scores.masked_fill(self.excluded, float("-inf"))
-        scores = scores.scatter(1, history, float("-inf"))  # seen items (and PAD, via 0s) out
+        scores = scores.scatter(1, history, float("-inf"))  # every seen item (and PAD, via 0s) out
         top_scores, top_items = scores.topk(self.k, dim=1)  # (B, K) each
         return top_items, top_scores
 

@@ -200,19 +200,20 @@ def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
 def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     from recmodel import gate
     from recmodel.score import open_session
-    from recmodel.train import load_weights
+    from recmodel.train import load_vocab
 
     registry.update_run(ctx.url, ctx.run_key, stage="gate")
     dataset = read_interactions(exported["dataset_path"])
     catalog = read_catalog(exported["catalog_path"])
     holdout = gate.build_holdout(dataset, pd.Timestamp(exported["cutoff"]))
     active_ids = catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy()
+    stats = gate.catalog_stats(dataset.loc[dataset["occurred_at"] < holdout.cutoff, "item_id"].to_numpy(), active_ids)
 
     def evaluate(model_dir: Path, onnx_path: Path) -> dict[str, float]:
-        model_config, _, vocab = load_weights(model_dir)
+        vocab = load_vocab(model_dir)
         session, _ = open_session(onnx_path)
-        recs = gate.onnx_recommendations(session, vocab, holdout, model_config.max_history)
-        return gate.ranking_metrics(recs, holdout.targets, len(active_ids))
+        recs = gate.onnx_recommendations(session, vocab, holdout)
+        return gate.ranking_metrics(recs, holdout.targets, stats)
 
     candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]))
     champion_record = verified_champion(ctx.url)
@@ -220,7 +221,7 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
         champion_record = None
     champion = evaluate(champion_record.artifact_dir, champion_record.onnx_path) if champion_record else None
     popularity = gate.ranking_metrics(gate.popularity_recommendations(dataset, holdout, active_ids),
-                                      holdout.targets, len(active_ids))
+                                      holdout.targets, stats)
     decision = gate.decide(candidate, champion, popularity, ctx.config)
     metrics = {**decision.metrics, "holdout": {"cutoff": exported["cutoff"], "users": len(holdout.targets)}}
     if champion_record is not None:
@@ -241,15 +242,14 @@ def step_score(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
 
     from recmodel import score
     from recmodel.export import inactive_mask
-    from recmodel.train import load_weights
+    from recmodel.train import load_vocab
 
     registry.update_run(ctx.url, ctx.run_key, stage="score")
     dataset = read_interactions(gated["dataset_path"])
     catalog = read_catalog(gated["catalog_path"])
     model_dir = Path(gated["model_dir"])
-    model_config, _, vocab = load_weights(model_dir)
-    recommendations, provider = score.recommend(Path(gated["onnx_path"]), vocab, dataset,
-                                                max_history=model_config.max_history, top_k=ctx.config.top_k,
+    vocab = load_vocab(model_dir)
+    recommendations, provider = score.recommend(Path(gated["onnx_path"]), vocab, dataset, top_k=ctx.config.top_k,
                                                 batch_size=ctx.config.score_batch_size)
     similar = score.similar_items(np.load(model_dir / "item_vectors.npy"), vocab,
                                   inactive_mask(vocab, catalog), k=ctx.config.similar_k)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from recmodel.data import PAD, Vocab, left_pad, user_sequences
+from recmodel.data import PAD, Vocab, pad_batch, user_sequences
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def open_session(onnx_path: Path):
     return session, provider
 
 
-def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, max_history: int, top_k: int,
+def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: int,
               batch_size: int) -> tuple[pd.DataFrame, str]:
     """Top-K for every user in `dataset`: columns user_id, rank, item_id, score."""
     sequences = user_sequences(dataset, vocab)
@@ -52,7 +52,7 @@ def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, max_histo
     for start in tqdm(range(0, len(user_ids), batch_size), desc=f"score ({provider})", unit="batch", leave=False,
                       disable=None):
         batch_users = user_ids[start:start + batch_size]
-        histories = left_pad([sequences[u] for u in batch_users], max_history)  # (B, L)
+        histories = pad_batch([sequences[u] for u in batch_users])  # (B, T): whole histories
         item_index, scores = session.run(None, {"history": histories})  # (B, K) each
         frames.append(_ranked(batch_users, vocab.item_ids[item_index][:, :top_k], scores[:, :top_k]))
     if not frames:

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from recmodel.config import PipelineConfig
-from recmodel.data import PAD, Vocab, training_windows, user_sequences, vocab_text_matrix
+from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
 from recmodel.model import ModelConfig, SequentialRecommender, warm_start
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ class TrainingError(RuntimeError):
 class TrainResult:
     model_dir: str
     device: str
-    epochs: int
+    epochs: int  # epochs run (early stopping may end before config.epochs)
+    best_epoch: int
+    validation_ndcg: float  # NDCG@10 of the kept weights on each user's last training item
     train_events: int
     train_windows: int
     n_items: int
@@ -47,28 +49,56 @@ class TrainResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Validation:
+    """Each user's last item, held out of training to choose the epoch (and hyperparameters)."""
+
+    histories: list[np.ndarray]  # vocabulary indices before the target, time order
+    targets: np.ndarray  # (n_users,) vocabulary index of the held-out item
+
+
+@dataclass(frozen=True)
+class FitResult:
+    epochs: int
+    best_epoch: int
+    validation_ndcg: float
+    final_loss: float
+    windows: int
+    warm_started_items: int
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp, config: PipelineConfig,
-          out_dir: Path, cache_dir: Path, parent_dir: Path | None = None) -> TrainResult:
-    """Train on events before `cutoff`; write the model to `out_dir`."""
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    train_events = dataset[dataset["occurred_at"] < cutoff]
-    vocab = Vocab.from_catalog(catalog["item_id"].to_numpy())
-    windows_in, windows_out = training_windows(user_sequences(train_events, vocab), config.max_history)
-    if len(windows_in) == 0:
-        raise TrainingError(f"no user has two or more interactions before {cutoff:%Y-%m-%d %H:%M}; nothing to learn from")
+def hold_out_last(sequences: dict[int, np.ndarray], min_length: int = 3,
+                  max_users: int = 5000, seed: int = 0) -> tuple[dict[int, np.ndarray], Validation]:
+    """Split off the last item of sequences with >= min_length items (at most max_users of them)."""
+    eligible = [u for u, s in sequences.items() if len(s) >= min_length]
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(eligible, size=min(max_users, len(eligible)), replace=False).tolist()) if eligible else set()
+    train = {u: (s[:-1] if u in chosen else s) for u, s in sequences.items()}
+    ordered = sorted((u for u in sequences if u in chosen), key=lambda u: len(sequences[u]))  # less padding
+    return train, Validation(histories=[sequences[u][:-1] for u in ordered],
+                             targets=np.array([sequences[u][-1] for u in ordered], dtype=np.int64))
 
-    text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
+
+def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: torch.Tensor, config: PipelineConfig,
+                  validation: Validation | None, *, parent_dir: Path | None = None,
+                  device: torch.device | None = None) -> tuple[SequentialRecommender, FitResult]:
+    """Build the model (warm-started from `parent_dir` when compatible) and train it.
+
+    With a validation set, training stops once NDCG@10 on it has not improved for
+    `config.patience` epochs, and the best epoch's weights are kept.
+    """
+    torch.manual_seed(config.seed)
+    windows_in, windows_out = training_windows(sequences, config.max_history)
+    if len(windows_in) == 0:
+        raise TrainingError("no user has two or more interactions to learn from")
     model_config = ModelConfig(n_items=len(vocab), max_history=config.max_history, d_model=config.d_model,
                                n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout)
     model = SequentialRecommender(model_config, text_matrix)
-    warm_items = 0
-    epochs = config.epochs
+    warm_items, epochs = 0, config.epochs
     if parent_dir is not None:
         parent_config, parent_state, parent_vocab = load_weights(parent_dir)
         if _same_architecture(parent_config, model_config):
@@ -78,19 +108,39 @@ def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp,
             log.info("warm start from %s: %d of %d items carried over", parent_dir.name, warm_items, len(vocab) - 1)
         else:
             log.warning("champion %s has a different architecture; training from scratch", parent_dir.name)
+    result = _fit(model, windows_in, windows_out, config, epochs, device or pick_device(), validation)
+    return model.cpu().eval(), FitResult(epochs=result[0], best_epoch=result[1], validation_ndcg=result[2],
+                                         final_loss=result[3], windows=len(windows_in), warm_started_items=warm_items)
 
+
+def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp, config: PipelineConfig,
+          out_dir: Path, cache_dir: Path, parent_dir: Path | None = None) -> TrainResult:
+    """Train on events before `cutoff` (the gate's holdout starts there); write the model to `out_dir`."""
+    started = time.perf_counter()
+    train_events = dataset[dataset["occurred_at"] < cutoff]
+    vocab = Vocab.from_catalog(catalog["item_id"].to_numpy())
+    sequences = user_sequences(train_events, vocab)
+    if not any(len(s) >= 2 for s in sequences.values()):
+        raise TrainingError(f"no user has two or more interactions before {cutoff:%Y-%m-%d %H:%M}; nothing to learn from")
+    train_sequences, validation = hold_out_last(sequences, seed=config.seed)
+    text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
     device = pick_device()
-    final_loss = _fit(model, windows_in, windows_out, config, epochs, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.cpu()
-    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2))
-    np.save(out_dir / VOCAB_FILE, vocab.item_ids)
-    result = TrainResult(model_dir=str(out_dir), device=str(device), epochs=epochs, train_events=len(train_events),
-                         train_windows=len(windows_in), n_items=len(vocab) - 1, final_loss=final_loss,
-                         warm_started_items=warm_items, seconds=round(time.perf_counter() - started, 2))
+    model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
+                               device=device)
+    save_model(model, vocab, out_dir)
+    result = TrainResult(model_dir=str(out_dir), device=str(device), epochs=fit.epochs, best_epoch=fit.best_epoch,
+                         validation_ndcg=fit.validation_ndcg, train_events=len(train_events), train_windows=fit.windows,
+                         n_items=len(vocab) - 1, final_loss=fit.final_loss, warm_started_items=fit.warm_started_items,
+                         seconds=round(time.perf_counter() - started, 2))
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def save_model(model: SequentialRecommender, vocab: Vocab, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    np.save(out_dir / VOCAB_FILE, vocab.item_ids)
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
@@ -98,47 +148,101 @@ def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
+def validation_ndcg(model: SequentialRecommender, validation: Validation, device: torch.device,
+                    k: int = 10, batch_size: int = 256) -> float:
+    """Mean NDCG@k of the held-out items, ranking the full catalog with each user's history masked."""
+    if len(validation.targets) == 0:
+        return 0.0
+    model.eval()
+    gains = []
+    with torch.inference_mode():
+        for start in range(0, len(validation.targets), batch_size):
+            histories = torch.from_numpy(pad_batch(validation.histories[start:start + batch_size])).to(device)
+            targets = torch.from_numpy(validation.targets[start:start + batch_size]).to(device)
+            scores = model.next_item_logits(histories).float()  # (B, n_items)
+            scores = scores.scatter(1, histories, float("-inf"))  # seen items and PAD out
+            target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
+            rank = (scores > target_scores).sum(dim=1)  # 0-based rank of the target
+            gains.append(torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank.float())))
+    model.train()
+    return float(torch.cat(gains).mean())
+
+
+def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator,
+                             bucket_batches: int = 32) -> list[torch.Tensor]:
+    """Shuffled batches of windows of similar length.
+
+    Most users are short and a few are long; a random batch pads every row to its longest one.
+    Sorting within shuffled buckets of `bucket_batches` batches keeps batches random across
+    epochs while cutting the padding the transformer computes on.
+    """
+    order = torch.randperm(len(lengths), generator=generator)
+    batches = []
+    for start in range(0, len(order), batch_size * bucket_batches):
+        bucket = order[start:start + batch_size * bucket_batches]
+        bucket = bucket[torch.argsort(lengths[bucket], stable=True)]
+        batches.extend(bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
-         epochs: int, device: torch.device) -> float:
+         epochs: int, device: torch.device, validation: Validation | None) -> tuple[int, int, float, float]:
+    """The training loop; returns (epochs run, best epoch, best validation NDCG@10, last epoch's loss)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed)
     x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
-    steps = epochs * ((len(x_all) + config.batch_size - 1) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=steps,
-                                                    pct_start=0.1)
+    lengths = (x_all != PAD).sum(dim=1)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    best_ndcg, best_epoch, best_state = -1.0, 0, None
     loss_value = float("nan")
-    with tqdm(total=steps, desc=f"train ({device.type})", unit="step", leave=False, disable=None) as bar:
-        for epoch in range(epochs):
-            order = torch.randperm(len(x_all), generator=generator)
-            running, batches = 0.0, 0
-            for start in range(0, len(order), config.batch_size):
-                batch = order[start:start + config.batch_size]
-                x, y = x_all[batch].to(device), y_all[batch].to(device)
+    epoch = 0
+    steps_per_epoch = (len(x_all) + config.batch_size - 1) // config.batch_size
+    with tqdm(total=epochs * steps_per_epoch, desc=f"train ({device.type})", unit="step", leave=False,
+              disable=None) as bar:
+        for epoch in range(1, epochs + 1):
+            running = 0.0
+            for batch in _length_bucketed_batches(lengths, config.batch_size, generator):
+                x, y = x_all[batch], y_all[batch]
+                keep = (x != PAD).any(dim=0) | (y != PAD).any(dim=0)  # drop columns that are padding in every row
+                x, y = x[:, keep].to(device), y[:, keep].to(device)
                 with autocast:
-                    hidden = model(x)  # (B, L, d)
-                    positions = y != PAD  # (B, L): only real next items are targets
+                    hidden = model(x)  # (B, T, d)
+                    positions = y != PAD  # (B, T): only real next items are targets
                     logits = hidden[positions] @ model.item_vectors().T  # (N, n_items)
                     loss = torch.nn.functional.cross_entropy(logits.float(), y[positions])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
-                scheduler.step()
                 running += loss.item()
-                batches += 1
                 bar.update(1)
-            loss_value = running / max(batches, 1)
-            log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, loss_value)
+            loss_value = round(running / steps_per_epoch, 4)
+            if validation is None:
+                log.info("epoch %d/%d: loss %.4f", epoch, epochs, loss_value)
+                continue
+            ndcg = validation_ndcg(model, validation, device)
+            log.info("epoch %d/%d: loss %.4f, validation NDCG@10 %.4f", epoch, epochs, loss_value, ndcg)
+            if ndcg > best_ndcg:
+                best_ndcg, best_epoch = ndcg, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= config.patience:
+                log.info("early stop: no improvement for %d epochs; keeping epoch %d", config.patience, best_epoch)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return round(loss_value, 4)
+    return epoch, best_epoch or epoch, max(best_ndcg, 0.0), loss_value
 
 
 def load_weights(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Vocab]:
     config = ModelConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
     state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     return config, state, Vocab(np.load(model_dir / VOCAB_FILE))
+
+
+def load_vocab(model_dir: Path) -> Vocab:
+    return Vocab(np.load(model_dir / VOCAB_FILE))
 
 
 def load_model(model_dir: Path) -> tuple[SequentialRecommender, Vocab]:

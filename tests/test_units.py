@@ -10,7 +10,8 @@ import pytest
 
 from recmodel.config import ConfigError, PipelineConfig
 from recmodel.data import Vocab, extend_dataset, left_pad, training_windows, user_sequences
-from recmodel.gate import build_holdout, decide, ranking_metrics, GateError
+from recmodel.gate import (CatalogStats, GateError, bootstrap_interval, build_holdout, catalog_stats, decide,
+                           evaluate_lists)
 
 
 def events(rows: list[tuple[int, int, int, str]]) -> pd.DataFrame:
@@ -54,7 +55,8 @@ def test_left_pad_keeps_the_most_recent_items() -> None:
 def test_ranking_metrics_match_hand_computed_values() -> None:
     recommended = {1: np.array([10, 20, 30]), 2: np.array([40, 50, 60])}
     targets = {1: {20, 99}, 2: {70}}
-    got = ranking_metrics(recommended, targets, n_items=10, k=3)
+    stats = CatalogStats(n_items=10, head_items=frozenset({10, 40}), cold_items=frozenset({20, 70}))
+    got = evaluate_lists(recommended, targets, stats, k=3)
     dcg_user1 = 1 / math.log2(3)  # hit at rank 2
     idcg_user1 = 1 / math.log2(2) + 1 / math.log2(3)  # two relevant items
     assert got["ndcg@3"] == pytest.approx((dcg_user1 / idcg_user1 + 0.0) / 2)
@@ -62,6 +64,29 @@ def test_ranking_metrics_match_hand_computed_values() -> None:
     assert got["hr@3"] == pytest.approx(0.5)
     assert got["mrr@3"] == pytest.approx((1 / 2 + 0) / 2)
     assert got["coverage@3"] == pytest.approx(6 / 10)
+    assert got["tail_share@3"] == pytest.approx(4 / 6)  # 10 and 40 are head items
+    # Cold slice: user 1's only cold target (20) is hit at rank 2; user 2's (70) is missed.
+    assert got["cold_users"] == 2
+    assert got["cold_ndcg@3"] == pytest.approx((1 / math.log2(3) + 0.0) / 2)
+    assert got["cold_recall@3"] == pytest.approx(0.5)
+
+
+def test_catalog_stats_split_head_and_cold_items() -> None:
+    train = np.array([1] * 9 + [2] * 6 + [3] * 5 + [4] * 4 + [5])
+    stats = catalog_stats(train, np.arange(1, 11))
+    assert stats.head_items == {1, 2}  # 20% of 10 recommendable items
+    assert stats.cold_items == {4, 5, 6, 7, 8, 9, 10}  # fewer than 5 interactions, never-seen included
+
+
+def test_bootstrap_interval_brackets_the_mean_and_pairs_ratios() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.random(2000)
+    low, high = bootstrap_interval(values)
+    assert low < values.mean() < high and high - low < 0.05
+    same_low, same_high = bootstrap_interval(values, reference=values)
+    assert same_low == pytest.approx(1.0) and same_high == pytest.approx(1.0)  # paired: identical users
+    better_low, _ = bootstrap_interval(values + 0.1, reference=values)
+    assert better_low > 1.0
 
 
 def test_holdout_targets_are_new_items_after_the_cutoff() -> None:
