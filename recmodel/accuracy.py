@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -42,7 +43,7 @@ from recmodel.extract import extract, read_catalog, read_interactions
 from recmodel.train import Validation, fit_sequences, pick_device, save_model
 
 log = logging.getLogger(__name__)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # the table stays readable when piped
 
 ACCURACY_DB = "recsys_bench_accuracy"
 # Generic search space, tried in order until the budget runs out; nothing here is tuned to a dataset.
@@ -189,8 +190,8 @@ def run_accuracy(folder: Path, *, output: Path | None, budget_seconds: float = 9
         for name, baseline in fitted.items():
             top = baselines.top_k(baseline, history_matrix, K, padding)
             recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}
-    counts = np.concatenate([vocab.item_ids[h] for h in histories.values()]) if histories else np.array([])
-    stats = gate.catalog_stats(counts, catalog["item_id"].to_numpy())
+    seen = np.concatenate(list(histories.values())) if histories else np.array([], dtype=np.int64)
+    stats = gate.catalog_stats(seen, catalog["item_id"].to_numpy())
     evaluations = {name: gate.evaluate_lists(recs, targets, stats, K) for name, recs in recommended.items()}
     result = _summarise(evaluations, fitted, trials, config, split, provider, time.perf_counter() - started)
     _print(result)
@@ -203,17 +204,13 @@ def run_accuracy(folder: Path, *, output: Path | None, budget_seconds: float = 9
 def _summarise(evaluations: dict[str, dict[str, Any]], fitted: dict[str, baselines.FittedBaseline],
                trials: list[dict[str, Any]], config: PipelineConfig, split: LeaveLastOut, provider: str,
                seconds: float) -> dict[str, Any]:
-    model_per_user = evaluations["model"]["per_user"]
     models: dict[str, Any] = {}
     for name, evaluation in evaluations.items():
-        per_user = evaluation["per_user"]
-        row = {k: v for k, v in evaluation.items() if k != "per_user"}
+        row = gate.summarize(evaluation, K)
         for metric in (f"ndcg@{K}", f"hr@{K}"):
-            row[f"{metric}_ci"] = list(gate.bootstrap_interval(per_user[metric]))
             if name != "model":
-                row[f"model_ratio_{metric}"] = float(model_per_user[metric].mean() / max(per_user[metric].mean(), 1e-12))
-                row[f"model_ratio_{metric}_ci"] = list(gate.bootstrap_interval(model_per_user[metric],
-                                                                               reference=per_user[metric]))
+                ratio, low, high = gate.paired_ratio(evaluations["model"], evaluation, metric)
+                row[f"model_ratio_{metric}"], row[f"model_ratio_{metric}_ci"] = ratio, [low, high]
         if name in fitted:
             row["params"] = fitted[name].params
         models[name] = row

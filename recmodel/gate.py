@@ -151,14 +151,19 @@ def bootstrap_interval(values: np.ndarray, *, reference: np.ndarray | None = Non
     return float(low), float(high)
 
 
-def ranking_metrics(recommended: dict[int, np.ndarray], targets: dict[int, set[int]], stats: CatalogStats,
-                    k: int = K) -> dict[str, float]:
-    """`evaluate_lists` with 95% bootstrap intervals for NDCG@k and HR@k, JSON-ready for the registry."""
-    summary = evaluate_lists(recommended, targets, stats, k)
-    per_user = summary.pop("per_user")
+def summarize(evaluation: dict[str, Any], k: int = K) -> dict[str, Any]:
+    """JSON-ready: the means, plus 95% bootstrap intervals of NDCG@k and HR@k (per-user arrays dropped)."""
+    summary = {name: value for name, value in evaluation.items() if name != "per_user"}
     for name in (f"ndcg@{k}", f"hr@{k}"):
-        summary[f"{name}_ci"] = list(bootstrap_interval(per_user[name]))
+        summary[f"{name}_ci"] = list(bootstrap_interval(evaluation["per_user"][name]))
     return summary
+
+
+def paired_ratio(candidate: dict[str, Any], reference: dict[str, Any], metric: str) -> tuple[float, float, float]:
+    """mean(candidate) / mean(reference) of `metric` over the same users, with its 95% interval."""
+    values, base = candidate["per_user"][metric], reference["per_user"][metric]
+    low, high = bootstrap_interval(values, reference=base)
+    return float(values.mean() / max(base.mean(), 1e-12)), low, high
 
 
 def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, batch_size: int = 256) -> dict[int, np.ndarray]:
@@ -199,26 +204,37 @@ def popularity_recommendations(dataset: pd.DataFrame, holdout: Holdout, active_i
     return out
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, popularity: dict[str, float],
+def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, popularity: dict[str, Any],
            config: PipelineConfig) -> GateDecision:
-    """Accept only above the floor, within tolerance of the champion, and above popularity."""
+    """Accept above the floor, clearly above popularity, and not clearly worse than the champion.
+
+    The arguments are `evaluate_lists` results on the same holdout users. "Clearly" uses the
+    paired bootstrap interval of the ratio, so the gate does not flip on noise: popularity must
+    be beaten with the whole interval above 1, and the champion only wins if the whole interval
+    lies below 1 - tolerance.
+    """
     metric = config.gate_metric
     value = candidate[metric]
     reasons = []
     if value < config.gate_min_metric:
         reasons.append(f"{metric} {value:.4f} is below the floor {config.gate_min_metric:.4f}")
-    if value <= popularity[metric]:
-        reasons.append(f"{metric} {value:.4f} does not beat popularity ({popularity[metric]:.4f})")
+    vs_popularity = paired_ratio(candidate, popularity, metric)
+    if vs_popularity[1] <= 1.0:
+        reasons.append(f"{metric} {value:.4f} does not clearly beat popularity ({popularity[metric]:.4f}): "
+                       f"ratio {vs_popularity[0]:.2f} [{vs_popularity[1]:.2f}, {vs_popularity[2]:.2f}]")
+    metrics = {"candidate": summarize(candidate), "popularity": summarize(popularity)}
+    metrics["candidate"][f"{metric}_vs_popularity"] = list(vs_popularity)
+    versus = ", no champion yet"
     if champion is not None:
-        allowed = champion[metric] * (1 - config.gate_champion_tolerance)
-        if value < allowed:
-            reasons.append(f"{metric} {value:.4f} is worse than the champion's {champion[metric]:.4f} "
-                           f"beyond the {config.gate_champion_tolerance:.0%} tolerance")
+        vs_champion = paired_ratio(candidate, champion, metric)
+        metrics["champion"] = summarize(champion)
+        metrics["candidate"][f"{metric}_vs_champion"] = list(vs_champion)
+        versus = f", champion {champion[metric]:.4f} (ratio {vs_champion[0]:.2f} [{vs_champion[1]:.2f}, {vs_champion[2]:.2f}])"
+        if vs_champion[2] < 1 - config.gate_champion_tolerance:
+            reasons.append(f"{metric} {value:.4f} is worse than the champion's {champion[metric]:.4f} beyond the "
+                           f"{config.gate_champion_tolerance:.0%} tolerance: ratio {vs_champion[0]:.2f} "
+                           f"[{vs_champion[1]:.2f}, {vs_champion[2]:.2f}]")
     accepted = not reasons
     if accepted:
-        versus = f", champion {champion[metric]:.4f}" if champion is not None else ", no champion yet"
         reasons.append(f"{metric} {value:.4f} vs popularity {popularity[metric]:.4f}{versus}")
-    metrics = {"candidate": candidate, "popularity": popularity}
-    if champion is not None:
-        metrics["champion"] = champion
     return GateDecision(accepted=accepted, reasons=reasons, metrics=metrics)

@@ -6,7 +6,8 @@ An item's vector fuses a learned id embedding with a projection of its MiniLM te
 
 Id embeddings start at zero, so an item nobody has interacted with yet (or that joined the
 catalog after the last training run) is represented by its text alone and can still be
-recommended; interactions then learn a residual on top. Scores are dot products between the
+recommended; interactions then learn a residual on top. After training, items with few
+positives borrow the id embedding of their text neighbours (`fill_cold_ids`). Scores are dot products between the
 transformer's hidden state at the last history position and every item vector, trained with
 full-catalog softmax cross-entropy on the next item.
 """
@@ -105,6 +106,32 @@ class TopKRecommender(nn.Module):
         scores = scores.scatter(1, history, float("-inf"))  # every seen item (and PAD, via 0s) out
         top_scores, top_items = scores.topk(self.k, dim=1)  # (B, K) each
         return top_items, top_scores
+
+
+def fill_cold_ids(model: SequentialRecommender, positives: torch.Tensor, min_count: int = 5,
+                  neighbours: int = 10) -> int:
+    """Give rarely-seen items the id embedding of their nearest neighbours by text.
+
+    Under full softmax every item is a negative at every step, so an item that is rarely or
+    never a positive ends training with an id embedding pushed away from every user: a cold
+    item would rank below random. Items with fewer than `min_count` positives get a blend of
+    their own embedding and the mean id embedding of the `neighbours` well-trained items whose
+    text is closest, weighted by how many positives they had. Returns how many items changed.
+    """
+    counts = positives.float()  # (n_items,)
+    warm = torch.nonzero(counts >= min_count).squeeze(1)
+    cold = torch.nonzero((counts < min_count) & (torch.arange(len(counts)) != PAD)).squeeze(1)
+    if len(warm) == 0 or len(cold) == 0:
+        return 0
+    with torch.no_grad():
+        text = nn.functional.normalize(model.text_matrix, dim=1)  # (n_items, text_dim)
+        similarity = text[cold] @ text[warm].T  # (n_cold, n_warm)
+        nearest = similarity.topk(min(neighbours, len(warm)), dim=1).indices  # (n_cold, k)
+        neighbour_ids = model.id_embedding.weight[warm[nearest]].mean(dim=1)  # (n_cold, d_model)
+        own_weight = (counts[cold] / min_count).unsqueeze(1)  # (n_cold, 1)
+        blended = own_weight * model.id_embedding.weight[cold] + (1 - own_weight) * neighbour_ids
+        model.id_embedding.weight[cold] = blended
+    return len(cold)
 
 
 def warm_start(model: SequentialRecommender, parent_state: dict[str, torch.Tensor],

@@ -209,19 +209,19 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     active_ids = catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy()
     stats = gate.catalog_stats(dataset.loc[dataset["occurred_at"] < holdout.cutoff, "item_id"].to_numpy(), active_ids)
 
-    def evaluate(model_dir: Path, onnx_path: Path) -> dict[str, float]:
+    def evaluate(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
         vocab = load_vocab(model_dir)
         session, _ = open_session(onnx_path)
         recs = gate.onnx_recommendations(session, vocab, holdout)
-        return gate.ranking_metrics(recs, holdout.targets, stats)
+        return gate.evaluate_lists(recs, holdout.targets, stats)
 
     candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]))
     champion_record = verified_champion(ctx.url)
     if champion_record is not None and champion_record.version == ctx.version:
         champion_record = None
     champion = evaluate(champion_record.artifact_dir, champion_record.onnx_path) if champion_record else None
-    popularity = gate.ranking_metrics(gate.popularity_recommendations(dataset, holdout, active_ids),
-                                      holdout.targets, stats)
+    popularity = gate.evaluate_lists(gate.popularity_recommendations(dataset, holdout, active_ids),
+                                     holdout.targets, stats)
     decision = gate.decide(candidate, champion, popularity, ctx.config)
     metrics = {**decision.metrics, "holdout": {"cutoff": exported["cutoff"], "users": len(holdout.targets)}}
     if champion_record is not None:

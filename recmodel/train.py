@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from recmodel.config import PipelineConfig
 from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
-from recmodel.model import ModelConfig, SequentialRecommender, warm_start
+from recmodel.model import ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,11 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
         else:
             log.warning("champion %s has a different architecture; training from scratch", parent_dir.name)
     result = _fit(model, windows_in, windows_out, config, epochs, device or pick_device(), validation)
-    return model.cpu().eval(), FitResult(epochs=result[0], best_epoch=result[1], validation_ndcg=result[2],
+    model.cpu()
+    positives = torch.bincount(torch.from_numpy(windows_out[windows_out != PAD]), minlength=len(vocab))
+    filled = fill_cold_ids(model, positives)
+    log.info("%d rarely-seen items took their text neighbours' id embeddings", filled)
+    return model.eval(), FitResult(epochs=result[0], best_epoch=result[1], validation_ndcg=result[2],
                                          final_loss=result[3], windows=len(windows_in), warm_started_items=warm_items)
 
 

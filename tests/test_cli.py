@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT
@@ -102,3 +103,47 @@ def test_bench_times_every_stage_in_a_scratch_database(db_url: str, tmp_path: Pa
     with psycopg.connect(db_url) as conn:  # the user's database is untouched, the scratch one is gone
         assert conn.execute("SELECT count(*) FROM interactions").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'recsys_bench'").fetchone()[0] == 0
+
+
+def write_movielens(folder: Path, users: int = 60, items: int = 80, events: int = 2400) -> None:
+    """A small MovieLens-format folder made from the synthetic generator."""
+    from datetime import datetime, timezone
+
+    from recmodel.synth import generate
+
+    data = generate(users, items, events, seed=3, end=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    folder.mkdir()
+    genres = data.items["tags"].map(lambda tags: "|".join(t.title() for t in tags[:2]))
+    pd.DataFrame({"movieId": data.items["item_id"], "title": data.items["title"], "genres": genres}).to_csv(
+        folder / "movies.csv", index=False)
+    ratings = data.interactions.drop_duplicates(["user_id", "item_id"])
+    pd.DataFrame({"userId": ratings["user_id"], "movieId": ratings["item_id"], "rating": 4.0,
+                  "timestamp": ratings["occurred_at"].astype("int64") // 10**6}).to_csv(folder / "ratings.csv",
+                                                                                        index=False)
+
+
+@pytest.mark.slow
+def test_bench_accuracy_compares_the_model_with_every_baseline(db_url: str, tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "ml"
+    write_movielens(folder)
+    output = tmp_path / "accuracy.json"
+    out = recmodel("bench", "accuracy", "--movielens", str(folder), "--budget", "0", "--output", str(output),
+                   url=db_url, home=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(output.read_text())["accuracy"]
+    assert set(result["models"]) == {"model", "ease", "item_knn", "popularity"}
+    assert len(result["tuning"]) == 1  # a zero budget stops the search after the first configuration
+    for name, row in result["models"].items():
+        low, high = row["ndcg@10_ci"]
+        assert low <= row["ndcg@10"] <= high
+        if name != "model":
+            assert row["model_ratio_ndcg@10"] > 0
+    assert result["models"]["model"]["ndcg@10"] > result["models"]["popularity"]["ndcg@10"]
+    assert "model/this NDCG" in out.stdout
+
+
+def test_bench_accuracy_needs_a_folder(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("bench", "accuracy", url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "--movielens DIR" in out.stdout

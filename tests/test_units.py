@@ -103,14 +103,25 @@ def test_empty_holdout_is_a_clear_error() -> None:
         build_holdout(frame, pd.Timestamp("2026-01-05", tz="UTC"))
 
 
-def test_gate_rejects_below_popularity_and_champion() -> None:
+def per_user(ndcg: np.ndarray) -> dict[str, object]:
+    return {"ndcg@10": float(ndcg.mean()), "hr@10": float((ndcg > 0).mean()),
+            "per_user": {"ndcg@10": ndcg, "hr@10": (ndcg > 0).astype(float)}}
+
+
+def test_gate_uses_paired_intervals() -> None:
     config = PipelineConfig()
-    accepted = decide({"ndcg@10": 0.10}, {"ndcg@10": 0.10}, {"ndcg@10": 0.05}, config)
-    assert accepted.accepted
-    worse_than_champion = decide({"ndcg@10": 0.08}, {"ndcg@10": 0.10}, {"ndcg@10": 0.05}, config)
-    assert not worse_than_champion.accepted and "champion" in worse_than_champion.reasons[0]
-    below_popularity = decide({"ndcg@10": 0.04}, None, {"ndcg@10": 0.05}, config)
-    assert not below_popularity.accepted and "popularity" in below_popularity.reasons[0]
+    rng = np.random.default_rng(0)
+    base = rng.random(500) * 0.2
+    popularity = per_user(base * 0.4)
+    accepted = decide(per_user(base), per_user(base * 0.98), popularity, config)
+    assert accepted.accepted, accepted.reasons  # 2% below the champion is within noise and tolerance
+    assert accepted.metrics["candidate"]["ndcg@10_vs_champion"][0] == pytest.approx(1 / 0.98)
+    worse = decide(per_user(base * 0.7), per_user(base), popularity, config)
+    assert not worse.accepted and "champion" in worse.reasons[0]
+    tied = decide(per_user(rng.permutation(base * 0.4)), None, popularity, config)  # same mean, other users
+    assert not tied.accepted and "does not clearly beat popularity" in tied.reasons[0]
+    below_floor = decide(per_user(base * 0.01), None, per_user(base * 0.001), config)
+    assert not below_floor.accepted and "below the floor" in below_floor.reasons[0]
 
 
 def test_extend_dataset_deduplicates_and_windows() -> None:
