@@ -49,7 +49,7 @@ ACCURACY_DB = "recsys_bench_accuracy"
 # Generic search space, tried in order until the budget runs out; nothing here is tuned to a dataset.
 MODEL_GRID: tuple[dict[str, Any], ...] = (
     {"d_model": 64, "dropout": 0.2},
-    {"d_model": 128, "dropout": 0.3},
+    {"d_model": 64, "dropout": 0.2, "batch_size": 32, "learning_rate": 1e-3},
     {"d_model": 64, "dropout": 0.5},
 )
 EASE_L2 = (5.0, 20.0, 50.0, 200.0, 1000.0)
@@ -214,7 +214,8 @@ def _summarise(evaluations: dict[str, dict[str, Any]], fitted: dict[str, baselin
         if name in fitted:
             row["params"] = fitted[name].params
         models[name] = row
-    models["model"]["params"] = {k: getattr(config, k) for k in ("d_model", "dropout", "n_layers", "max_history")}
+    models["model"]["params"] = {k: getattr(config, k) for k in ("d_model", "dropout", "n_layers", "max_history",
+                                                                 "batch_size", "learning_rate")}
     return {"protocol": "leave-last-out (ties by item id), full ranking, K=10", "users": len(split.users),
             "items": len(split.vocab) - 1, "onnx_provider": provider, "models": models, "tuning": trials,
             "seconds": round(seconds, 1)}
