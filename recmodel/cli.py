@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,7 +106,9 @@ def _parse_conf(text: str | None) -> dict[str, Any]:
 
 def _parse_as_of(text: str | None) -> datetime:
     if not text:
-        return datetime.now(timezone.utc).replace(microsecond=0)
+        # Runs are keyed by whole seconds; rounding up keeps rows ingested earlier in this second
+        # inside the run instead of leaving them for the next one.
+        return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
