@@ -27,13 +27,6 @@ class Settings:
     def airflow_home(self) -> Path:
         return Path(os.environ.get("AIRFLOW_HOME") or self.home / "airflow")
 
-    def run_dir(self, run_key: str) -> Path:
-        return self.home / "runs" / run_key
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
 
 def settings() -> Settings:
     home = Path(os.environ.get("RECSYS_HOME") or ".recsys").resolve()
