@@ -137,7 +137,7 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
     elapsed = time.perf_counter() - started
     _print_run_summary(url, as_of, outcome.task_states, elapsed)
     if not outcome.succeeded:
-        failed = [t for t, s in outcome.task_states.items() if s in ("failed", "upstream_failed")]
+        failed = [t for t, s in outcome.task_states.items() if s == "failed"]
         console.print(f"[red]DAG run {outcome.run_id} {outcome.state}[/] (failed tasks: {', '.join(failed) or '?'})")
         return 1
     return 0
