@@ -120,3 +120,25 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
 def serving(url: str) -> str:
     with db.connect(url) as conn:
         return conn.execute("SELECT max(model_version) FROM recsys.user_recommendations").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_bad_data_fails_the_run_without_retry_and_publishes_nothing(airflow_ready: dict[str, str], recsys_env: str) -> None:
+    from recmodel.runner import run_dag
+
+    seed_small(recsys_env, NOW, events=800)
+    with db.transaction(recsys_env) as conn:
+        conn.execute("INSERT INTO interactions (user_id, item_id, event_type, occurred_at, ingested_at) "
+                     "SELECT 5, 900000 + g, 'view', %(at)s, %(at)s FROM generate_series(1, 400) g",
+                     {"at": NOW - timedelta(minutes=1)})
+    outcome = run_dag("recsys_retrain", conf={**SMALL_MODEL, "as_of": NOW.isoformat()}, logical_date=NOW)
+    assert not outcome.succeeded
+    assert outcome.task_states["validate"] == "failed"  # AirflowFailException: no retry for bad data
+    assert outcome.task_states["train"] == "upstream_failed"
+    with db.connect(recsys_env) as conn:
+        status, message = conn.execute("SELECT status, message FROM recsys.pipeline_runs").fetchone()
+        models = conn.execute("SELECT count(*) FROM recsys.model_registry").fetchone()[0]
+        served = conn.execute("SELECT count(*) FROM recsys.user_recommendations").fetchone()[0]
+        unknown = conn.execute("SELECT count(*) FROM recsys.quarantine WHERE reason = 'unknown_item'").fetchone()[0]
+    assert status == "failed" and "quarantine_share" in message  # written by the failure callback
+    assert (models, served, unknown) == (0, 0, 400)
