@@ -141,18 +141,23 @@ def _matrix(split: LeaveLastOut, with_validation: bool):
     return baselines.interaction_matrix(np.array(users), np.array(items), len(split.users), len(split.vocab))
 
 
+def _padding_mask(vocab: Vocab) -> np.ndarray:
+    """Baselines rank matrix columns; column 0 is the vocabulary's padding and never a candidate."""
+    mask = np.zeros(len(vocab), dtype=bool)
+    mask[0] = True
+    return mask
+
+
 def _ndcg_of(top: np.ndarray, targets: np.ndarray) -> float:
-    hits = top == targets[:, None]
-    ranks = hits.argmax(axis=1)
-    return float(np.where(hits.any(axis=1), 1 / np.log2(ranks + 2), 0.0).mean())
+    per_user = gate.per_user_metrics(dict(enumerate(top)), {row: {int(t)} for row, t in enumerate(targets)}, K)
+    return float(per_user[f"ndcg@{K}"].mean())
 
 
 def tune_baselines(split: LeaveLastOut) -> dict[str, baselines.FittedBaseline]:
     """Choose each baseline's parameter on validation, then refit on training + validation."""
     train_only, with_validation = _matrix(split, False), _matrix(split, True)
     validation_targets = np.array([split.validation[u] for u in split.users])
-    padding = np.zeros(len(split.vocab), dtype=bool)
-    padding[0] = True
+    padding = _padding_mask(split.vocab)
     chosen = {"popularity": baselines.fit_popularity(with_validation)}
     for name, fit, grid in (("ease", baselines.fit_ease, EASE_L2), ("item_knn", baselines.fit_item_knn, KNN_NEIGHBOURS)):
         scores = {value: _ndcg_of(baselines.top_k(fit(train_only, value), train_only, K, padding), validation_targets)
@@ -185,8 +190,7 @@ def run_accuracy(folder: Path, *, output: Path | None, budget_seconds: float = 9
         recommended = {"model": gate.onnx_recommendations(session, vocab, holdout)}
         fitted = tune_baselines(split)
         history_matrix = _matrix(split, True)
-        padding = np.zeros(len(vocab), dtype=bool)
-        padding[0] = True
+        padding = _padding_mask(vocab)
         for name, baseline in fitted.items():
             top = baselines.top_k(baseline, history_matrix, K, padding)
             recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}

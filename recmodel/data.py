@@ -45,6 +45,11 @@ class Vocab:
         return np.where(found, pos_clipped + 1, PAD).astype(np.int64)
 
 
+def is_active(catalog: pd.DataFrame) -> pd.Series:
+    """Which catalog rows may be recommended; a NULL `active` counts as active, as in the table's default."""
+    return catalog["active"].fillna(True).astype(bool)
+
+
 def item_text(items: pd.DataFrame) -> list[str]:
     """The text the encoder sees for each item: title, description, tags."""
     texts = []

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recmodel.data import Vocab, pad_batch, user_sequences
+from recmodel.data import Vocab, is_active, pad_batch, user_sequences
 from recmodel.model import TopKRecommender
 from recmodel.score import open_session
 from recmodel.train import load_model
@@ -89,7 +89,7 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
 
 def inactive_mask(vocab: Vocab, catalog: pd.DataFrame) -> np.ndarray:
     """(len(vocab),) bool: items marked inactive in the catalog (padding is masked separately)."""
-    inactive_ids = catalog.loc[~catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy(np.int64)
+    inactive_ids = catalog.loc[~is_active(catalog), "item_id"].to_numpy(np.int64)
     mask = np.zeros(len(vocab), dtype=bool)
     mask[vocab.index_of(inactive_ids)] = True
     mask[0] = False

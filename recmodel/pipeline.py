@@ -199,6 +199,7 @@ def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
 
 def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     from recmodel import gate
+    from recmodel.data import is_active
     from recmodel.score import open_session
     from recmodel.train import load_vocab
 
@@ -206,7 +207,7 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     dataset = read_interactions(exported["dataset_path"])
     catalog = read_catalog(exported["catalog_path"])
     holdout = gate.build_holdout(dataset, pd.Timestamp(exported["cutoff"]))
-    active_ids = catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy()
+    active_ids = catalog.loc[is_active(catalog), "item_id"].to_numpy()
     stats = gate.catalog_stats(dataset.loc[dataset["occurred_at"] < holdout.cutoff, "item_id"].to_numpy(), active_ids)
 
     def evaluate(model_dir: Path, onnx_path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from recmodel.data import PAD, Vocab, pad_batch, user_sequences
+from recmodel.data import PAD, Vocab, is_active, pad_batch, user_sequences
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def popular_items(dataset: pd.DataFrame, catalog: pd.DataFrame, *, k: int, windo
         return pd.DataFrame({"rank": [], "item_id": [], "score": []})
     since = dataset["occurred_at"].max() - timedelta(days=window_days)
     recent = dataset.loc[dataset["occurred_at"] >= since, "item_id"]
-    active = set(catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].tolist())
+    active = set(catalog.loc[is_active(catalog), "item_id"].tolist())
     counts = recent[recent.isin(active)].value_counts()
     counts = counts.sort_index().sort_values(ascending=False, kind="stable").head(k)
     return pd.DataFrame({
