@@ -104,8 +104,13 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     try:
         return psycopg.connect(libpq_url(url), autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DatabaseError(f"cannot connect to Postgres at {redact(url)}: {reason}") from None
+        raise connection_failure(url, exc) from None
+
+
+def connection_failure(url: str, exc: Exception) -> DatabaseError:
+    """The error to raise when a driver cannot connect: the server's reason, the URL without password."""
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return DatabaseError(f"cannot connect to Postgres at {redact(url)}: {reason}")
 
 
 @contextmanager

@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from psycopg import sql
 
-from recmodel import db
+from recmodel import db, pgbulk
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 100_000
+ROW_GROUP_ROWS = 262_144  # rows buffered per Parquet row group: bounds the extract's memory
 
 INTERACTION_SCHEMA = pa.schema([
     ("event_id", pa.int64()),
@@ -53,11 +54,12 @@ ORDER BY high_watermark DESC LIMIT 1
 SELECT_INCREMENT = """
 SELECT event_id, user_id, item_id, event_type, value::float8, occurred_at, ingested_at
 FROM interactions
-WHERE ingested_at > %(low)s AND ingested_at <= %(high)s
-ORDER BY event_id
+WHERE ingested_at > {low} AND ingested_at <= {high}
 """
-SELECT_QUARANTINED_IDS = """
-SELECT DISTINCT event_id FROM recsys.quarantine WHERE event_id = ANY(%(ids)s) AND run_key <> %(run_key)s
+SELECT_QUARANTINED_IN_WINDOW = """
+SELECT DISTINCT q.event_id
+FROM recsys.quarantine q JOIN interactions i USING (event_id)
+WHERE i.ingested_at > %(low)s AND i.ingested_at <= %(high)s AND q.run_key <> %(run_key)s
 """
 SELECT_CATALOG = "SELECT item_id, title, description, tags, created_at, active FROM items ORDER BY item_id"
 
@@ -89,9 +91,9 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         low = previous[1] if previous else None
         base_dataset = previous[2] if previous else None
         read_from = (low - lookback) if low else datetime(1970, 1, 1, tzinfo=as_of.tzinfo)
-        seen_ids = _already_used_ids(base_dataset, read_from)
+        used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, as_of)
         increment_path = run_dir / INCREMENT_FILE
-        rows, skipped = _stream_increment(conn, run_key, read_from, as_of, increment_path, seen_ids)
+        rows, skipped = _stream_increment(conn, url, read_from, as_of, increment_path, used_ids)
         catalog_path = run_dir / CATALOG_FILE
         catalog_items = _snapshot_catalog(conn, catalog_path)
     if catalog_items == 0:
@@ -103,42 +105,47 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
                          base_dataset_path=base_dataset, catalog_items=catalog_items)
 
 
-def _already_used_ids(base_dataset: str | None, since: datetime) -> np.ndarray:
-    """Event ids of the lookback window that the previous dataset already holds."""
-    if base_dataset is None:
-        return np.array([], dtype=np.int64)
-    table = pq.read_table(base_dataset, columns=["event_id", "ingested_at"],
-                          filters=[("ingested_at", ">", pd.Timestamp(since))])
-    return np.sort(table.column("event_id").to_numpy())
+def _already_used_ids(conn, run_key: str, base_dataset: str | None, low: datetime, high: datetime) -> np.ndarray:
+    """Sorted event ids of the window that the previous dataset holds or an earlier run quarantined."""
+    quarantined = [row[0] for row in conn.execute(
+        SELECT_QUARANTINED_IN_WINDOW, {"low": low, "high": high, "run_key": run_key}).fetchall()]
+    used = [np.asarray(quarantined, dtype=np.int64)]
+    if base_dataset is not None:
+        table = pq.read_table(base_dataset, columns=["event_id", "ingested_at"],
+                              filters=[("ingested_at", ">", pd.Timestamp(low))])
+        used.append(table.column("event_id").to_numpy())
+    return np.unique(np.concatenate(used))
 
 
-def _stream_increment(conn, run_key: str, low: datetime, high: datetime, path: Path, seen_ids: np.ndarray) -> tuple[int, int]:
-    """Server-side cursor -> Parquet in chunks of CHUNK_ROWS; memory stays flat as rows grow."""
+def _stream_increment(conn, url: str, low: datetime, high: datetime, path: Path,
+                      used_ids: np.ndarray) -> tuple[int, int]:
+    """COPY the window into Parquet, ROW_GROUP_ROWS at a time, so memory stays flat as rows grow."""
+    query = sql.SQL(SELECT_INCREMENT).format(low=sql.Literal(low), high=sql.Literal(high)).as_string(conn)
     rows = skipped = 0
     tmp = path.with_suffix(".tmp")
     with pq.ParquetWriter(tmp, INTERACTION_SCHEMA) as writer:
-        with conn.cursor(name="recsys_extract") as cursor:
-            cursor.itersize = CHUNK_ROWS
-            cursor.execute(SELECT_INCREMENT, {"low": low, "high": high})
-            while chunk := cursor.fetchmany(CHUNK_ROWS):
-                table = pa.Table.from_pylist(
-                    [dict(zip(INTERACTION_SCHEMA.names, row)) for row in chunk], schema=INTERACTION_SCHEMA)
-                fresh = _drop_used(conn, run_key, table, seen_ids)
-                skipped += table.num_rows - fresh.num_rows
-                rows += fresh.num_rows
-                writer.write_table(fresh)
+        def flush(batches: list[pa.RecordBatch]) -> None:
+            nonlocal rows, skipped
+            table = pa.Table.from_batches(batches, schema=INTERACTION_SCHEMA)
+            used = np.isin(table.column("event_id").to_numpy(), used_ids)
+            if used.any():
+                table = table.filter(pa.array(~used))
+            skipped += int(used.sum())
+            rows += table.num_rows
+            writer.write_table(table)
+
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        for batch in pgbulk.read_batches(url, query, INTERACTION_SCHEMA):
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            if pending_rows >= ROW_GROUP_ROWS:
+                flush(pending)
+                pending, pending_rows = [], 0
+        if pending:
+            flush(pending)
     tmp.replace(path)
     return rows, skipped
-
-
-def _drop_used(conn, run_key: str, table: pa.Table, seen_ids: np.ndarray) -> pa.Table:
-    """Drop rows already in the base dataset or quarantined by an earlier run."""
-    ids = table.column("event_id").to_numpy()
-    used = np.isin(ids, seen_ids)
-    quarantined = {r[0] for r in conn.execute(SELECT_QUARANTINED_IDS, {"ids": ids.tolist(), "run_key": run_key}).fetchall()}
-    if quarantined:
-        used |= np.isin(ids, np.fromiter(quarantined, dtype=np.int64))
-    return table.filter(pa.array(~used)) if used.any() else table
 
 
 def _snapshot_catalog(conn, path: Path) -> int:
