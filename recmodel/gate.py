@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from recmodel.config import PipelineConfig
-from recmodel.data import Vocab, left_pad, pad_batch
+from recmodel.data import Vocab, length_sorted_batches
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +170,13 @@ def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, batch_size: in
     """Top-K item ids per holdout user from an exported model (its own vocabulary)."""
     users = list(holdout.targets)
     fixed_length = session.get_inputs()[0].shape[1]  # an int for graphs exported with a fixed history window
+    known = [_known(vocab, holdout.histories[u]) for u in users]
     out: dict[int, np.ndarray] = {}
-    for start in range(0, len(users), batch_size):
-        batch = users[start:start + batch_size]
-        known = [_known(vocab, holdout.histories[u]) for u in batch]
-        histories = left_pad(known, fixed_length) if isinstance(fixed_length, int) else pad_batch(known)
+    for positions, histories in length_sorted_batches(
+            known, batch_size, length=fixed_length if isinstance(fixed_length, int) else None):
         item_index, scores = session.run(None, {"history": histories})
-        for user, row, row_scores in zip(batch, item_index, scores):
-            out[user] = vocab.item_ids[row[np.isfinite(row_scores)]]
+        for position, row, row_scores in zip(positions, item_index, scores):
+            out[users[position]] = vocab.item_ids[row[np.isfinite(row_scores)]]
     return out
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from recmodel.data import PAD, Vocab, is_active, pad_batch, user_sequences
+from recmodel.data import PAD, Vocab, is_active, length_sorted_batches, user_sequences
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,11 @@ def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: in
     user_ids = np.fromiter(sequences.keys(), dtype=np.int64, count=len(sequences))
     session, provider = open_session(onnx_path)
     frames = []
-    for start in tqdm(range(0, len(user_ids), batch_size), desc=f"score ({provider})", unit="batch", leave=False,
-                      disable=None):
-        batch_users = user_ids[start:start + batch_size]
-        histories = pad_batch([sequences[u] for u in batch_users])  # (B, T): whole histories
+    batches = length_sorted_batches(list(sequences.values()), batch_size)  # whole histories, (B, T)
+    for positions, histories in tqdm(batches, total=-(-len(user_ids) // batch_size), desc=f"score ({provider})",
+                                     unit="batch", leave=False, disable=None):
         item_index, scores = session.run(None, {"history": histories})  # (B, K) each
-        frames.append(_ranked(batch_users, vocab.item_ids[item_index][:, :top_k], scores[:, :top_k]))
+        frames.append(_ranked(user_ids[positions], vocab.item_ids[item_index][:, :top_k], scores[:, :top_k]))
     if not frames:
         return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []}), provider
     return pd.concat(frames, ignore_index=True), provider

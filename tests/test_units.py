@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from recmodel.config import ConfigError, PipelineConfig
-from recmodel.data import Vocab, extend_dataset, left_pad, training_windows, user_sequences
+from recmodel.data import Vocab, extend_dataset, left_pad, length_sorted_batches, training_windows, user_sequences
 from recmodel.gate import (CatalogStats, GateError, bootstrap_interval, build_holdout, catalog_stats, decide,
                            evaluate_lists)
 
@@ -139,3 +139,18 @@ def test_config_overrides_are_checked() -> None:
         PipelineConfig.from_overrides({"epochs": "two"})
     with pytest.raises(ConfigError, match="divisible"):
         PipelineConfig.from_overrides({"d_model": 30, "n_heads": 4})
+
+
+def test_length_sorted_batches_cover_every_sequence_once_with_little_padding() -> None:
+    sequences = [np.arange(1, n + 1) for n in (5, 1, 9, 2, 5, 3, 8)]
+    batches = list(length_sorted_batches(sequences, 3))
+    positions = np.concatenate([p for p, _ in batches])
+    assert sorted(positions.tolist()) == list(range(len(sequences)))
+    assert [h.shape for _, h in batches] == [(3, 3), (3, 8), (1, 9)]  # lengths 1,2,3 | 5,5,8 | 9
+    for chosen, histories in batches:
+        for row, position in enumerate(chosen):
+            seq = sequences[position]
+            assert histories[row, -len(seq):].tolist() == seq.tolist()
+            assert not histories[row, :-len(seq)].any()  # left padding only
+    fixed = list(length_sorted_batches(sequences, 4, length=4))
+    assert all(h.shape[1] == 4 for _, h in fixed)
