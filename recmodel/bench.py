@@ -1,8 +1,22 @@
-"""`python -m recmodel bench`: time every pipeline stage on synthetic data in a scratch database.
+"""`python -m recmodel bench`: every pipeline stage timed, beside the obvious alternative and the limit.
 
-The benchmark never touches the configured recsys database: it creates `recsys_bench` on the
-same server, seeds it, runs each step of one retraining run directly (no Airflow) and drops it.
-Results are printed as a table and optionally written as JSON.
+The benchmark never touches the configured recsys database. For each data size it creates a
+scratch database on the same server, seeds synthetic interactions, and runs each step of one
+retraining run directly (no Airflow), recording seconds and the process's peak RSS per stage.
+At the main size it also measures, in the same run:
+
+- extract: the COPY path vs the obvious alternative (server-side cursor, rows into Arrow) and
+  the limit (COPY output to /dev/null, no parsing);
+- train: sequences/s and tokens/s of the loop and the share of it spent waiting on input;
+- score: ONNX Runtime vs PyTorch eager vs numpy matmul + argpartition, on a model of
+  `score_items` items and `score_users` users, with achieved FLOP/s against the measured
+  matmul rate of this machine;
+- publish: binary COPY vs `executemany` INSERT into the same table, and the view swap while
+  readers query the view;
+- end to end: one run of the `recsys_retrain` DAG through Airflow on the same data, per task,
+  and the share of the wall time that is Airflow's rather than the tasks'.
+
+Results are printed as one table and optionally written as JSON (and a plot of time vs size).
 """
 
 from __future__ import annotations
@@ -11,11 +25,16 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
-from datetime import datetime, timezone
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
+import psutil
 import psycopg
 from psycopg import sql
 from rich.console import Console
@@ -25,7 +44,23 @@ from recmodel import db, pipeline
 from recmodel.config import settings
 
 BENCH_DB = "recsys_bench"
-console = Console()
+DAG_BENCH_DB = "recsys_bench_dag"
+STAGES = ("extract", "validate", "train", "export", "gate", "score", "publish")
+EXECUTEMANY_SAMPLE_ROWS = 20_000  # executemany is slow: timed on a sample, reported per row
+RSS_SAMPLE_SECONDS = 0.02
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    events: int  # the main size: every comparison runs here
+    sizes: tuple[int, ...] = ()  # further sizes for the scaling table and plot (stage times only)
+    epochs: int = 3  # training epochs per run (the pipeline default early-stops at up to 30)
+    score_users: int = 100_000
+    score_items: int = 20_000
+    end_to_end: bool = True
+    output: Path | None = None
+    plot: Path | None = None
 
 
 def device_name() -> str:
@@ -36,68 +71,441 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def run_bench(*, output: Path | None, events: int) -> int:
-    from recmodel.synth import seed_database
-
+def run_bench(options: BenchOptions) -> dict[str, Any]:
     server_url = db.resolve_url(settings())
-    db.ensure_database(server_url, BENCH_DB)
-    url = db.with_database(server_url, BENCH_DB)
+    result: dict[str, Any] = {"device": device_name(), "events": options.events, "epochs": options.epochs,
+                              "matmul_gflops": round(matmul_gflops(), 1)}
+    with scratch_database(server_url, BENCH_DB) as url:
+        seed(url, options.events)
+        if options.end_to_end:
+            db.ensure_database(server_url, DAG_BENCH_DB, template=BENCH_DB)
+        stages = time_stages(url, options, compare=True)
+    stages["score"].update(score_comparison(options.score_users, options.score_items))
+    if options.end_to_end:
+        with scratch_database(server_url, DAG_BENCH_DB, create=False) as url:
+            stages["end_to_end"] = end_to_end(url, options.epochs)
+    result["stages"] = stages
+    result["scaling"] = {str(options.events): _scaling_row(stages)}
+    for size in sorted(set(options.sizes) - {options.events}):
+        with scratch_database(server_url, BENCH_DB) as url:
+            seed(url, size)
+            result["scaling"][str(size)] = _scaling_row(time_stages(url, options, compare=False))
+    print_table(result)
+    if options.output:
+        options.output.write_text(json.dumps(result, indent=2, default=str))
+        console.print(f"wrote {options.output}")
+    if options.plot:
+        plot_scaling(result, options.plot)
+        console.print(f"wrote {options.plot}")
+    return result
+
+
+@contextmanager
+def scratch_database(server_url: str, name: str, *, create: bool = True) -> Iterator[str]:
+    """A migrated database `name` on the configured server, dropped afterwards whatever happens."""
+    if create:
+        _drop(server_url, name)
+        db.ensure_database(server_url, name)
+    url = db.with_database(server_url, name)
     try:
         db.migrate(url)
-        users = max(events // 50, 10)
-        items = max(events // 100, 20)
-        seed_database(url, users=users, items=items, events=events, seed=0)
-        with tempfile.TemporaryDirectory(prefix="recsys-bench-") as home:
-            stages = _time_stages(url, Path(home))
+        yield url
     finally:
-        with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(BENCH_DB)))
-    result = {"device": device_name(), "events": events, "stages": stages}
-    _print(result)
-    if output:
-        output.write_text(json.dumps(result, indent=2, default=str))
-        console.print(f"wrote {output}")
-    return 0
+        _drop(server_url, name)
 
 
-def _time_stages(url: str, home: Path) -> dict[str, dict[str, Any]]:
-    previous_home, previous_url = os.environ.get("RECSYS_HOME"), os.environ.get("RECSYS_DATABASE_URL")
+def _drop(server_url: str, name: str) -> None:
+    with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def seed(url: str, events: int) -> None:
+    """Synthetic data whose shape grows with `events`: 50 events per user, up to 50k items."""
+    from recmodel.synth import seed_database
+
+    seed_database(url, users=max(events // 50, 10), items=min(max(events // 20, 20), 50_000), events=events, seed=0)
+
+
+class PeakRss:
+    """The highest resident set size of this process while the block runs, sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.start_bytes = psutil.Process().memory_info().rss
+        self.peak_bytes = self.start_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            if self._stop.wait(RSS_SAMPLE_SECONDS):
+                return
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+    @property
+    def growth_mb(self) -> float:
+        """How far the peak rose above the RSS at the start of the block."""
+        return round((self.peak_bytes - self.start_bytes) / 2**20, 1)
+
+
+@contextmanager
+def bench_environment(url: str, home: Path) -> Iterator[None]:
+    """RECSYS_DATABASE_URL and RECSYS_HOME pointed at the scratch database for the block."""
+    saved = {key: os.environ.get(key) for key in ("RECSYS_HOME", "RECSYS_DATABASE_URL")}
     os.environ["RECSYS_HOME"], os.environ["RECSYS_DATABASE_URL"] = str(home), url
     try:
-        ctx = pipeline.make_context(datetime.now(timezone.utc))
-        stages: dict[str, dict[str, Any]] = {}
-
-        def timed(name: str, step: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-            started = time.perf_counter()
-            out = step(ctx, *args)
-            stages[name] = {"seconds": round(time.perf_counter() - started, 3)}
-            return out
-
-        extracted = timed("extract", pipeline.step_extract)
-        stages["extract"]["rows_per_s"] = round(extracted["rows"] / stages["extract"]["seconds"])
-        validated = timed("validate", pipeline.step_validate, extracted)
-        trained = timed("train", pipeline.step_train, validated)
-        exported = timed("export", pipeline.step_export, trained)
-        gated = timed("gate", pipeline.step_gate, exported)
-        scored = timed("score", pipeline.step_score, {**gated, "accepted": True})
-        published = timed("publish", pipeline.step_publish, scored)
-        rows = sum(published["row_counts"].values())
-        stages["publish"]["rows_per_s"] = round(rows / stages["publish"]["seconds"])
-        stages["publish"]["swap_seconds"] = round(published["swap_seconds"], 4)
-        return stages
+        yield
     finally:
-        for key, value in (("RECSYS_HOME", previous_home), ("RECSYS_DATABASE_URL", previous_url)):
+        for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
 
 
-def _print(result: dict[str, Any]) -> None:
-    table = Table(title=f"recsys-retrain bench: {result['events']:,} interactions on {result['device']}")
-    for column in ("stage", "seconds", "figure"):
+def time_stages(url: str, options: BenchOptions, *, compare: bool) -> dict[str, dict[str, Any]]:
+    """Run every step once, directly; with `compare`, also the side-by-side baselines of each stage."""
+    stages: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as home, bench_environment(url, Path(home)):
+        ctx = pipeline.make_context(datetime.now(timezone.utc) + timedelta(seconds=1), {"epochs": options.epochs})
+
+        def timed(name: str, step: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+            with PeakRss() as rss:
+                started = time.perf_counter()
+                out = step(ctx, *args)
+                seconds = time.perf_counter() - started
+            stages[name] = {"seconds": round(seconds, 3), "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.growth_mb}
+            return out
+
+        extracted = timed("extract", pipeline.step_extract)
+        stages["extract"]["rows"] = extracted["rows"]
+        stages["extract"]["rows_per_s"] = round(extracted["rows"] / stages["extract"]["seconds"])
+        if compare:
+            stages["extract"].update(extract_comparison(url, ctx.as_of, extracted["rows"]))
+        validated = timed("validate", pipeline.step_validate, extracted)
+        trained = timed("train", pipeline.step_train, validated)
+        stages["train"].update(_train_figures(Path(trained["model_dir"])))
+        exported = timed("export", pipeline.step_export, trained)
+        gated = timed("gate", pipeline.step_gate, exported)
+        scored = timed("score", pipeline.step_score, {**gated, "accepted": True})
+        users = int(_parquet_rows(scored["tables"]["user_recommendations"], "user_id"))
+        stages["score"]["users"] = users
+        stages["score"]["pipeline_users_per_s"] = round(users / stages["score"]["seconds"])
+        with ReaderLoad(url) as readers:
+            published = timed("publish", pipeline.step_publish, scored)
+        rows = sum(published["row_counts"].values())
+        stages["publish"].update({"rows": rows, "rows_per_s": round(rows / stages["publish"]["seconds"]),
+                                  "swap_seconds": round(published["swap_seconds"], 4),
+                                  "reader_queries": readers.queries, "reader_errors": readers.errors,
+                                  "reader_max_latency_s": round(readers.max_latency, 4)})
+        if compare:
+            stages["publish"].update(publish_comparison(url, scored["tables"]["user_recommendations"]))
+    return stages
+
+
+def _parquet_rows(path: str, column: str) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return pc.count_distinct(pq.read_table(path, columns=[column]).column(column)).as_py()
+
+
+def _train_figures(model_dir: Path) -> dict[str, Any]:
+    from recmodel.train import SUMMARY_FILE
+
+    summary = json.loads((model_dir / SUMMARY_FILE).read_text())
+    keys = ("device", "epochs", "train_events", "train_windows", "n_items", "text_seconds", "loop_seconds",
+            "sequences_per_s", "tokens_per_s", "input_wait_share")
+    return {key: summary[key] for key in keys}
+
+
+def _scaling_row(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    keys = ("seconds", "peak_rss_mb", "rss_growth_mb")
+    return {name: {key: stages[name][key] for key in keys} for name in STAGES}
+
+
+# --- extract -------------------------------------------------------------------------------------
+
+def extract_comparison(url: str, as_of: datetime, rows: int) -> dict[str, Any]:
+    """The same window read the obvious way (cursor -> Python rows -> Arrow) and at the COPY limit."""
+    import pyarrow as pa
+    import psycopg2
+
+    from recmodel.extract import INTERACTION_SCHEMA, SELECT_INCREMENT
+
+    window = {"low": datetime(1970, 1, 1, tzinfo=timezone.utc), "high": as_of}
+    with db.connect(url) as conn:
+        query = sql.SQL(SELECT_INCREMENT).format(**{k: sql.Literal(v) for k, v in window.items()}).as_string(conn)
+        started = time.perf_counter()
+        with conn.cursor(name="bench_extract") as cursor:
+            cursor.itersize = 100_000
+            cursor.execute(query)
+            while chunk := cursor.fetchmany(100_000):
+                pa.Table.from_pylist([dict(zip(INTERACTION_SCHEMA.names, r)) for r in chunk], schema=INTERACTION_SCHEMA)
+        cursor_seconds = time.perf_counter() - started
+    conn2 = psycopg2.connect(db.libpq_url(url))
+    try:
+        started = time.perf_counter()
+        with open(os.devnull, "wb", buffering=1 << 20) as sink:
+            conn2.cursor().copy_expert(f"COPY ({query}) TO STDOUT", sink)
+        copy_seconds = time.perf_counter() - started
+    finally:
+        conn2.close()
+    return {"baseline": "server-side cursor -> Python rows -> Arrow",
+            "baseline_rows_per_s": round(rows / cursor_seconds),
+            "limit": "COPY TO /dev/null (server output, no parsing)",
+            "limit_rows_per_s": round(rows / copy_seconds)}
+
+
+# --- score ---------------------------------------------------------------------------------------
+
+def score_comparison(users: int, items: int, *, top_k: int = 20, batch_size: int = 1024,
+                     seed_value: int = 0) -> dict[str, Any]:
+    """Top-K for `users` synthetic users over `items` items: ONNX Runtime vs PyTorch eager vs numpy.
+
+    The model has the pipeline's architecture and random weights (throughput does not depend on
+    training); histories have geometric lengths with mean 20, as in the synthetic data.
+    """
+    import torch
+
+    from recmodel.config import PipelineConfig
+    from recmodel.data import TEXT_DIM, length_sorted_batches
+    from recmodel.export import export_onnx
+    from recmodel.model import ModelConfig, SequentialRecommender, TopKRecommender
+    from recmodel.score import open_session
+
+    defaults = PipelineConfig()
+    torch.manual_seed(seed_value)
+    config = ModelConfig(n_items=items + 1, max_history=defaults.max_history, d_model=defaults.d_model,
+                         n_layers=defaults.n_layers, n_heads=defaults.n_heads)
+    model = SequentialRecommender(config, torch.randn(items + 1, TEXT_DIM)).eval()
+    wrapper = TopKRecommender(model, torch.zeros(items + 1, dtype=torch.bool), k=top_k).eval()
+    rng = np.random.default_rng(seed_value)
+    lengths = np.minimum(rng.geometric(1 / 20, users), 2000)
+    histories = [rng.integers(1, items + 1, n) for n in lengths]
+    batches = list(length_sorted_batches(histories, batch_size))
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-score-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_onnx(wrapper, batches[0][1][:2], onnx_path)
+        session, provider = open_session(onnx_path)
+        started = time.perf_counter()
+        for _, padded in batches:
+            session.run(None, {"history": padded})
+        ort_seconds = time.perf_counter() - started
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for _, padded in batches:
+            wrapper(torch.from_numpy(padded))
+        torch_seconds = time.perf_counter() - started
+        hidden = [model(torch.from_numpy(p[:, -config.max_history:]))[:, -1].numpy() for _, p in batches]
+        vectors = model.item_vectors().numpy()
+    started = time.perf_counter()
+    for (_, padded), user_vectors in zip(batches, hidden):
+        numpy_top_k(user_vectors, vectors, padded, top_k)
+    numpy_seconds = time.perf_counter() - started
+    flops = _scoring_flops(batches, config, items)
+    return {
+        "bench_users": users, "bench_items": items, "provider": provider,
+        "users_per_s": round(users / ort_seconds), "seconds_for_bench_users": round(ort_seconds, 2),
+        "torch_eager_users_per_s": round(users / torch_seconds), "ort_vs_torch": round(torch_seconds / ort_seconds, 2),
+        "numpy_matmul_argpartition_users_per_s": round(users / numpy_seconds),
+        "ort_gflops": round(flops["total"] / ort_seconds / 1e9, 1),
+        "numpy_scoring_gflops": round(flops["scoring"] / numpy_seconds / 1e9, 1),
+        "scoring_share_of_flops": round(flops["scoring"] / flops["total"], 3),
+    }
+
+
+def numpy_top_k(user_vectors: np.ndarray, item_vectors: np.ndarray, histories: np.ndarray, k: int) -> np.ndarray:
+    """The classic scorer: one matmul, seen items masked, argpartition then a sort of k per user."""
+    scores = user_vectors @ item_vectors.T  # (B, n_items)
+    np.put_along_axis(scores, histories, -np.inf, axis=1)  # seen items and the padding index
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _scoring_flops(batches: list[tuple[np.ndarray, np.ndarray]], config: Any, items: int) -> dict[str, float]:
+    """Multiply-adds x 2 of the transformer (per token: 24 d^2 for projections and MLP, 4 T d for
+    attention, per layer) and of the scoring matmul (2 d per user and item)."""
+    d, layers = config.d_model, config.n_layers
+    transformer = scoring = 0.0
+    for _, padded in batches:
+        users, length = padded.shape[0], min(padded.shape[1], config.max_history)
+        transformer += layers * users * length * (24 * d * d + 4 * length * d)
+        scoring += 2.0 * users * (items + 1) * d
+    return {"total": transformer + scoring, "scoring": scoring}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate (numpy's BLAS), the best of a few runs: the compute limit."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+# --- publish -------------------------------------------------------------------------------------
+
+class ReaderLoad:
+    """A reader querying `recsys.user_recommendations` in a loop while the block runs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.queries = self.errors = 0
+        self.max_latency = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        with db.connect(self.url, autocommit=True) as conn:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    conn.execute("SELECT item_id FROM recsys.user_recommendations WHERE user_id = %s ORDER BY rank",
+                                 (self.queries % 1000 + 1,)).fetchall()
+                except psycopg.Error:
+                    self.errors += 1
+                self.max_latency = max(self.max_latency, time.perf_counter() - started)
+                self.queries += 1
+
+    def __enter__(self) -> "ReaderLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def publish_comparison(url: str, recommendations_path: str) -> dict[str, Any]:
+    """Binary COPY of the whole recommendations table vs executemany INSERT of a sample, same table."""
+    import pandas as pd
+
+    from recmodel import pgbulk
+
+    frame = pd.read_parquet(recommendations_path)
+    columns = [("int8", frame["user_id"].to_numpy()), ("int4", frame["rank"].to_numpy()),
+               ("int8", frame["item_id"].to_numpy()), ("float4", frame["score"].to_numpy()),
+               ("text", "v20260101000000"), ("timestamptz", datetime.now(timezone.utc))]
+    create = ("CREATE TEMP TABLE bench_load (user_id int8, rank int4, item_id int8, score float4, "
+              "model_version text, generated_at timestamptz)")
+    with db.connect(url) as conn:
+        conn.execute(create)
+        started = time.perf_counter()
+        with conn.cursor().copy("COPY bench_load FROM STDIN (FORMAT BINARY)") as copy:
+            for chunk in pgbulk.binary_copy_stream(columns, len(frame)):
+                copy.write(chunk)
+        copy_seconds = time.perf_counter() - started
+        sample = frame.head(EXECUTEMANY_SAMPLE_ROWS)
+        rows = [(int(u), int(r), int(i), float(s), "v20260101000000", datetime.now(timezone.utc))
+                for u, r, i, s in sample[["user_id", "rank", "item_id", "score"]].itertuples(index=False)]
+        conn.execute("TRUNCATE bench_load")
+        started = time.perf_counter()
+        with conn.cursor() as cursor:
+            cursor.executemany("INSERT INTO bench_load VALUES (%s, %s, %s, %s, %s, %s)", rows)
+        insert_seconds = time.perf_counter() - started
+        conn.rollback()
+    copy_rate, insert_rate = len(frame) / copy_seconds, len(sample) / insert_seconds
+    return {"copy_rows": len(frame), "copy_rows_per_s": round(copy_rate), "baseline": "executemany INSERT",
+            "executemany_rows_per_s": round(insert_rate), "copy_vs_executemany": round(copy_rate / insert_rate, 1)}
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def end_to_end(url: str, epochs: int) -> dict[str, Any]:
+    """One `recsys_retrain` run through Airflow (DAG.test) on a copy of the same data."""
+    from recmodel import runner
+
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-dag-") as home, bench_environment(url, Path(home)):
+        runner.prepare_airflow(settings(), url)
+        as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+        started = time.perf_counter()
+        outcome = runner.run_dag("recsys_retrain", conf={"as_of": as_of.isoformat(), "epochs": epochs},
+                                 logical_date=as_of)
+        wall = time.perf_counter() - started
+    if not outcome.succeeded:
+        raise RuntimeError(f"the benchmark's DAG run ended {outcome.state}: {outcome.task_states}")
+    in_tasks = sum(outcome.task_seconds.values())
+    return {"seconds": round(wall, 2), "tasks": {k: round(v, 2) for k, v in outcome.task_seconds.items()},
+            "airflow_overhead_seconds": round(wall - in_tasks, 2),
+            "airflow_overhead_share": round((wall - in_tasks) / wall, 3)}
+
+
+# --- output --------------------------------------------------------------------------------------
+
+def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(figure, baseline, ratio, limit) cells of a stage's row."""
+    if stage == "extract" and "baseline_rows_per_s" in figures:
+        return (f"{figures['rows_per_s']:,} rows/s", f"cursor {figures['baseline_rows_per_s']:,} rows/s",
+                f"{figures['rows_per_s'] / figures['baseline_rows_per_s']:.1f}x",
+                f"COPY alone {figures['limit_rows_per_s']:,} rows/s")
+    if stage == "train":
+        return (f"{figures['sequences_per_s']:,.0f} seq/s, {figures['tokens_per_s']:,.0f} tokens/s",
+                f"input wait {figures['input_wait_share']:.1%}", "", f"{figures['epochs']} epochs on {figures['device']}")
+    if stage == "score" and "users_per_s" in figures:
+        return (f"{figures['users_per_s']:,} users/s ({figures['bench_users']:,} x {figures['bench_items']:,} "
+                f"in {figures['seconds_for_bench_users']} s)",
+                f"torch {figures['torch_eager_users_per_s']:,}/s; numpy {figures['numpy_matmul_argpartition_users_per_s']:,}/s",
+                f"{figures['ort_vs_torch']}x torch", f"{figures['ort_gflops']} GFLOP/s")
+    if stage == "publish" and "copy_rows_per_s" in figures:
+        return (f"COPY {figures['copy_rows_per_s']:,} rows/s; stage {figures['rows_per_s']:,} rows/s",
+                f"executemany {figures['executemany_rows_per_s']:,} rows/s", f"{figures['copy_vs_executemany']}x",
+                f"swap {figures['swap_seconds']} s, {figures['reader_queries']} reads, {figures['reader_errors']} errors")
+    if stage == "end_to_end":
+        return (f"DAG run {figures['seconds']} s, tasks {sum(figures['tasks'].values()):.2f} s", "", "",
+                f"Airflow {figures['airflow_overhead_share']:.1%} of wall")
+    return ("", "", "", "")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    table = Table(title=f"recsys-retrain bench: {result['events']:,} interactions, {result['epochs']} epochs, "
+                        f"{result['device']}, matmul {result['matmul_gflops']} GFLOP/s")
+    for column in ("stage", "seconds", "peak RSS MB", "figure", "baseline", "ratio", "limit / notes"):
         table.add_column(column)
     for name, figures in result["stages"].items():
-        extra = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in figures.items() if k != "seconds")
-        table.add_row(name, f"{figures['seconds']:.2f}", extra)
+        table.add_row(name, f"{figures['seconds']:.2f}", str(figures.get("peak_rss_mb", "")), *_figure(name, figures))
     console.print(table)
+    if len(result["scaling"]) > 1:
+        scaling = Table(title="seconds per stage by data size")
+        scaling.add_column("stage")
+        sizes = sorted(result["scaling"], key=int)
+        for size in sizes:
+            scaling.add_column(f"{int(size):,}")
+        for stage in STAGES:
+            scaling.add_row(stage, *(f"{result['scaling'][s][stage]['seconds']:.2f}" for s in sizes))
+        console.print(scaling)
+
+
+def plot_scaling(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(result["scaling"], key=int)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for stage in STAGES:
+        axis.plot([int(s) for s in sizes], [result["scaling"][s][stage]["seconds"] for s in sizes], marker="o",
+                  label=stage)
+    axis.set(xscale="log", yscale="log", xlabel="interactions", ylabel="seconds",
+             title=f"stage time vs data size ({result['device']}, {result['epochs']} epochs)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -262,9 +262,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("bench accuracy needs --movielens DIR (a folder with ratings.csv + movies.csv)")
         run_accuracy(Path(args.movielens), output=output, budget_seconds=args.budget)
         return 0
-    from recmodel.bench import run_bench
+    from recmodel.bench import BenchOptions, run_bench
 
-    return run_bench(output=output, events=args.events)
+    if args.events < 1000:
+        raise UsageError(f"--events must be at least 1000, got {args.events}")
+    try:
+        sizes = tuple(int(size) for size in args.sizes.split(",")) if args.sizes else ()
+    except ValueError:
+        raise UsageError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    if any(size < 1000 for size in sizes):
+        raise UsageError(f"every --sizes value must be at least 1000, got {args.sizes}")
+    if args.epochs < 1 or args.score_users < 1 or args.score_items < 20:
+        raise UsageError("--epochs and --score-users must be >= 1 and --score-items >= 20")
+    run_bench(BenchOptions(events=args.events, sizes=sizes, epochs=args.epochs, score_users=args.score_users,
+                           score_items=args.score_items, end_to_end=not args.no_dag, output=output,
+                           plot=Path(args.plot) if args.plot else None))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,7 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: stage timings (perf) or model vs baselines (accuracy)")
     bench.add_argument("suite", nargs="?", choices=["perf", "accuracy"], default="perf")
     bench.add_argument("--output", help="write results as JSON here")
-    bench.add_argument("--events", type=int, default=100_000, help="perf: synthetic interactions to benchmark on")
+    bench.add_argument("--events", type=int, default=1_000_000,
+                       help="perf: synthetic interactions at the main size, where every comparison runs")
+    bench.add_argument("--sizes", help="perf: more sizes for the scaling table, e.g. 100000,5000000")
+    bench.add_argument("--epochs", type=int, default=3, help="perf: training epochs per run")
+    bench.add_argument("--score-users", type=int, default=100_000, help="perf: users in the scoring comparison")
+    bench.add_argument("--score-items", type=int, default=20_000, help="perf: items in the scoring comparison")
+    bench.add_argument("--no-dag", action="store_true", help="perf: skip the end-to-end run through Airflow")
+    bench.add_argument("--plot", help="perf: write a PNG of stage time vs data size here")
     bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ../shared/data/ml-latest-small)")
     bench.add_argument("--budget", type=float, default=900.0, help="accuracy: seconds for the model's tuning")
     bench.set_defaults(func=cmd_bench)

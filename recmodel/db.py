@@ -92,12 +92,16 @@ def resolve_url(settings: Settings) -> str:
     return with_database(server_url, RECSYS_DB)
 
 
-def ensure_database(server_url: str, name: str) -> None:
+def ensure_database(server_url: str, name: str, *, template: str | None = None) -> None:
+    """Create database `name` unless it exists; as a file-level copy of `template` when given."""
     with connect(server_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            log.info("created database %s", name)
+            statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+            conn.execute(statement)
+            log.info("created database %s%s", name, f" from {template}" if template else "")
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:

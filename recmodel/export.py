@@ -58,14 +58,7 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
     wrapper = TopKRecommender(model, excluded, k=min(top_k, len(vocab) - 1)).eval()
     histories = sample_histories(dataset, vocab, parity_users, seed)
     onnx_path = model_dir / ONNX_FILE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (torch.from_numpy(histories[:2]),), str(onnx_path),
-            input_names=["history"], output_names=["item_index", "score"],
-            dynamic_shapes={"history": {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}},
-            dynamo=True, verbose=False,
-        )
+    export_onnx(wrapper, histories[:2], onnx_path)
     with torch.inference_mode():
         ref_items, ref_scores = (t.numpy() for t in wrapper(torch.from_numpy(histories)))
         np.save(model_dir / ITEM_VECTORS_FILE, model.item_vectors().numpy())
@@ -85,6 +78,18 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
     log.info("exported %s (parity on %d users: max diff %.1e, top-K agreement %.3f, %s)",
              onnx_path.name, len(histories), max_diff, agreement, provider)
     return result
+
+
+def export_onnx(wrapper: TopKRecommender, example: np.ndarray, path: Path) -> None:
+    """Write the graph: history (batch, length) of item indices in, top-K indices and scores out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (torch.from_numpy(example),), str(path),
+            input_names=["history"], output_names=["item_index", "score"],
+            dynamic_shapes={"history": {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}},
+            dynamo=True, verbose=False,
+        )
 
 
 def inactive_mask(vocab: Vocab, catalog: pd.DataFrame) -> np.ndarray:

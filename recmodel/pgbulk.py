@@ -12,10 +12,11 @@ Writing: binary `COPY FROM STDIN`, with every row laid out by numpy as one fixed
 
 from __future__ import annotations
 
+import calendar
 import os
 import re
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ COPY_TEXT_ESCAPE = re.compile(r"\\[\\bfnrtv]")
 
 BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
-POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+POSTGRES_EPOCH_UNIX = 946_684_800  # 2000-01-01 UTC in Unix seconds
 BINARY_FIELDS = {"int8": ">i8", "int4": ">i4", "float4": ">f4", "float8": ">f8"}
 WRITE_CHUNK_ROWS = 1 << 20  # rows encoded per COPY write: bounds the encoder's memory
 
@@ -151,4 +152,5 @@ def _postgres_microseconds(value: object) -> int:
     """timestamptz on the wire: microseconds since 2000-01-01 UTC (one value for every row)."""
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise BulkCopyError(f"timestamptz must be one timezone-aware datetime for every row, got {value!r}")
-    return (value - POSTGRES_EPOCH) // timedelta(microseconds=1)
+    # timegm on the UTC time tuple is exact for any datetime subclass (Airflow hands over pendulum's)
+    return (calendar.timegm(value.utctimetuple()) - POSTGRES_EPOCH_UNIX) * 1_000_000 + value.microsecond

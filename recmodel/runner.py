@@ -35,6 +35,7 @@ class DagRunOutcome:
     run_id: str
     state: str
     task_states: dict[str, str]
+    task_seconds: dict[str, float]  # each task instance's own duration (end - start)
 
     @property
     def succeeded(self) -> bool:
@@ -90,5 +91,7 @@ def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> Dag
     dag_run = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
     task_states = {ti.task_id: str(ti.state.value if hasattr(ti.state, "value") else ti.state)
                    for ti in dag_run.get_task_instances()}
+    task_seconds = {ti.task_id: (ti.end_date - ti.start_date).total_seconds()
+                    for ti in dag_run.get_task_instances() if ti.start_date and ti.end_date}
     state = str(dag_run.state.value if hasattr(dag_run.state, "value") else dag_run.state)
-    return DagRunOutcome(run_id=dag_run.run_id, state=state, task_states=task_states)
+    return DagRunOutcome(run_id=dag_run.run_id, state=state, task_states=task_states, task_seconds=task_seconds)

@@ -35,6 +35,21 @@ class TrainingError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class LoopStats:
+    """Where the training loop's time went (validation excluded), for `bench` and the run record."""
+
+    seconds: float
+    input_seconds: float  # building batches and moving them to the device
+    sequences: int  # training windows processed, all epochs together
+    tokens: int  # next-item targets processed, all epochs together
+
+    @property
+    def input_wait_share(self) -> float:
+        """Share of the loop spent waiting on input rather than computing; low means no starvation."""
+        return self.input_seconds / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
 class TrainResult:
     model_dir: str
     device: str
@@ -47,6 +62,11 @@ class TrainResult:
     final_loss: float
     warm_started_items: int
     seconds: float
+    text_seconds: float  # item text embeddings (zero when all came from the cache)
+    loop_seconds: float
+    sequences_per_s: float
+    tokens_per_s: float
+    input_wait_share: float
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,7 @@ class FitResult:
     final_loss: float
     windows: int
     warm_started_items: int
+    loop: LoopStats
 
 
 def pick_device() -> torch.device:
@@ -114,7 +135,8 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
     filled = fill_cold_ids(model, positives)
     log.info("%d rarely-seen items took their text neighbours' id embeddings", filled)
     return model.eval(), FitResult(epochs=result[0], best_epoch=result[1], validation_ndcg=result[2],
-                                         final_loss=result[3], windows=len(windows_in), warm_started_items=warm_items)
+                                   final_loss=result[3], windows=len(windows_in), warm_started_items=warm_items,
+                                   loop=result[4])
 
 
 def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp, config: PipelineConfig,
@@ -127,7 +149,9 @@ def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp,
     if not any(len(s) >= 2 for s in sequences.values()):
         raise TrainingError(f"no user has two or more interactions before {cutoff:%Y-%m-%d %H:%M}; nothing to learn from")
     train_sequences, validation = hold_out_last(sequences, seed=config.seed)
+    text_started = time.perf_counter()
     text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
+    text_seconds = time.perf_counter() - text_started
     device = pick_device()
     model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
                                device=device)
@@ -135,7 +159,11 @@ def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp,
     result = TrainResult(model_dir=str(out_dir), device=str(device), epochs=fit.epochs, best_epoch=fit.best_epoch,
                          validation_ndcg=fit.validation_ndcg, train_events=len(train_events), train_windows=fit.windows,
                          n_items=len(vocab) - 1, final_loss=fit.final_loss, warm_started_items=fit.warm_started_items,
-                         seconds=round(time.perf_counter() - started, 2))
+                         seconds=round(time.perf_counter() - started, 2), text_seconds=round(text_seconds, 2),
+                         loop_seconds=round(fit.loop.seconds, 2),
+                         sequences_per_s=round(fit.loop.sequences / max(fit.loop.seconds, 1e-9), 1),
+                         tokens_per_s=round(fit.loop.tokens / max(fit.loop.seconds, 1e-9), 1),
+                         input_wait_share=round(fit.loop.input_wait_share, 4))
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
 
@@ -190,8 +218,9 @@ def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: 
 
 
 def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
-         epochs: int, device: torch.device, validation: Validation | None) -> tuple[int, int, float, float]:
-    """The training loop; returns (epochs run, best epoch, best validation NDCG@10, last epoch's loss)."""
+         epochs: int, device: torch.device, validation: Validation | None
+         ) -> tuple[int, int, float, float, LoopStats]:
+    """The training loop; returns (epochs run, best epoch, best validation NDCG@10, last epoch's loss, stats)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed)
@@ -201,15 +230,20 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
     best_ndcg, best_epoch, best_state = -1.0, 0, None
     loss_value = float("nan")
     epoch = 0
+    loop_seconds = input_seconds = 0.0
+    sequences = tokens = 0
     steps_per_epoch = (len(x_all) + config.batch_size - 1) // config.batch_size
     with tqdm(total=epochs * steps_per_epoch, desc=f"train ({device.type})", unit="step", leave=False,
               disable=None) as bar:
         for epoch in range(1, epochs + 1):
             running = 0.0
+            epoch_started = time.perf_counter()
             for batch in _length_bucketed_batches(lengths, config.batch_size, generator):
+                batch_started = time.perf_counter()
                 x, y = x_all[batch], y_all[batch]
                 keep = (x != PAD).any(dim=0) | (y != PAD).any(dim=0)  # drop columns that are padding in every row
-                x, y = x[:, keep].to(device), y[:, keep].to(device)
+                x, y = x[:, keep].to(device, non_blocking=True), y[:, keep].to(device, non_blocking=True)
+                input_seconds += time.perf_counter() - batch_started
                 with autocast:
                     hidden = model(x)  # (B, T, d)
                     positions = y != PAD  # (B, T): only real next items are targets
@@ -219,8 +253,11 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
-                running += loss.item()
+                running += loss.item()  # also waits for the device, so the timings above are honest
+                sequences += len(batch)
+                tokens += int(positions.sum())
                 bar.update(1)
+            loop_seconds += time.perf_counter() - epoch_started
             loss_value = round(running / steps_per_epoch, 4)
             if validation is None:
                 log.info("epoch %d/%d: loss %.4f", epoch, epochs, loss_value)
@@ -236,7 +273,8 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return epoch, best_epoch or epoch, max(best_ndcg, 0.0), loss_value
+    stats = LoopStats(seconds=loop_seconds, input_seconds=input_seconds, sequences=sequences, tokens=tokens)
+    return epoch, best_epoch or epoch, max(best_ndcg, 0.0), loss_value, stats
 
 
 def load_weights(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Vocab]:

@@ -94,3 +94,15 @@ def test_publish_refuses_duplicate_keys_and_serves_nothing_new(db_url: str) -> N
     with db.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM recsys.user_recommendations").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%staging'").fetchone()[0] == 0
+
+
+def test_binary_copy_stream_takes_airflow_pendulum_datetimes(db_url: str) -> None:
+    import pendulum
+
+    generated = pendulum.datetime(2026, 11, 1, 12, 30, 15, 999999, tz="Europe/Berlin")
+    with db.transaction(db_url) as conn:
+        conn.execute("CREATE TABLE stamped (at timestamptz)")
+        with conn.cursor().copy("COPY stamped FROM STDIN (FORMAT BINARY)") as copy:
+            for chunk in pgbulk.binary_copy_stream([("timestamptz", generated)], rows=1):
+                copy.write(chunk)
+        assert conn.execute("SELECT at FROM stamped").fetchone()[0] == generated
