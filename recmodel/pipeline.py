@@ -24,11 +24,8 @@ from recmodel.extract import ExtractError, ExtractResult, commit_watermark, extr
 
 log = logging.getLogger(__name__)
 
-INSERT_QUARANTINE = """
-INSERT INTO recsys.quarantine (run_key, event_id, reason, row_data)
-VALUES (%s, %s, %s, %s::jsonb)
-ON CONFLICT (run_key, event_id, reason) DO NOTHING
-"""
+DELETE_QUARANTINE = "DELETE FROM recsys.quarantine WHERE run_key = %s"
+COPY_QUARANTINE = "COPY recsys.quarantine (run_key, event_id, reason, row_data) FROM STDIN"
 DATASET_FILE = "dataset.parquet"
 RECOMMENDATIONS_FILE = "user_recommendations.parquet"
 SIMILAR_FILE = "similar_items.parquet"
@@ -136,14 +133,15 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_quarantine(conn, run_key: str, quarantined: pd.DataFrame) -> None:
+    """Replace this run's quarantine rows (a rerun writes the same set again) with COPY."""
+    conn.execute(DELETE_QUARANTINE, (run_key,))
     if quarantined.empty:
         return
     payload = quarantined.drop(columns=["reason"]).astype(object).where(quarantined.notna(), None)
-    rows = [(run_key, int(event_id), reason, json.dumps(record, default=str))
-            for event_id, reason, record in zip(quarantined["event_id"], quarantined["reason"],
-                                                payload.to_dict(orient="records"))]
-    with conn.cursor() as cursor:
-        cursor.executemany(INSERT_QUARANTINE, rows)
+    with conn.cursor().copy(COPY_QUARANTINE) as copy:
+        for event_id, reason, record in zip(quarantined["event_id"], quarantined["reason"],
+                                            payload.to_dict(orient="records")):
+            copy.write_row((run_key, int(event_id), reason, json.dumps(record, default=str)))
 
 
 def verified_champion(url: str) -> registry.ModelRecord | None:

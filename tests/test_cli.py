@@ -88,21 +88,38 @@ def test_embedded_database_starts_when_no_url_is_set(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_times_every_stage_in_a_scratch_database(db_url: str, tmp_path: Path) -> None:
+def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url: str, tmp_path: Path) -> None:
     import json
 
     import psycopg
 
-    output = tmp_path / "bench.json"
-    out = recmodel("bench", "--events", "4000", "--output", str(output), url=db_url, home=tmp_path)
+    output, plot = tmp_path / "bench.json", tmp_path / "scaling.png"
+    out = recmodel("bench", "--events", "4000", "--sizes", "2000", "--epochs", "1", "--score-users", "300",
+                   "--score-items", "200", "--output", str(output), "--plot", str(plot), url=db_url, home=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(output.read_text())
-    assert set(result["stages"]) == {"extract", "validate", "train", "export", "gate", "score", "publish"}
-    assert all(stage["seconds"] > 0 for stage in result["stages"].values())
-    assert result["stages"]["publish"]["rows_per_s"] > 0
-    with psycopg.connect(db_url) as conn:  # the user's database is untouched, the scratch one is gone
+    stages = result["stages"]
+    assert set(stages) == {"extract", "validate", "train", "export", "gate", "score", "publish", "end_to_end"}
+    assert all(stage["seconds"] > 0 for stage in stages.values())
+    assert all(stages[name]["peak_rss_mb"] > 0 for name in stages if name != "end_to_end")
+    assert stages["extract"]["rows"] == 4000
+    assert stages["extract"]["baseline_rows_per_s"] > 0 and stages["extract"]["limit_rows_per_s"] > 0
+    assert stages["train"]["tokens_per_s"] > 0 and 0 <= stages["train"]["input_wait_share"] < 1
+    assert stages["score"]["users_per_s"] > 0 and stages["score"]["ort_vs_torch"] > 0
+    assert stages["publish"]["copy_vs_executemany"] > 0 and stages["publish"]["reader_errors"] == 0
+    assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "score",
+                                                  "publish"}
+    assert 0 <= stages["end_to_end"]["airflow_overhead_share"] < 1
+    assert set(result["scaling"]) == {"2000", "4000"}
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    with psycopg.connect(db_url) as conn:  # the user's database is untouched, the scratch ones are gone
         assert conn.execute("SELECT count(*) FROM interactions").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'recsys_bench'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'recsys_bench%'").fetchone()[0] == 0
+
+
+def test_bench_refuses_bad_sizes(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("bench", "--sizes", "1000,lots", url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "--sizes must be comma-separated integers, got '1000,lots'" in out.stderr
 
 
 def write_movielens(folder: Path, users: int = 60, items: int = 80, events: int = 2400) -> None:
