@@ -249,11 +249,21 @@ def _scaling_row(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # --- extract -------------------------------------------------------------------------------------
 
 def extract_comparison(url: str, as_of: datetime, rows: int) -> dict[str, Any]:
-    """The same window read the obvious way (cursor -> Python rows -> Arrow) and at the COPY limit."""
+    """The same window read again three ways: the pipeline's extract, the obvious way (cursor ->
+    Python rows -> Arrow) and at the COPY limit.
+
+    The stage itself was the table's first read, which also sets Postgres's hint bits on freshly
+    loaded rows; the three re-reads here all find them set, so they compare like with like.
+    """
     import pyarrow as pa
     import psycopg2
 
-    from recmodel.extract import INTERACTION_SCHEMA, SELECT_INCREMENT
+    from recmodel.extract import INTERACTION_SCHEMA, SELECT_INCREMENT, extract
+
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-extract-") as tmp:
+        started = time.perf_counter()
+        extract(url, "bench-reread", as_of, Path(tmp), lookback=timedelta(0))
+        reread_seconds = time.perf_counter() - started
 
     window = {"low": datetime(1970, 1, 1, tzinfo=timezone.utc), "high": as_of}
     with db.connect(url) as conn:
@@ -273,7 +283,8 @@ def extract_comparison(url: str, as_of: datetime, rows: int) -> dict[str, Any]:
         copy_seconds = time.perf_counter() - started
     finally:
         conn2.close()
-    return {"baseline": "server-side cursor -> Python rows -> Arrow",
+    return {"reread_rows_per_s": round(rows / reread_seconds),
+            "baseline": "server-side cursor -> Python rows -> Arrow",
             "baseline_rows_per_s": round(rows / cursor_seconds),
             "limit": "COPY TO /dev/null (server output, no parsing)",
             "limit_rows_per_s": round(rows / copy_seconds)}
@@ -472,8 +483,9 @@ def end_to_end(url: str, airflow_url: str, home: Path, epochs: int) -> dict[str,
 def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
     """(figure, baseline, ratio, limit) cells of a stage's row."""
     if stage == "extract" and "baseline_rows_per_s" in figures:
-        return (f"{figures['rows_per_s']:,} rows/s", f"cursor {figures['baseline_rows_per_s']:,} rows/s",
-                f"{figures['rows_per_s'] / figures['baseline_rows_per_s']:.1f}x",
+        return (f"{figures['rows_per_s']:,} rows/s; re-read {figures['reread_rows_per_s']:,}",
+                f"cursor {figures['baseline_rows_per_s']:,} rows/s",
+                f"{figures['reread_rows_per_s'] / figures['baseline_rows_per_s']:.1f}x",
                 f"COPY alone {figures['limit_rows_per_s']:,} rows/s")
     if stage == "train":
         return (f"{figures['sequences_per_s']:,.0f} seq/s, {figures['tokens_per_s']:,.0f} tokens/s",

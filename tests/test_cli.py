@@ -119,7 +119,7 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
 
 def test_bench_refuses_bad_sizes(db_url: str, tmp_path: Path) -> None:
     out = recmodel("bench", "--sizes", "1000,lots", url=db_url, home=tmp_path)
-    assert out.returncode == 2 and "--sizes must be comma-separated integers, got '1000,lots'" in out.stderr
+    assert out.returncode == 2 and "--sizes must be comma-separated integers, got '1000,lots'" in out.stdout
 
 
 def write_movielens(folder: Path, users: int = 60, items: int = 80, events: int = 2400) -> None:

@@ -47,6 +47,21 @@ def test_whole_history_is_masked_even_beyond_the_window(tmp_path: Path) -> None:
     np.testing.assert_allclose(got_scores, ref_scores, atol=1e-4)
 
 
+def test_export_wrapper_scores_exactly_as_the_trained_model() -> None:
+    """The wrapper freezes item vectors and switches GPT-2 to eager attention; scores must not move."""
+    model = tiny_model()
+    history = torch.tensor([[0, 0, 0, 3, 5], [1, 2, 3, 4, 6], [0, 0, 0, 0, 9]])
+    with torch.no_grad():
+        reference = model.next_item_logits(history)  # SDPA attention, vectors computed on the fly
+        excluded = torch.zeros(30, dtype=torch.bool)
+        excluded[[7, 8]] = True
+        items, scores = TopKRecommender(model, excluded, k=5).eval()(history)
+    assert model.encoder.config._attn_implementation == "eager"
+    expected = reference.masked_fill(excluded, float("-inf")).scatter(1, history, float("-inf")).topk(5)
+    torch.testing.assert_close(scores, expected.values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(items, expected.indices)
+
+
 def test_only_the_last_window_of_history_is_encoded() -> None:
     model = tiny_model()
     recent = torch.tensor([[4, 5, 6, 7]])
