@@ -134,29 +134,40 @@ def seed(url: str, events: int) -> None:
     seed_database(url, users=max(events // 50, 10), items=min(max(events // 20, 20), 50_000), events=events, seed=0)
 
 
-class PeakRss:
-    """The highest resident set size of this process while the block runs, sampled in a thread."""
+class BackgroundLoop:
+    """Runs `self._loop()` in a daemon thread for the duration of a with-block; `_loop` checks
+    `self._stop` to know when to return."""
 
     def __init__(self) -> None:
-        self.start_bytes = psutil.Process().memory_info().rss
-        self.peak_bytes = self.start_bytes
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while True:
-            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
-            if self._stop.wait(RSS_SAMPLE_SECONDS):
-                return
+    def _loop(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class PeakRss(BackgroundLoop):
+    """The highest resident set size of this process while the block runs, sampled in a thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_bytes = psutil.Process().memory_info().rss
+        self.peak_bytes = self.start_bytes
+
+    def _loop(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            if self._stop.wait(RSS_SAMPLE_SECONDS):
+                return
 
     @property
     def peak_mb(self) -> float:
@@ -388,17 +399,16 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 # --- publish -------------------------------------------------------------------------------------
 
-class ReaderLoad:
+class ReaderLoad(BackgroundLoop):
     """A reader querying `recsys.user_recommendations` in a loop while the block runs."""
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
         self.queries = self.errors = 0
         self.max_latency = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
 
-    def _read(self) -> None:
+    def _loop(self) -> None:
         with db.connect(self.url, autocommit=True) as conn:
             while not self._stop.is_set():
                 started = time.perf_counter()
@@ -409,14 +419,6 @@ class ReaderLoad:
                     self.errors += 1
                 self.max_latency = max(self.max_latency, time.perf_counter() - started)
                 self.queries += 1
-
-    def __enter__(self) -> "ReaderLoad":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def publish_comparison(url: str, recommendations_path: str) -> dict[str, Any]:

@@ -44,6 +44,14 @@ class LoopStats:
     tokens: int  # next-item targets processed, all epochs together
 
     @property
+    def sequences_per_s(self) -> float:
+        return self.sequences / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
     def input_wait_share(self) -> float:
         """Share of the loop spent waiting on input rather than computing; low means no starvation."""
         return self.input_seconds / self.seconds if self.seconds else 0.0
@@ -161,8 +169,7 @@ def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp,
                          n_items=len(vocab) - 1, final_loss=fit.final_loss, warm_started_items=fit.warm_started_items,
                          seconds=round(time.perf_counter() - started, 2), text_seconds=round(text_seconds, 2),
                          loop_seconds=round(fit.loop.seconds, 2),
-                         sequences_per_s=round(fit.loop.sequences / max(fit.loop.seconds, 1e-9), 1),
-                         tokens_per_s=round(fit.loop.tokens / max(fit.loop.seconds, 1e-9), 1),
+                         sequences_per_s=round(fit.loop.sequences_per_s, 1), tokens_per_s=round(fit.loop.tokens_per_s, 1),
                          input_wait_share=round(fit.loop.input_wait_share, 4))
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
@@ -242,7 +249,7 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
                 batch_started = time.perf_counter()
                 x, y = x_all[batch], y_all[batch]
                 keep = (x != PAD).any(dim=0) | (y != PAD).any(dim=0)  # drop columns that are padding in every row
-                x, y = x[:, keep].to(device, non_blocking=True), y[:, keep].to(device, non_blocking=True)
+                x, y = x[:, keep].to(device), y[:, keep].to(device)
                 input_seconds += time.perf_counter() - batch_started
                 with autocast:
                     hidden = model(x)  # (B, T, d)
