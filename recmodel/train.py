@@ -30,6 +30,58 @@ VOCAB_FILE = "vocab.npy"
 SUMMARY_FILE = "training.json"
 
 
+LOGITS_BUDGET_BYTES = 1 << 30  # a batch whose (targets x items) logits exceed this is softmaxed in chunks
+
+
+class ChunkedSoftmaxLoss(torch.autograd.Function):
+    """Mean full-softmax cross-entropy of `hidden @ vectors.T` without holding all the logits.
+
+    The plain loss keeps (N, n_items) logits, their log-softmax and their gradient: at 50k items
+    and 12,800 target positions per batch that is 7.7 GB. Here forward keeps only each row's
+    log-sum-exp and backward recomputes the logits `chunk` rows at a time, so memory is
+    chunk x n_items for one extra matmul. Exact, not sampled. Computed in float32.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, hidden: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.empty(len(hidden), device=hidden.device)
+        total = torch.zeros((), device=hidden.device)
+        for start in range(0, len(hidden), chunk):
+            rows = slice(start, start + chunk)
+            logits = hidden[rows] @ vectors.T  # (chunk, n_items)
+            lse[rows] = torch.logsumexp(logits, dim=1)
+            total += (lse[rows] - logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, vectors, targets, lse)
+        ctx.chunk = chunk
+        return total / len(hidden)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor):
+        hidden, vectors, targets, lse = ctx.saved_tensors
+        grad_hidden, grad_vectors = torch.empty_like(hidden), torch.zeros_like(vectors)
+        scale = grad / len(hidden)
+        for start in range(0, len(hidden), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            probs = torch.exp(hidden[rows] @ vectors.T - lse[rows].unsqueeze(1))  # softmax, (chunk, n_items)
+            probs[torch.arange(len(probs), device=probs.device), targets[rows]] -= 1.0
+            probs *= scale
+            grad_hidden[rows] = probs @ vectors
+            grad_vectors += probs.T @ hidden[rows]
+        return grad_hidden, grad_vectors, None, None
+
+
+def next_item_loss(hidden: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor,
+                   budget_bytes: int = LOGITS_BUDGET_BYTES) -> torch.Tensor:
+    """Full-catalog softmax cross-entropy of each row of `hidden` (N, d) against its target item."""
+    logits_bytes = 4 * len(hidden) * len(vectors)
+    if logits_bytes <= budget_bytes:
+        return torch.nn.functional.cross_entropy((hidden @ vectors.T).float(), targets)
+    chunk = max(budget_bytes // (12 * len(vectors)), 1)  # logits, softmax and a temporary per chunk row
+    return ChunkedSoftmaxLoss.apply(hidden, vectors, targets, chunk)
+
+
 class TrainingError(RuntimeError):
     """Training cannot produce a model from this data."""
 
@@ -254,8 +306,7 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
                 with autocast:
                     hidden = model(x)  # (B, T, d)
                     positions = y != PAD  # (B, T): only real next items are targets
-                    logits = hidden[positions] @ model.item_vectors().T  # (N, n_items)
-                    loss = torch.nn.functional.cross_entropy(logits.float(), y[positions])
+                    loss = next_item_loss(hidden[positions], model.item_vectors(), y[positions])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

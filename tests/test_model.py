@@ -130,3 +130,20 @@ def test_top_k_respects_excluded_items(k: int) -> None:
     excluded = np.array([True, False, True, False])
     top = baselines.top_k(popularity, sp.csr_matrix((1, 4), dtype=np.float32), k=min(k, 2), excluded=excluded)
     assert set(top[0].tolist()) <= {1, 3}
+
+
+def test_chunked_softmax_loss_matches_the_plain_loss_and_its_gradients() -> None:
+    from recmodel.train import next_item_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 8, requires_grad=True)
+    vectors = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    plain = next_item_loss(hidden, vectors, targets)  # under the budget: one logits matrix
+    plain_grads = torch.autograd.grad(plain, (hidden, vectors))
+    chunked = next_item_loss(hidden, vectors, targets, budget_bytes=12 * 50 * 5)  # chunks of 5 rows
+    assert type(chunked.grad_fn).__name__ == "ChunkedSoftmaxLossBackward"
+    chunked_grads = torch.autograd.grad(chunked, (hidden, vectors))
+    torch.testing.assert_close(chunked, plain)
+    for got, expected in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, expected)
