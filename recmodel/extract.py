@@ -10,6 +10,7 @@ and the run's own as-of time, a rerun of the same run reads the same rows.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,7 +62,11 @@ SELECT DISTINCT q.event_id
 FROM recsys.quarantine q JOIN interactions i USING (event_id)
 WHERE i.ingested_at > %(low)s AND i.ingested_at <= %(high)s AND q.run_key <> %(run_key)s
 """
-SELECT_CATALOG = "SELECT item_id, title, description, tags, created_at, active FROM items ORDER BY item_id"
+# Tags travel as JSON: COPY's text form of an array is not something Arrow parses.
+SELECT_CATALOG = """
+SELECT item_id, title, description, array_to_json(tags)::text, created_at, active FROM items ORDER BY item_id
+"""
+CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
 
 INCREMENT_FILE = "increment.parquet"
 CATALOG_FILE = "catalog.parquet"
@@ -95,7 +100,7 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         increment_path = run_dir / INCREMENT_FILE
         rows, skipped = _stream_increment(conn, url, read_from, as_of, increment_path, used_ids)
         catalog_path = run_dir / CATALOG_FILE
-        catalog_items = _snapshot_catalog(conn, catalog_path)
+        catalog_items = _snapshot_catalog(url, catalog_path)
     if catalog_items == 0:
         raise ExtractError("the items table is empty: load a catalog (seed, import movielens, or your app) first")
     log.info("extracted %d new interactions with ingested_at in (%s, %s] (%d re-read rows already used)",
@@ -149,9 +154,13 @@ def _stream_increment(conn, url: str, low: datetime, high: datetime, path: Path,
     return rows, skipped
 
 
-def _snapshot_catalog(conn, path: Path) -> int:
-    rows = conn.execute(SELECT_CATALOG).fetchall()
-    table = pa.Table.from_pylist([dict(zip(CATALOG_SCHEMA.names, row)) for row in rows], schema=CATALOG_SCHEMA)
+def _snapshot_catalog(url: str, path: Path) -> int:
+    """The items table via COPY (a 50k-item catalog: 0.33 s as Python rows before)."""
+    wire = pa.Table.from_batches(list(pgbulk.read_batches(url, SELECT_CATALOG, CATALOG_WIRE_SCHEMA)),
+                                 schema=CATALOG_WIRE_SCHEMA)
+    tags = pa.array([None if t is None else json.loads(t) for t in wire.column("tags").to_pylist()],
+                    type=pa.list_(pa.string()))
+    table = wire.set_column(CATALOG_SCHEMA.get_field_index("tags"), CATALOG_SCHEMA.field("tags"), tags)
     pq.write_table(table, path)
     return table.num_rows
 

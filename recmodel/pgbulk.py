@@ -75,7 +75,8 @@ def read_batches(url: str, query: str, schema: pa.Schema) -> Iterator[pa.RecordB
                     read_options=pacsv.ReadOptions(column_names=schema.names, block_size=READ_BLOCK_BYTES),
                     parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False),
                     convert_options=pacsv.ConvertOptions(column_types=schema, null_values=[TEXT_NULL],
-                                                         strings_can_be_null=True))
+                                                         strings_can_be_null=True, true_values=["t"],
+                                                         false_values=["f"]))
                 for batch in reader:
                     yield _unescape_strings(batch)
         producer.join()

@@ -49,3 +49,16 @@ def test_extract_reads_each_row_once_across_runs(db_url: str, tmp_path: Path) ->
 
     rerun = extract(db_url, "run-b", T0 + timedelta(hours=3), tmp_path / "b", lookback=LOOKBACK)
     assert rerun.rows == 2 and rerun.rows_already_seen == 3  # a rerun reads the same rows again
+
+
+def test_catalog_snapshot_keeps_tags_nulls_and_the_active_flag(db_url: str, tmp_path: Path) -> None:
+    _insert(db_url, [(1, "view", T0)])
+    with db.transaction(db_url) as conn:
+        conn.execute("INSERT INTO items (item_id, title, description, tags, active) VALUES "
+                     "(2, 'two', NULL, ARRAY['a,b', 'quote\"', 'back\\slash'], false), "
+                     "(3, 'tab\there', 'd', '{}', NULL)")
+    result = extract(db_url, "run-a", T0 + timedelta(hours=1), tmp_path, lookback=LOOKBACK)
+    rows = pq.read_table(result.catalog_path).to_pylist()
+    assert [(r["item_id"], r["title"], r["description"], r["tags"], r["active"]) for r in rows] == [
+        (1, "one", None, None, True), (2, "two", None, ["a,b", 'quote"', "back\\slash"], False),
+        (3, "tab\there", "d", [], None)]
