@@ -83,15 +83,12 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         with scratch_database(server_url, BENCH_DB) as url:
             seed(url, options.events)
             if options.end_to_end:  # the same data for the DAG run, copied before the direct run uses it
-                cleanup.callback(_drop, server_url, DAG_BENCH_DB)
-                _drop(server_url, DAG_BENCH_DB)
-                db.ensure_database(server_url, DAG_BENCH_DB, template=BENCH_DB)
+                dag_url = cleanup.enter_context(scratch_database(server_url, DAG_BENCH_DB, template=BENCH_DB))
             stages = time_stages(url, home, options, compare=True)
         stages["score"].update(score_comparison(options.score_users, options.score_items))
         if options.end_to_end:
             with scratch_database(server_url, AIRFLOW_BENCH_DB, migrate=False) as airflow_url:
-                stages["end_to_end"] = end_to_end(db.with_database(server_url, DAG_BENCH_DB), airflow_url, home,
-                                                  options.epochs)
+                stages["end_to_end"] = end_to_end(dag_url, airflow_url, home, options.epochs)
         result["stages"] = stages
         result["scaling"] = {str(options.events): _scaling_row(stages)}
         for size in sorted(set(options.sizes) - {options.events}):
@@ -109,13 +106,15 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
 
 
 @contextmanager
-def scratch_database(server_url: str, name: str, *, migrate: bool = True) -> Iterator[str]:
-    """A new database `name` on the configured server (migrated unless told not to), dropped afterwards."""
+def scratch_database(server_url: str, name: str, *, migrate: bool = True,
+                     template: str | None = None) -> Iterator[str]:
+    """A new database `name` on the configured server, dropped afterwards: migrated unless told
+    not to, or a copy of `template` (which already has the schema)."""
     _drop(server_url, name)
-    db.ensure_database(server_url, name)
+    db.ensure_database(server_url, name, template=template)
     url = db.with_database(server_url, name)
     try:
-        if migrate:
+        if migrate and template is None:
             db.migrate(url)
         yield url
     finally:
@@ -221,7 +220,7 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
         exported = timed("export", pipeline.step_export, trained)
         gated = timed("gate", pipeline.step_gate, exported)
         scored = timed("score", pipeline.step_score, {**gated, "accepted": True})
-        users = int(_parquet_rows(scored["tables"]["user_recommendations"], "user_id"))
+        users = int(_distinct_count(scored["tables"]["user_recommendations"], "user_id"))
         stages["score"]["users"] = users
         stages["score"]["pipeline_users_per_s"] = round(users / stages["score"]["seconds"])
         with ReaderLoad(url) as readers:
@@ -236,7 +235,8 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
     return stages
 
 
-def _parquet_rows(path: str, column: str) -> int:
+def _distinct_count(path: str, column: str) -> int:
+    """How many distinct values `column` of a Parquet file holds."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

@@ -86,7 +86,8 @@ def export_onnx(wrapper: TopKRecommender, example: np.ndarray, path: Path) -> No
     torch.export specialises a dimension traced at size 0 or 1, so the example is widened to at
     least 2 x 2 (left padding, a repeated row) to keep both dimensions dynamic.
     """
-    example = left_pad(list(np.repeat(example, 2, axis=0)[:max(len(example), 2)]), max(example.shape[1], 2))
+    rows = example if len(example) >= 2 else np.repeat(example, 2, axis=0)
+    example = left_pad(list(rows), max(rows.shape[1], 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
