@@ -4,8 +4,10 @@ Thin wiring only: each task builds the run's context and calls one `recmodel.pip
 Heavy libraries (torch, GX, transformers, onnxruntime) are imported inside the steps, so this
 file parses in milliseconds. Tasks pass small dicts (paths, counts) through XCom.
 
-The run's data ends at `conf["as_of"]` when given (the CLI passes it), else at the end of the
-scheduled data interval; everything else in `conf` overrides `recmodel.config.PipelineConfig`.
+The run's data ends at `conf["as_of"]` when given (the CLI and the UI pass it), else at the end
+of the scheduled data interval; everything else in `conf` overrides `recmodel.config.PipelineConfig`.
+A failed task and a rejected candidate raise alerts (`recmodel.alerts`): a log line, a row entry in
+`recsys.pipeline_runs`, and an e-mail when `RECSYS_ALERT_EMAIL` is set.
 """
 
 from __future__ import annotations
@@ -18,23 +20,15 @@ import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from recmodel.alerts import RecsysNotifier
+
 SCHEDULE = os.environ.get("RECSYS_RETRAIN_SCHEDULE", "@daily")
 
 
 def _context(context: dict[str, Any]):
-    from recmodel.pipeline import make_context
+    from recmodel.pipeline import context_from_airflow
 
-    conf = dict(context["dag_run"].conf or {})
-    as_of = conf.pop("as_of", None)
-    when = pendulum.parse(as_of) if as_of else (context.get("data_interval_end") or context["dag_run"].run_after)
-    return make_context(when, conf)
-
-
-def _record_failure(context: dict[str, Any]) -> None:
-    from recmodel.pipeline import record_failure
-
-    ctx = _context(context)
-    record_failure(ctx.url, ctx.run_key, context["task_instance"].task_id, context.get("exception"))
+    return context_from_airflow(context)
 
 
 @dag(
@@ -45,7 +39,7 @@ def _record_failure(context: dict[str, Any]) -> None:
     max_active_runs=1,
     tags=["recsys"],
     doc_md=__doc__,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=2), "on_failure_callback": _record_failure},
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=2), "on_failure_callback": RecsysNotifier()},
 )
 def recsys_retrain():
     @task
@@ -82,9 +76,14 @@ def recsys_retrain():
 
     @task
     def gate(exported: dict, **context) -> dict:
+        from recmodel.alerts import notify_gate_rejection
         from recmodel.pipeline import step_gate
 
-        return step_gate(_context(context), exported)
+        ctx = _context(context)
+        gated = step_gate(ctx, exported)
+        if not gated["accepted"]:
+            notify_gate_rejection(ctx.url, ctx.run_key, ctx.version, gated["reasons"], context)
+        return gated
 
     @task
     def score(gated: dict, **context) -> dict:

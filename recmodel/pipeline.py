@@ -61,8 +61,27 @@ def make_context(as_of: datetime, overrides: dict[str, Any] | None = None) -> Ru
     env = settings()
     url = db.resolve_url(env)
     db.require_tables(url)
-    return RunContext(run_key=as_of.strftime("%Y%m%dT%H%M%SZ"), as_of=as_of, url=url, home=env.home,
+    return RunContext(run_key=registry.run_key_for(as_of), as_of=as_of, url=url, home=env.home,
                       config=PipelineConfig.from_overrides(overrides))
+
+
+def as_of_from_airflow(context: dict[str, Any]) -> tuple[datetime, dict[str, Any]]:
+    """A recsys_retrain run's as-of time and its other conf: ``conf["as_of"]`` when given (the CLI and
+    the UI pass it), else the end of the scheduled data interval (or the run's run_after)."""
+    conf = dict(context["dag_run"].conf or {})
+    as_of = conf.pop("as_of", None)
+    if as_of:
+        when = datetime.fromisoformat(as_of)
+        if when.tzinfo is None:
+            raise ValueError(f"conf as_of must carry a timezone, got {as_of!r}")
+    else:
+        when = context.get("data_interval_end") or context["dag_run"].run_after
+    return when, conf
+
+
+def context_from_airflow(context: dict[str, Any]) -> RunContext:
+    as_of, overrides = as_of_from_airflow(context)
+    return make_context(as_of, overrides)
 
 
 def _extract_result(payload: dict[str, Any]) -> ExtractResult:
@@ -286,9 +305,3 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
     if not gated["accepted"]:
         return gated
     return step_publish(ctx, step_score(ctx, gated))
-
-
-def record_failure(url: str, run_key: str, stage: str, error: BaseException | None) -> None:
-    """Failure callback body: mark the run failed with the error an operator needs to act on."""
-    registry.update_run(url, run_key, status="failed", stage=stage,
-                        message=f"{stage} failed: {type(error).__name__}: {error}" if error else f"{stage} failed")

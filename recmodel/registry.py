@@ -8,8 +8,9 @@ A partial unique index allows one champion at most.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,20 @@ FROM recsys.model_registry r LEFT JOIN recsys.published_versions p USING (versio
 ORDER BY r.created_at DESC LIMIT %s
 """
 SELECT_RUNS = "SELECT * FROM recsys.pipeline_runs ORDER BY as_of DESC LIMIT %s"
+# Rollbacks and freshness checks get their own rows, keyed by kind and Airflow run id.
+UPSERT_EVENT = """
+INSERT INTO recsys.pipeline_runs (run_key, kind, dag_run_id, as_of, status, stage, model_version, message, finished_at)
+VALUES (%(run_key)s, %(kind)s, %(dag_run_id)s, now(), %(status)s, %(stage)s, %(model_version)s, %(message)s,
+        CASE WHEN %(status)s = 'running' THEN NULL ELSE now() END)
+ON CONFLICT (run_key) DO UPDATE
+SET status = EXCLUDED.status, stage = EXCLUDED.stage, model_version = COALESCE(EXCLUDED.model_version,
+    recsys.pipeline_runs.model_version), message = EXCLUDED.message, finished_at = EXCLUDED.finished_at
+"""
+APPEND_ALERT = "UPDATE recsys.pipeline_runs SET alerts = alerts || %(alert)s::jsonb WHERE run_key = %(run_key)s"
+RUN_KEY_FORMAT = "%Y%m%dT%H%M%SZ"
+SELECT_SERVING_PUBLICATION = "SELECT version, published_at FROM recsys.published_versions WHERE serving"
+MAX_AGE_ENV = "RECSYS_MAX_SERVING_AGE_HOURS"
+DEFAULT_MAX_AGE_HOURS = 36.0  # a daily schedule plus half a day of slack
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,77 @@ class ModelRecord:
     onnx_path: Path
     onnx_sha256: str
     status: str
+
+
+def as_of_now() -> datetime:
+    """The as-of time of a run started now: runs are keyed by whole seconds, and rounding up keeps
+    rows ingested earlier in this second inside the run instead of leaving them for the next one."""
+    return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+
+
+def run_key_for(as_of: datetime) -> str:
+    """The key of the retraining run whose data ends at `as_of` (also its run folder's name)."""
+    return as_of.astimezone(timezone.utc).strftime(RUN_KEY_FORMAT)
+
+
+def record_event(url: str, run_key: str, *, kind: str, status: str, stage: str, message: str,
+                 dag_run_id: str | None = None, model_version: str | None = None) -> None:
+    """Create or update the pipeline_runs row of a rollback or a freshness check."""
+    with db.transaction(url) as conn:
+        conn.execute(UPSERT_EVENT, {"run_key": run_key, "kind": kind, "dag_run_id": dag_run_id, "status": status,
+                                    "stage": stage, "model_version": model_version, "message": message})
+
+
+def append_alert(url: str, run_key: str, alert: dict[str, Any]) -> bool:
+    """Add one alert to a run's row; False when the row does not exist (yet)."""
+    with db.transaction(url) as conn:
+        updated = conn.execute(APPEND_ALERT, {"run_key": run_key, "alert": json.dumps([alert], default=str)})
+        return updated.rowcount == 1
+
+
+@dataclass(frozen=True)
+class Freshness:
+    version: str | None  # None: nothing published yet
+    published_at: datetime | None
+    age_hours: float | None
+    max_age_hours: float
+
+    @property
+    def stale(self) -> bool:
+        return self.age_hours is not None and self.age_hours > self.max_age_hours
+
+    @property
+    def message(self) -> str:
+        if self.version is None:
+            return "nothing published yet: the serving views are empty"
+        state = "STALE" if self.stale else "fresh"
+        return (f"serving tables are {state}: {self.version} was published {self.age_hours:.1f} h ago "
+                f"({self.published_at:%Y-%m-%d %H:%M} UTC; limit {self.max_age_hours:g} h, {MAX_AGE_ENV})")
+
+
+def max_serving_age_hours() -> float:
+    raw = os.environ.get(MAX_AGE_ENV)
+    if not raw:
+        return DEFAULT_MAX_AGE_HOURS
+    try:
+        hours = float(raw)
+    except ValueError:
+        raise ValueError(f"{MAX_AGE_ENV} must be a number of hours, got {raw!r}") from None
+    if hours <= 0:
+        raise ValueError(f"{MAX_AGE_ENV} must be > 0, got {raw!r}")
+    return hours
+
+
+def serving_freshness(url: str, max_age_hours: float | None = None, now: datetime | None = None) -> Freshness:
+    """How old the serving tables are (time since the serving version was published)."""
+    limit = max_serving_age_hours() if max_age_hours is None else max_age_hours
+    with db.connect(url) as conn:
+        row = conn.execute(SELECT_SERVING_PUBLICATION).fetchone()
+    if row is None:
+        return Freshness(version=None, published_at=None, age_hours=None, max_age_hours=limit)
+    version, published_at = row
+    age = ((now or datetime.now(timezone.utc)) - published_at).total_seconds() / 3600
+    return Freshness(version=version, published_at=published_at, age_hours=age, max_age_hours=limit)
 
 
 def start_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None) -> None:

@@ -66,3 +66,22 @@ def seed_small(url: str, now, *, events: int = 8000, seed: int = 1):
     from recmodel.synth import seed_database
 
     return seed_database(url, users=200, items=150, events=events, seed=seed, now=now)
+
+
+@pytest.fixture(scope="session")
+def airflow_ready(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Airflow configured in this process against a migrated metadata DB on the test Postgres."""
+    from recmodel.config import Settings
+    from recmodel.runner import prepare_airflow
+
+    home = tmp_path_factory.mktemp("airflow-home")
+    db.ensure_database(pg_server_url, "airflow_meta")
+    previous = {k: os.environ.get(k) for k in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",)}
+    os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db.sqlalchemy_url(
+        db.with_database(pg_server_url, "airflow_meta"), "psycopg2")
+    try:
+        return prepare_airflow(Settings(home=home, database_url=None), pg_server_url)
+    finally:
+        for key, value in previous.items():
+            if value is not None:
+                os.environ[key] = value

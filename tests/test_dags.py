@@ -18,31 +18,12 @@ HEAVY_MODULES = ("torch", "great_expectations", "transformers", "onnxruntime", "
 NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
 
 
-@pytest.fixture(scope="session")
-def airflow_ready(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Airflow configured in this process against a migrated metadata DB on the test Postgres."""
-    from recmodel.config import Settings
-    from recmodel.runner import prepare_airflow
-
-    home = tmp_path_factory.mktemp("airflow-home")
-    db.ensure_database(pg_server_url, "airflow_meta")
-    previous = {k: os.environ.get(k) for k in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",)}
-    os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db.sqlalchemy_url(
-        db.with_database(pg_server_url, "airflow_meta"), "psycopg2")
-    try:
-        return prepare_airflow(Settings(home=home, database_url=None), pg_server_url)
-    finally:
-        for key, value in previous.items():
-            if value is not None:
-                os.environ[key] = value
-
-
 def test_dag_files_parse_fast_without_heavy_imports() -> None:
     probe = (
         "import sys, time\n"
         "t = time.perf_counter()\n"
         "import importlib.util\n"
-        "for name in ('recsys_retrain', 'recsys_rollback'):\n"
+        "for name in ('recsys_retrain', 'recsys_rollback', 'recsys_freshness'):\n"
         f"    spec = importlib.util.spec_from_file_location(name, r'{REPO_ROOT / 'dags'}/' + name + '.py')\n"
         "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "elapsed = time.perf_counter() - t\n"
@@ -66,7 +47,7 @@ def airflow_json(env: dict[str, str], *args: str) -> list[dict]:
 def test_airflow_reports_no_import_errors(airflow_ready: dict[str, str]) -> None:
     assert airflow_json(airflow_ready, "dags", "list-import-errors", "--local") == []
     listed = airflow_json(airflow_ready, "dags", "list", "--local")
-    assert {"recsys_retrain", "recsys_rollback"} <= {d["dag_id"] for d in listed}
+    assert {"recsys_retrain", "recsys_rollback", "recsys_freshness"} <= {d["dag_id"] for d in listed}
 
 
 @pytest.mark.slow
@@ -136,9 +117,10 @@ def test_bad_data_fails_the_run_without_retry_and_publishes_nothing(airflow_read
     assert outcome.task_states["validate"] == "failed"  # AirflowFailException: no retry for bad data
     assert outcome.task_states["train"] == "upstream_failed"
     with db.connect(recsys_env) as conn:
-        status, message = conn.execute("SELECT status, message FROM recsys.pipeline_runs").fetchone()
+        status, message, recorded = conn.execute("SELECT status, message, alerts FROM recsys.pipeline_runs").fetchone()
         models = conn.execute("SELECT count(*) FROM recsys.model_registry").fetchone()[0]
         served = conn.execute("SELECT count(*) FROM recsys.user_recommendations").fetchone()[0]
         unknown = conn.execute("SELECT count(*) FROM recsys.quarantine WHERE reason = 'unknown_item'").fetchone()[0]
     assert status == "failed" and "quarantine_share" in message  # written by the failure callback
+    assert [(a["kind"], a["channels"]) for a in recorded] == [("task_failed", ["log", "pipeline_runs"])]
     assert (models, served, unknown) == (0, 0, 400)

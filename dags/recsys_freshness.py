@@ -1,0 +1,48 @@
+"""recsys_freshness: flag serving tables older than RECSYS_MAX_SERVING_AGE_HOURS (default 36 h).
+
+Runs on its own schedule (RECSYS_FRESHNESS_SCHEDULE, default hourly), independent of retraining,
+so a retrain DAG that stopped running is noticed too. A stale table fails the task, which sends a
+`serving_stale` alert (log line, `recsys.pipeline_runs` row of kind 'freshness', e-mail when
+RECSYS_ALERT_EMAIL is set). Nothing published yet is a skip, not an alert.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from recmodel.alerts import RecsysNotifier
+
+SCHEDULE = os.environ.get("RECSYS_FRESHNESS_SCHEDULE", "@hourly")
+
+
+@dag(
+    dag_id="recsys_freshness",
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["recsys"],
+    doc_md=__doc__,
+    default_args={"retries": 0, "on_failure_callback": RecsysNotifier()},
+)
+def recsys_freshness():
+    @task
+    def check_serving_freshness() -> dict:
+        from recmodel import alerts, db, registry
+        from recmodel.config import settings
+
+        freshness = registry.serving_freshness(db.resolve_url(settings()))
+        if freshness.version is None:
+            raise AirflowSkipException(freshness.message)
+        if freshness.stale:
+            raise alerts.StaleServingError(freshness.message)
+        return {"version": freshness.version, "age_hours": round(freshness.age_hours, 2)}
+
+    check_serving_freshness()
+
+
+recsys_freshness()

@@ -1,0 +1,124 @@
+"""Alerts: a failed task, a rejected candidate or a stale serving table reaches an operator.
+
+Every alert is, always, a log line starting ``RECSYS ALERT`` and an entry in the ``alerts`` list
+of its ``recsys.pipeline_runs`` row (the UI lists them). When ``RECSYS_ALERT_EMAIL`` is set it is
+also an e-mail through Airflow's SMTP notifier, using the Airflow connection named by
+``RECSYS_SMTP_CONN_ID`` (default ``smtp_default``, e.g. ``AIRFLOW_CONN_SMTP_DEFAULT=smtp://host:25``).
+A broken mail server never hides an alert: the failure is logged and recorded with the alert.
+
+`RecsysNotifier` is the Airflow notifier the DAGs use as ``on_failure_callback``; the gate task
+calls `notify_gate_rejection`; the ``recsys_freshness`` DAG fails (and so alerts) when
+`registry.serving_freshness` finds the serving tables older than ``RECSYS_MAX_SERVING_AGE_HOURS``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow.sdk import BaseNotifier
+
+from recmodel import db, registry
+
+log = logging.getLogger(__name__)
+
+ALERT_EMAIL_ENV = "RECSYS_ALERT_EMAIL"  # comma-separated recipients; unset: log + table only
+SMTP_CONN_ENV = "RECSYS_SMTP_CONN_ID"
+ALERT_FROM_ENV = "RECSYS_ALERT_FROM"
+RETRAIN_DAG = "recsys_retrain"
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str  # task_failed | gate_rejected | serving_stale
+    subject: str
+    message: str
+
+
+def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = None) -> list[str]:
+    """Deliver one alert on every configured channel; returns the channels that took it."""
+    log.error("RECSYS ALERT [%s] %s: %s", alert.kind, alert.subject, alert.message)
+    channels = ["log"]
+    recipients = [r.strip() for r in os.environ.get(ALERT_EMAIL_ENV, "").split(",") if r.strip()]
+    email_error = None
+    if recipients:
+        try:
+            _email(recipients, alert, context or {})
+            channels.append("email:" + ",".join(recipients))
+        except Exception as exc:  # noqa: BLE001 - the alert must still be logged and recorded
+            email_error = f"{type(exc).__name__}: {exc}"
+            log.error("RECSYS ALERT e-mail to %s failed (%s); the alert is in recsys.pipeline_runs",
+                      ",".join(recipients), email_error)
+    entry = {"kind": alert.kind, "at": datetime.now(timezone.utc).isoformat(), "subject": alert.subject,
+             "message": alert.message, "channels": [*channels, "pipeline_runs"]}
+    if email_error:
+        entry["email_error"] = email_error
+    try:
+        if not registry.append_alert(url, run_key, entry):
+            log.error("RECSYS ALERT not recorded: no recsys.pipeline_runs row %r", run_key)
+            entry["channels"].remove("pipeline_runs")
+    except db.DatabaseError as exc:
+        log.error("RECSYS ALERT not recorded in recsys.pipeline_runs: %s", exc)
+        entry["channels"].remove("pipeline_runs")
+    return entry["channels"]
+
+
+def _email(recipients: list[str], alert: Alert, context: dict[str, Any]) -> None:
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    body = f"<p>{html.escape(alert.message)}</p>"
+    if ti := context.get("task_instance"):
+        body += f"<p>Airflow: {html.escape(ti.dag_id)} / {html.escape(ti.task_id)}, run {html.escape(ti.run_id)}</p>"
+    notifier = SmtpNotifier(to=recipients, from_email=os.environ.get(ALERT_FROM_ENV, "recsys-retrain@localhost"),
+                            subject=f"[recsys] {alert.subject}", html_content=body,
+                            smtp_conn_id=os.environ.get(SMTP_CONN_ENV, "smtp_default"))
+    notifier.notify(context)
+
+
+def run_key_of(context: dict[str, Any]) -> tuple[str, str]:
+    """(run_key, kind) of the pipeline_runs row an Airflow run reports to."""
+    dag_run = context["dag_run"]
+    if dag_run.dag_id == RETRAIN_DAG:
+        from recmodel.pipeline import as_of_from_airflow
+
+        return registry.run_key_for(as_of_from_airflow(context)[0]), "retrain"
+    kind = "rollback" if dag_run.dag_id == "recsys_rollback" else "freshness"
+    return f"{kind}:{dag_run.run_id}", kind
+
+
+class StaleServingError(RuntimeError):
+    """The serving tables are older than the configured age."""
+
+
+class RecsysNotifier(BaseNotifier):
+    """``on_failure_callback`` of the recsys DAGs: marks the run failed and sends a `task_failed` alert.
+
+    A ``serving_stale`` failure of the freshness check is reported as that kind, with its message.
+    """
+
+    def notify(self, context: dict[str, Any]) -> None:
+        from recmodel.config import settings
+
+        url = db.resolve_url(settings())
+        ti = context["task_instance"]
+        error = context.get("exception")
+        run_key, kind = run_key_of(context)
+        detail = f"{type(error).__name__}: {error}" if error else "no exception recorded"
+        message = f"{ti.task_id} failed: {detail}"
+        if kind == "retrain":
+            registry.update_run(url, run_key, status="failed", stage=ti.task_id, message=message)
+        else:
+            registry.record_event(url, run_key, kind=kind, status="failed", stage=ti.task_id, message=message,
+                                  dag_run_id=ti.run_id)
+        alert_kind = "serving_stale" if kind == "freshness" and isinstance(error, StaleServingError) else "task_failed"
+        send(url, run_key, Alert(alert_kind, f"{ti.dag_id}.{ti.task_id} failed (run {ti.run_id})", message), context)
+
+
+def notify_gate_rejection(url: str, run_key: str, version: str, reasons: list[str],
+                          context: dict[str, Any] | None = None) -> list[str]:
+    message = f"gate rejected {version}; the champion keeps serving: " + "; ".join(reasons)
+    return send(url, run_key, Alert("gate_rejected", f"candidate {version} rejected by the gate", message), context)
