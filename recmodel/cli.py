@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,9 +106,9 @@ def _parse_conf(text: str | None) -> dict[str, Any]:
 
 def _parse_as_of(text: str | None) -> datetime:
     if not text:
-        # Runs are keyed by whole seconds; rounding up keeps rows ingested earlier in this second
-        # inside the run instead of leaving them for the next one.
-        return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+        from recmodel.registry import as_of_now
+
+        return as_of_now()
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -164,13 +164,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_sample(url)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s. Next: `python -m recmodel seed "
                   f"--events 5000` (new activity) then `python -m recmodel retrain`; `python -m recmodel status`.")
+    if args.ui and code == 0:
+        return serve_ui(url, args.port)
     return code
 
 
-def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], elapsed: float) -> None:
-    from recmodel.registry import overview
+def serve_ui(url: str, port: int) -> int:
+    """Run Airflow's api-server, scheduler and dag-processor until Ctrl-C, with the DAGs unpaused."""
+    from recmodel.runner import DEMO_DAGS, airflow_environment, set_paused, start_stack
 
-    run_key = as_of.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    env = settings()
+    variables = airflow_environment(env, url)
+    set_paused(DEMO_DAGS, False)
+    console.print(f"starting Airflow (api-server on port {port}, scheduler, dag-processor) …")
+    stack = start_stack(variables, port, env.airflow_home / "logs" / "ui")
+    try:
+        console.print(f"[bold]Airflow UI:[/] {stack.base_url}/  log in as [bold]{stack.username}[/] with password "
+                      f"[bold]{stack.password or '(see ' + str(env.airflow_home) + '/simple_auth_manager_passwords.json.generated)'}[/]")
+        console.print(f"[bold]Recommender page:[/] {stack.base_url}/plugin/recommender (nav: Recommender). "
+                      f"Component logs: {stack.log_dir}. Ctrl-C stops.")
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(1)
+        dead = next(name for name, p in stack.processes.items() if p.poll() is not None)
+        console.print(f"[red]airflow {dead} exited;[/] see {stack.log_dir / (dead + '.log')}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("stopping Airflow …")
+        return 0
+    finally:
+        stack.stop()
+
+
+def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], elapsed: float) -> None:
+    from recmodel.registry import overview, run_key_for
+
+    run_key = run_key_for(as_of)
     state = overview(url, limit=50)
     run = next((r for r in state["runs"] if r["run_key"] == run_key), None)
     console.print("tasks: " + "  ".join(f"{t}={s}" for t, s in task_states.items()) + f"  ({elapsed:.0f} s)")
@@ -220,7 +248,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from recmodel.registry import overview
+    from recmodel.registry import overview, serving_freshness
 
     url = _url()
     db.require_tables(url)
@@ -243,13 +271,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs.add_row(r["run_key"], r["status"], r["stage"] or "", str(r["rows_extracted"] or 0),
                      str(r["rows_quarantined"] or 0), r["model_version"] or "", (r["message"] or "")[:80])
     console.print(runs)
-    with db.connect(url) as conn:
-        generated = conn.execute("SELECT max(generated_at) FROM recsys.user_recommendations").fetchone()[0]
-    if generated is None:
-        console.print("serving: nothing published yet")
-    else:
-        age = datetime.now(timezone.utc) - generated
-        console.print(f"serving data generated {generated:%Y-%m-%d %H:%M} UTC, {age.total_seconds() / 3600:.1f} h ago")
+    freshness = serving_freshness(url)
+    console.print(("[red]" if freshness.stale else "") + freshness.message)
     return 0
 
 
@@ -290,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--items", type=int, default=1000)
     demo.add_argument("--events", type=int, default=100_000)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--ui", action="store_true",
+                      help="then keep Airflow running (api-server, scheduler, dag-processor) with the Recommender page")
+    demo.add_argument("--port", type=int, default=8080, help="--ui: the Airflow API server's port")
     demo.set_defaults(func=cmd_demo)
 
     database = sub.add_parser("db", help="the embedded Postgres")

@@ -95,3 +95,121 @@ def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> Dag
                     for ti in dag_run.get_task_instances() if ti.start_date and ti.end_date}
     state = str(dag_run.state.value if hasattr(dag_run.state, "value") else dag_run.state)
     return DagRunOutcome(run_id=dag_run.run_id, state=state, task_states=task_states, task_seconds=task_seconds)
+
+
+UI_COMPONENTS = ("api-server", "scheduler", "dag-processor")
+DEMO_DAGS = ("recsys_retrain", "recsys_rollback", "recsys_freshness")
+UI_ADMIN = "admin"
+
+
+@dataclass
+class AirflowStack:
+    """Airflow's own processes (api-server, scheduler, dag-processor), started for the demo's UI and tests."""
+
+    base_url: str
+    username: str
+    password: str
+    processes: dict[str, subprocess.Popen]
+    log_dir: Path
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stack_environment(variables: dict[str, str], port: int) -> dict[str, str]:
+    """The variables every component needs to find each other: one API URL and one JWT secret."""
+    import secrets
+
+    return {
+        **variables,
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET") or secrets.token_hex(32),
+        "AIRFLOW__CORE__EXECUTOR": os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor"),
+        # The scheduler's log server would take 8793 and clash with a second stack on the machine.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": os.environ.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT",
+                                                                   str(free_port())),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+                                                                   f"{UI_ADMIN}:admin"),
+    }
+
+
+def start_stack(variables: dict[str, str], port: int, log_dir: Path, *,
+                components: tuple[str, ...] = UI_COMPONENTS, timeout: float = 180.0) -> AirflowStack:
+    """Start Airflow's components as subprocesses and wait until the API server answers."""
+    import json
+
+    env = {**os.environ, **stack_environment(variables, port)}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, subprocess.Popen] = {}
+    stack = AirflowStack(base_url=f"http://127.0.0.1:{port}", username=UI_ADMIN, password="", processes=processes,
+                         log_dir=log_dir)
+    # The API server first: the scheduler's tasks report to it, and would fail if it were not up yet.
+    for component in sorted(components, key=lambda c: c != "api-server"):
+        command = [sys.executable, "-m", "airflow", component]
+        if component == "api-server":
+            command += ["--port", str(port), "--host", "127.0.0.1", "--workers", "1"]
+        with open(log_dir / f"{component}.log", "ab") as out:
+            processes[component] = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
+        if component == "api-server":
+            _wait_healthy(stack, timeout)
+    passwords = Path(env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
+                     or Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated")
+    stack.password = json.loads(passwords.read_text()).get(UI_ADMIN, "") if passwords.exists() else ""
+    return stack
+
+
+def _wait_healthy(stack: AirflowStack, timeout: float) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = [name for name, p in stack.processes.items() if p.poll() is not None]
+        if dead:
+            stack.stop()
+            log_file = stack.log_dir / f"{dead[0]}.log"
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
+            raise AirflowRunError(f"airflow {dead[0]} exited (log {log_file}):\n" + "\n".join(tail))
+        try:
+            with urllib.request.urlopen(f"{stack.base_url}/api/v2/monitor/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            stack.stop()
+            raise AirflowRunError(f"the Airflow API server did not answer on {stack.base_url} within {timeout:.0f} s "
+                                  f"(logs in {stack.log_dir})")
+        time.sleep(1)
+
+
+def set_paused(dag_ids: tuple[str, ...], paused: bool) -> None:
+    """Pause or unpause DAGs already known to the metadata DB (a triggered run of a paused DAG never starts)."""
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        for dag_id in dag_ids:
+            model = session.get(DagModel, dag_id)
+            if model is None:
+                raise AirflowRunError(f"DAG {dag_id!r} is not in the metadata DB yet; run it once or start the dag-processor")
+            model.is_paused = paused
