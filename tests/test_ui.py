@@ -320,6 +320,7 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
             expect(ui.locator(f"#registry-table tr[data-version={second}]")).to_contain_text("serving")
             expect(ui.locator("#metrics-chart circle.point")).to_have_count(2 * 3)  # 2 published versions x 3 panels
             expect(ui.locator("#metrics-chart path.point.rejected")).to_have_count(3)
+            page.screenshot(path=str(screenshots / "ui-recommender-in-airflow.png"))
             with db.connect(world.url) as conn:
                 user_id, title = conn.execute(
                     "SELECT r.user_id, i.title FROM recsys.user_recommendations r JOIN items i USING (item_id) "
@@ -327,7 +328,6 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
             ui.locator("#lookup-user").fill(str(user_id))
             ui.get_by_role("button", name="Look up").click()
             expect(ui.locator("#recommendations-table tbody tr").first).to_contain_text(title)
-            page.screenshot(path=str(screenshots / "ui-recommender-in-airflow.png"))
 
             ui.locator("#published-table").get_by_role("button", name="Roll back").click()
             ui.locator("#confirm-action").click()
