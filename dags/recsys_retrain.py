@@ -64,9 +64,12 @@ def recsys_retrain():
 
     @task
     def train(validated: dict, **context) -> dict:
-        from recmodel.pipeline import step_train
+        from recmodel.pipeline import SupersededRun, step_train
 
-        return step_train(_context(context), validated)
+        try:
+            return step_train(_context(context), validated)
+        except SupersededRun as exc:
+            raise AirflowSkipException(str(exc)) from exc
 
     @task
     def export(trained: dict, **context) -> dict:

@@ -179,16 +179,32 @@ def verified_champion(url: str) -> registry.ModelRecord | None:
     return record
 
 
+class SupersededRun(Exception):
+    """The champion was trained on newer data than this run's interval: training would be wasted."""
+
+
 def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune from the champion; raises `SupersededRun` when the champion's data is newer than ours.
+
+    That happens when a scheduled interval runs after a manual run of a later as-of time (e.g. the
+    DAG is unpaused after `retrain`), or in a backfill: the snapshot is built (validate), but a
+    model of older data would never be published over the champion, so it is not trained.
+    """
     from recmodel.gate import holdout_cutoff
     from recmodel.train import train
 
+    parent = verified_champion(ctx.url)
+    if parent is not None and parent.watermark > ctx.as_of:
+        message = (f"superseded: the champion {parent.version} was trained on data up to "
+                   f"{parent.watermark:%Y-%m-%d %H:%M} UTC, newer than this run's {ctx.as_of:%Y-%m-%d %H:%M} UTC; "
+                   "the snapshot is kept, no model is trained")
+        registry.update_run(ctx.url, ctx.run_key, stage="train", status="skipped", message=message)
+        raise SupersededRun(message)
+    if parent is not None and parent.version == ctx.version:
+        parent = None  # a rerun of the run that produced the champion trains the same way again
     dataset = read_interactions(validated["dataset_path"])
     catalog = read_catalog(validated["catalog_path"])
     cutoff = holdout_cutoff(dataset, ctx.config.holdout_days)
-    parent = verified_champion(ctx.url)
-    if parent is not None and parent.version == ctx.version:
-        parent = None  # a rerun of the run that produced the champion trains the same way again
     registry.update_run(ctx.url, ctx.run_key, stage="train")
     result = train(dataset, catalog, cutoff=cutoff, config=ctx.config, out_dir=ctx.model_dir,
                    cache_dir=ctx.home / "cache", parent_dir=parent.artifact_dir if parent else None)
@@ -301,7 +317,11 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
     validated = step_validate(ctx, step_extract(ctx))
     if not validated["new_rows"]:
         return validated
-    gated = step_gate(ctx, step_export(ctx, step_train(ctx, validated)))
+    try:
+        trained = step_train(ctx, validated)
+    except SupersededRun as exc:
+        return {**validated, "superseded": str(exc)}
+    gated = step_gate(ctx, step_export(ctx, trained))
     if not gated["accepted"]:
         return gated
     return step_publish(ctx, step_score(ctx, gated))

@@ -72,6 +72,14 @@ ORDER BY published_at DESC OFFSET %s
 MARK_PRUNED = "UPDATE recsys.published_versions SET pruned_at = now() WHERE version = %s"
 SELECT_PUBLISHED = "SELECT version, tables, pruned_at, serving FROM recsys.published_versions WHERE version = %s"
 SELECT_SERVING = "SELECT version FROM recsys.published_versions WHERE serving"
+# A scheduled run of an earlier interval (or a backfill) must not replace a model trained on newer data.
+SELECT_NEWER_SERVING = """
+SELECT s.version, s.watermark, n.watermark
+FROM recsys.published_versions p
+JOIN recsys.model_registry s ON s.version = p.version
+JOIN recsys.model_registry n ON n.version = %(version)s
+WHERE p.serving AND s.version <> %(version)s AND s.watermark > n.watermark
+"""
 
 
 class PublishError(RuntimeError):
@@ -101,11 +109,13 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
     row_counts = {}
     with db.transaction(url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        _refuse_older(conn, version)
         for table in SERVING_TABLES:
             row_counts[table.view] = _load(conn, table, version, frames[table.view], generated_at)
     started = datetime.now()
     with db.transaction(url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        _refuse_older(conn, version)  # again: the champion may have changed while we loaded
         conn.execute("SET LOCAL lock_timeout = '10s'")
         for table in SERVING_TABLES:
             staging = table_name(table.view, version, staging=True)
@@ -171,6 +181,14 @@ def _check(conn: psycopg.Connection, table: ServingTable, staging: sql.Identifie
     ).format(staging, group_by)).fetchone()[0]
     if gaps:
         raise PublishError(f"{table.view}: ranks are not contiguous from 1 in {gaps} groups; serving is unchanged")
+
+
+def _refuse_older(conn: psycopg.Connection, version: str) -> None:
+    newer = conn.execute(SELECT_NEWER_SERVING, {"version": version}).fetchone()
+    if newer is not None:
+        raise PublishError(f"refusing to publish {version} (data as of {newer[2]:%Y-%m-%d %H:%M}) over {newer[0]}, "
+                           f"which serves a model of newer data (as of {newer[1]:%Y-%m-%d %H:%M}); "
+                           "use rollback to serve an older version on purpose")
 
 
 def _point_view(conn: psycopg.Connection, table: ServingTable, source: str) -> None:

@@ -92,6 +92,7 @@ class ModelRecord:
     onnx_path: Path
     onnx_sha256: str
     status: str
+    watermark: datetime  # the as-of time of the data it was trained on
 
 
 def as_of_now() -> datetime:
@@ -209,7 +210,8 @@ def get(conn: psycopg.Connection, version: str) -> ModelRecord | None:
 
 def _record(row: dict[str, Any]) -> ModelRecord:
     return ModelRecord(version=row["version"], artifact_dir=Path(row["artifact_dir"]),
-                       onnx_path=Path(row["onnx_path"]), onnx_sha256=row["onnx_sha256"], status=row["status"])
+                       onnx_path=Path(row["onnx_path"]), onnx_sha256=row["onnx_sha256"], status=row["status"],
+                       watermark=row["watermark"])
 
 
 def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:

@@ -89,6 +89,18 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
     assert extracted == appended.events_added and parent == first_version
     assert serving(recsys_env) == second_version
 
+    # A scheduled interval that ends before the champion's data (the DAG unpaused after a manual
+    # run, or a backfill) builds its snapshot but trains nothing and publishes nothing.
+    earlier = NOW + timedelta(hours=12)
+    behind = run_dag("recsys_retrain", conf={**SMALL_MODEL, "as_of": earlier.isoformat()}, logical_date=earlier)
+    assert behind.succeeded and behind.task_states["validate"] == "success"
+    assert [behind.task_states[t] for t in ("train", "gate", "publish")] == ["skipped"] * 3
+    with db.connect(recsys_env) as conn:
+        status, message = conn.execute("SELECT status, message FROM recsys.pipeline_runs WHERE run_key = %s",
+                                       (earlier.strftime("%Y%m%dT%H%M%SZ"),)).fetchone()
+    assert status == "skipped" and message.startswith(f"superseded: the champion {second_version}")
+    assert serving(recsys_env) == second_version
+
     # The rollback DAG serves the first version again; asking again is refused and changes nothing.
     rollback = run_dag("recsys_rollback", conf={"version": first_version}, logical_date=later + timedelta(hours=1))
     assert rollback.succeeded, rollback.task_states

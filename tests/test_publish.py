@@ -115,6 +115,20 @@ def test_a_failed_check_leaves_the_serving_version_alone(db_url: str) -> None:
     assert serving(db_url) == ("v20261101000000", 100)
 
 
+def test_an_older_model_is_never_published_over_a_newer_one(db_url: str) -> None:
+    register(db_url, "v20261102000000", "v20261101000000")
+    with db.transaction(db_url) as conn:  # the watermark is the as-of time of the model's data
+        conn.execute("UPDATE recsys.model_registry SET watermark = to_timestamp(substr(version, 2), 'YYYYMMDDHH24MISS')")
+    publish(db_url, "v20261102000000", frames(5, 3, seed=1), generated_at=NOW, keep_versions=3)
+    with pytest.raises(PublishError, match="refusing to publish v20261101000000 .* over v20261102000000"):
+        publish(db_url, "v20261101000000", frames(5, 3, seed=2), generated_at=NOW, keep_versions=3)
+    with db.connect(db_url) as conn:
+        assert conn.execute("SELECT DISTINCT model_version FROM recsys.user_recommendations").fetchall() == \
+            [("v20261102000000",)]
+        staging = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE %s", ("%staging",)).fetchone()[0]
+    assert staging == 0  # refused before loading anything
+
+
 def test_rollback_and_its_refusals(db_url: str) -> None:
     versions = ["v20261101000000", "v20261102000000", "v20261103000000"]
     register(db_url, *versions, "v20261104000000")
