@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -169,6 +170,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_ui(url: str, port: int) -> int:
     """Run Airflow's api-server, scheduler and dag-processor until Ctrl-C, with the DAGs unpaused."""
     from recmodel.runner import DEMO_DAGS, airflow_environment, set_paused, start_stack
@@ -178,6 +183,7 @@ def serve_ui(url: str, port: int) -> int:
     set_paused(DEMO_DAGS, False)
     console.print(f"starting Airflow (api-server on port {port}, scheduler, dag-processor) …")
     stack = start_stack(variables, port, env.airflow_home / "logs" / "ui")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` and container stops shut Airflow down like Ctrl-C
     try:
         console.print(f"[bold]Airflow UI:[/] {stack.base_url}/  log in as [bold]{stack.username}[/] with password "
                       f"[bold]{stack.password or '(see ' + str(env.airflow_home) + '/simple_auth_manager_passwords.json.generated)'}[/]")
