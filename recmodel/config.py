@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ class PipelineConfig:
     value_max: float = 5.0
     late_data_lookback_hours: float = 48.0  # re-read rows ingested this long before the watermark
     future_tolerance_seconds: float = 300.0  # clock skew allowed on occurred_at
+    min_occurred_at: str = "2000-01-01T00:00:00+00:00"  # older occurred_at is a broken clock or a bad import
+    near_duplicate_seconds: float = 2.0  # same user, item and type again within this: a double click; 0 = off
     training_window_days: float | None = None  # None: all history
     max_quarantine_share: float = 0.2  # dataset-level: more than this quarantined fails the run
     # --- model and training ---------------------------------------------------------------
@@ -96,8 +99,20 @@ class PipelineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.holdout_days <= 0:
             raise ConfigError(f"holdout_days must be > 0, got {self.holdout_days}")
+        self.occurred_at_floor()
+        if self.near_duplicate_seconds < 0:
+            raise ConfigError(f"near_duplicate_seconds must be >= 0, got {self.near_duplicate_seconds}")
         if not 0 <= self.max_quarantine_share <= 1:
             raise ConfigError(f"max_quarantine_share must be within [0, 1], got {self.max_quarantine_share}")
+
+    def occurred_at_floor(self) -> datetime:
+        try:
+            floor = datetime.fromisoformat(self.min_occurred_at)
+        except ValueError:
+            raise ConfigError(f"min_occurred_at must be an ISO timestamp, got {self.min_occurred_at!r}") from None
+        if floor.tzinfo is None:
+            raise ConfigError(f"min_occurred_at must carry a timezone, got {self.min_occurred_at!r}")
+        return floor
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -42,10 +42,11 @@ from great_expectations.expectations import Expectation
 from recmodel.config import PipelineConfig
 
 REASONS = ("null_user_id", "null_item_id", "non_positive_id", "unknown_item", "bad_event_type",
-           "value_out_of_range", "future_timestamp", "duplicate")
+           "value_out_of_range", "future_timestamp", "timestamp_before_floor", "duplicate", "near_duplicate")
 
 EXPECTED_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
 DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
+NEAR_DUPLICATE_KEY = ["user_id", "item_id", "event_type"]
 
 DATASOURCE = "recsys_increment"
 SCHEMA, ROWS, DATASET = "increment_schema", "increment_rows", "increment_dataset"
@@ -108,7 +109,7 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
     bad_ids: dict[str, set[int]] = {reason: set() for reason in REASONS}
     if set(EXPECTED_COLUMNS) <= set(increment.columns):
         rows_result = _run(context, ROWS, _row_expectations(catalog_item_ids, as_of, config),
-                           _row_frame(increment), ROW_RESULT_FORMAT, run_id, result_ids)
+                           _row_frame(increment, config.near_duplicate_seconds), ROW_RESULT_FORMAT, run_id, result_ids)
         for result in sorted(rows_result.results, key=lambda r: REASONS.index(r.expectation_config.meta["reason"])):
             reason = result.expectation_config.meta["reason"]
             outcomes.append(_row_outcome(result, reason))
@@ -166,13 +167,17 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
                                         meta={"reason": "value_out_of_range"}),
         E.ExpectColumnValuesToBeBetween(column="occurred_at", max_value=newest_allowed,
                                         meta={"reason": "future_timestamp"}),
+        E.ExpectColumnValuesToBeBetween(column="occurred_at", min_value=config.occurred_at_floor(),
+                                        meta={"reason": "timestamp_before_floor"}),
         E.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"reason": "duplicate"}),
+        E.ExpectColumnValuesToBeNull(column="near_duplicate_of", meta={"reason": "near_duplicate"}),
     ]
 
 
-def _row_frame(increment: pd.DataFrame) -> pd.DataFrame:
-    """The increment as GX sees it for row checks: indexed by `event_id`, plus the `duplicate_of` helper."""
-    return increment.assign(duplicate_of=_duplicate_of(increment)).set_index("event_id")
+def _row_frame(increment: pd.DataFrame, near_window_seconds: float) -> pd.DataFrame:
+    """The increment as GX sees it for row checks: indexed by `event_id`, plus the duplicate helpers."""
+    return increment.assign(duplicate_of=_duplicate_of(increment),
+                            near_duplicate_of=_near_duplicate_of(increment, near_window_seconds)).set_index("event_id")
 
 
 def _duplicate_of(increment: pd.DataFrame) -> pd.Series:
@@ -184,6 +189,22 @@ def _duplicate_of(increment: pd.DataFrame) -> pd.Series:
     ordered = increment.sort_values("event_id", kind="stable")
     first = ordered.groupby(DUPLICATE_KEY, dropna=False, sort=False)["event_id"].transform("first")
     return first.where(first != ordered["event_id"]).astype("Int64").reindex(increment.index)
+
+
+def _near_duplicate_of(increment: pd.DataFrame, window_seconds: float) -> pd.Series:
+    """For each row following the previous row of its (user, item, event type) by more than 0 and at most
+    `window_seconds` (a double click, a retried request), that previous row's `event_id`; else <NA>.
+
+    Rows at the very same time are exact duplicates, handled by `duplicate_of`. Within the increment only.
+    """
+    if window_seconds <= 0 or increment.empty:
+        return pd.Series(pd.NA, index=increment.index, dtype="Int64")
+    ordered = increment.sort_values([*NEAR_DUPLICATE_KEY, "occurred_at", "event_id"], kind="stable")
+    same_group = (ordered[NEAR_DUPLICATE_KEY] == ordered[NEAR_DUPLICATE_KEY].shift()).all(axis=1)
+    gap = (ordered["occurred_at"] - ordered["occurred_at"].shift()).dt.total_seconds()
+    near = same_group & (gap > 0) & (gap <= window_seconds)
+    previous = ordered["event_id"].shift().astype("Int64")
+    return previous.where(near).astype("Int64").reindex(increment.index)
 
 
 def _run(context: FileDataContext, name: str, expectations: list[Expectation], frame: pd.DataFrame,

@@ -69,6 +69,7 @@ def _set(increment: pd.DataFrame, row: int, **values: object) -> int:
     ({"value": 5.5}, ["value_out_of_range"]),
     ({"value": -0.1}, ["value_out_of_range"]),
     ({"occurred_at": pd.Timestamp(AS_OF) + pd.Timedelta(minutes=6)}, ["future_timestamp"]),
+    ({"occurred_at": pd.Timestamp("1999-12-31 23:59", tz="UTC")}, ["timestamp_before_floor"]),
 ])
 def test_each_reason_quarantines_only_its_row(tmp_path: Path, values: dict[str, object], reasons: list[str]) -> None:
     increment = make_increment()
@@ -114,6 +115,26 @@ def test_duplicates_keep_the_lowest_event_id(tmp_path: Path) -> None:
     assert reasons_by_event(report) == {103: ["duplicate"], 500: ["duplicate"]}
     assert 90 in set(report.clean["event_id"])
     assert not report.clean.duplicated(key).any()
+
+
+def test_near_duplicates_within_the_window_are_quarantined(tmp_path: Path) -> None:
+    increment = make_increment()
+    base = increment.iloc[2]  # event 103
+    echoes = pd.DataFrame([base] * 3).reset_index(drop=True)
+    echoes["event_id"] = [600, 601, 602]
+    echoes["occurred_at"] = base["occurred_at"] + pd.to_timedelta([1.5, 3.0, 10.0], unit="s")
+    increment = pd.concat([increment, echoes], ignore_index=True).astype(increment.dtypes.to_dict())
+    report = validate(increment, tmp_path)
+    # 1.5 s after 103 and 1.5 s after 600: a burst; 10 s later is a new interaction.
+    assert reasons_by_event(report) == {600: ["near_duplicate"], 601: ["near_duplicate"]}
+    assert {103, 602} <= set(report.clean["event_id"])
+    off = validate(increment, tmp_path, PipelineConfig(near_duplicate_seconds=0.0), run_key="run-2")
+    assert off.quarantined.empty
+
+
+def test_bad_floor_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_occurred_at must carry a timezone"):
+        PipelineConfig.from_overrides({"min_occurred_at": "2000-01-01"})
 
 
 def test_quarantine_share_above_max_fails_the_dataset(tmp_path: Path) -> None:
