@@ -46,6 +46,14 @@ class PipelineConfig:
     near_duplicate_seconds: float = 2.0  # same user, item and type again within this: a double click; 0 = off
     training_window_days: float | None = None  # None: all history
     max_quarantine_share: float = 0.2  # dataset-level: more than this quarantined fails the run
+    volume_min_ratio: float = 0.1  # increment rows vs the median of the last runs' increments
+    volume_max_ratio: float = 10.0
+    volume_history_runs: int = 7  # how many earlier increments the median is taken over
+    volume_min_history: int = 3  # fewer earlier runs than this: no volume check yet
+    drift_min_rows: int = 500  # smaller clean increments are too noisy for the divergence checks
+    max_event_type_divergence: float = 0.1  # Jensen-Shannon (base 2) vs the previous snapshot's recent rows
+    max_items_per_user_divergence: float = 0.2
+    max_item_popularity_divergence: float = 0.5  # a feed stuck on one item scores ~0.9 (docs/OPERATIONS.md)
     # --- model and training ---------------------------------------------------------------
     max_history: int = 200  # items the transformer reads; all of a user's history is masked at scoring
     d_model: int = 64
@@ -94,7 +102,8 @@ class PipelineConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "patience", "batch_size", "top_k",
-                     "similar_k", "popular_k", "score_batch_size", "keep_versions"):
+                     "similar_k", "popular_k", "score_batch_size", "keep_versions", "volume_history_runs",
+                     "volume_min_history", "drift_min_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.holdout_days <= 0:

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 DELETE_QUARANTINE = "DELETE FROM recsys.quarantine WHERE run_key = %s"
 COPY_QUARANTINE = "COPY recsys.quarantine (run_key, event_id, reason, row_data) FROM STDIN"
+# Increment sizes of the runs before this one, for the volume check (newest first).
+SELECT_PREVIOUS_VOLUMES = """
+SELECT rows_extracted FROM recsys.extract_watermarks
+WHERE high_watermark < %(as_of)s AND run_key <> %(run_key)s
+ORDER BY high_watermark DESC LIMIT %(limit)s
+"""
 DATASET_FILE = "dataset.parquet"
 RECOMMENDATIONS_FILE = "user_recommendations.parquet"
 SIMILAR_FILE = "similar_items.parquet"
@@ -103,7 +109,7 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
 
     Returns new_rows = 0 (and no dataset) when nothing new arrived; the caller skips the rest.
     """
-    from recmodel.validate import DataValidationError, validate_increment
+    from recmodel.validate import DataValidationError, Reference, validate_increment
 
     result = _extract_result(extracted)
     if result.rows == 0:
@@ -118,8 +124,13 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
 
     increment = read_interactions(result.increment_path)
     catalog = read_catalog(result.catalog_path)
+    base = read_interactions(result.base_dataset_path) if result.base_dataset_path else None
+    with db.connect(ctx.url) as conn:
+        volumes = tuple(row[0] for row in conn.execute(
+            SELECT_PREVIOUS_VOLUMES, {"as_of": ctx.as_of, "run_key": ctx.run_key, "limit": ctx.config.volume_history_runs}))
     report = validate_increment(increment, catalog["item_id"].to_numpy(), as_of=ctx.as_of, config=ctx.config,
-                                gx_dir=ctx.home / "gx", run_key=ctx.run_key)
+                                gx_dir=ctx.home / "gx", run_key=ctx.run_key,
+                                reference=Reference(previous_volumes=volumes, previous_snapshot=base))
     summary = {
         "clean": len(report.clean), "quarantined_rows": int(report.quarantined["event_id"].nunique()),
         "by_reason": report.quarantined["reason"].value_counts().to_dict(),
@@ -129,7 +140,6 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
     with db.transaction(ctx.url) as conn:
         _write_quarantine(conn, ctx.run_key, report.quarantined)
         if report.passed:
-            base = read_interactions(result.base_dataset_path) if result.base_dataset_path else None
             from recmodel.data import extend_dataset
 
             dataset = extend_dataset(base, report.clean, window_days=ctx.config.training_window_days)

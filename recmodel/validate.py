@@ -47,6 +47,7 @@ REASONS = ("null_user_id", "null_item_id", "non_positive_id", "unknown_item", "b
 EXPECTED_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
 DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
 NEAR_DUPLICATE_KEY = ["user_id", "item_id", "event_type"]
+POPULARITY_HEAD = 100  # items compared one by one in the popularity drift check; the rest are one bucket
 
 DATASOURCE = "recsys_increment"
 SCHEMA, ROWS, DATASET = "increment_schema", "increment_rows", "increment_dataset"
@@ -60,6 +61,14 @@ ROW_RESULT_FORMAT: dict[str, Any] = {
     "return_unexpected_index_query": False,
 }
 DATASET_RESULT_FORMAT: dict[str, Any] = {"result_format": "COMPLETE"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What an increment is compared with at dataset level (empty for the first run)."""
+
+    previous_volumes: tuple[int, ...] = ()  # increment rows of earlier validated runs, newest first
+    previous_snapshot: pd.DataFrame | None = None  # the dataset the increment extends
 
 
 class DataValidationError(RuntimeError):
@@ -90,7 +99,8 @@ class ValidationReport:
 
 
 def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *, as_of: datetime,
-                       config: PipelineConfig, gx_dir: Path, run_key: str) -> ValidationReport:
+                       config: PipelineConfig, gx_dir: Path, run_key: str,
+                       reference: Reference = Reference()) -> ValidationReport:
     """Validate one increment: quarantine bad rows, evaluate dataset-level rules, build Data Docs.
 
     Never raises for bad data: the caller decides what a failed report means (see `DataValidationError`).
@@ -122,17 +132,70 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
         quarantined = pd.DataFrame(columns=["event_id", "reason", *(c for c in increment.columns if c != "event_id")])
         clean = increment.iloc[:0]
 
-    metrics = pd.DataFrame({"quarantine_share": [quarantined["event_id"].nunique() / max(len(increment), 1)],
-                            "clean_rows": [len(clean)]})
-    dataset_result = _run(context, DATASET, [
+    metrics = {"quarantine_share": quarantined["event_id"].nunique() / max(len(increment), 1),
+               "clean_rows": len(clean)}
+    expectations = [
         gx.expectations.ExpectColumnMaxToBeBetween(column="quarantine_share", max_value=config.max_quarantine_share),
         gx.expectations.ExpectColumnMinToBeBetween(column="clean_rows", min_value=1),
-    ], metrics, DATASET_RESULT_FORMAT, run_id, result_ids)
+    ]
+    volumes = reference.previous_volumes[:config.volume_history_runs]
+    if len(volumes) >= config.volume_min_history:
+        metrics["volume_ratio"] = len(increment) / max(float(np.median(volumes)), 1.0)
+        expectations.append(gx.expectations.ExpectColumnMaxToBeBetween(
+            column="volume_ratio", min_value=config.volume_min_ratio, max_value=config.volume_max_ratio))
+    if reference.previous_snapshot is not None and len(clean) >= config.drift_min_rows:
+        drift = drift_metrics(clean, reference.previous_snapshot)
+        metrics.update(drift)
+        expectations += [gx.expectations.ExpectColumnMaxToBeBetween(column=name, max_value=getattr(config, f"max_{name}"))
+                         for name in drift]
+    dataset_result = _run(context, DATASET, expectations, pd.DataFrame({k: [v] for k, v in metrics.items()}),
+                          DATASET_RESULT_FORMAT, run_id, result_ids)
     outcomes += [_dataset_outcome(r) for r in dataset_result.results]
     dataset_failures += [_failure_message(r) for r in dataset_result.results if not r.success]
 
     return ValidationReport(clean=clean, quarantined=quarantined, outcomes=outcomes,
                             dataset_failures=dataset_failures, docs_path=_build_docs(context, result_ids))
+
+
+def drift_metrics(clean: pd.DataFrame, snapshot: pd.DataFrame) -> dict[str, float]:
+    """Jensen-Shannon divergences (base 2: 0 same, 1 disjoint) between the clean increment and the
+    previous snapshot's most recent events, as many as the increment has: matching the sample size
+    keeps sampling noise alike on both sides, whatever the schedule or the traffic per day.
+
+    Three distributions: event types; events per user, in powers-of-two buckets; and events per
+    item over the recent events' POPULARITY_HEAD most popular items plus one "other" bucket. Over
+    all items, a daily increment of a large catalog is too sparse: sampling noise alone gave 0.39
+    at 1M events / 50k items, against 0.003 with the head (and 0.94 for a feed stuck on one item).
+    """
+    recent = snapshot.nlargest(len(clean), "occurred_at")
+
+    def per_user_buckets(frame: pd.DataFrame) -> pd.Series:
+        return np.floor(np.log2(frame.groupby("user_id").size())).value_counts()
+
+    head = recent["item_id"].value_counts().index[:POPULARITY_HEAD]
+
+    def item_shares(frame: pd.DataFrame) -> pd.Series:
+        return frame["item_id"].where(frame["item_id"].isin(head), -1).value_counts()
+
+    return {
+        "event_type_divergence": jensen_shannon(clean["event_type"].value_counts(), recent["event_type"].value_counts()),
+        "items_per_user_divergence": jensen_shannon(per_user_buckets(clean), per_user_buckets(recent)),
+        "item_popularity_divergence": jensen_shannon(item_shares(clean), item_shares(recent)),
+    }
+
+
+def jensen_shannon(counts_p: pd.Series, counts_q: pd.Series) -> float:
+    """Base-2 Jensen-Shannon divergence of two count vectors indexed by category."""
+    p, q = counts_p.align(counts_q, fill_value=0)
+    p = p.to_numpy(np.float64) / max(p.sum(), 1)
+    q = q.to_numpy(np.float64) / max(q.sum(), 1)
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
+
+    return (kl(p) + kl(q)) / 2
 
 
 def _context(gx_dir: Path) -> FileDataContext:

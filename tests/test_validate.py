@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from recmodel.config import PipelineConfig
-from recmodel.validate import REASONS, ValidationReport, validate_increment
+from recmodel.validate import REASONS, Reference, ValidationReport, jensen_shannon, validate_increment
 
 AS_OF = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
 CATALOG = np.arange(1, 51, dtype=np.int64)
@@ -227,3 +227,62 @@ def test_100k_random_rows_counts(tmp_path: Path) -> None:
     assert len(report.clean) == n - 1_000 - 500
     assert report.passed
     assert elapsed < 20, f"validation of {len(increment)} rows took {elapsed:.1f}s"
+
+
+def snapshot_before(increment: pd.DataFrame, days: int = 1) -> pd.DataFrame:
+    """An earlier stretch like `increment`, as the previous dataset snapshot."""
+    earlier = increment.copy()
+    earlier["event_id"] += 100_000
+    for column in ("occurred_at", "ingested_at"):
+        earlier[column] -= pd.Timedelta(days=days)
+    return earlier
+
+
+def outcome_for(report: ValidationReport, column: str):
+    return next((o for o in report.outcomes if o.column == column), None)
+
+
+def test_volume_is_checked_against_the_median_of_earlier_increments(tmp_path: Path) -> None:
+    increment = make_increment(20)
+    collapse = validate_increment(increment, CATALOG, as_of=AS_OF, config=PipelineConfig(), gx_dir=tmp_path / "gx",
+                                  run_key="r1", reference=Reference(previous_volumes=(1000, 1100, 900, 5)))
+    assert not collapse.passed
+    assert collapse.dataset_failures == [
+        "expect_column_max_to_be_between(volume_ratio) failed: observed 0.02105 < min 0.1 or > max 10"]
+    steady = validate_increment(increment, CATALOG, as_of=AS_OF, config=PipelineConfig(), gx_dir=tmp_path / "gx",
+                                run_key="r2", reference=Reference(previous_volumes=(25, 18, 20)))
+    assert steady.passed and outcome_for(steady, "volume_ratio").success
+    young = validate_increment(increment, CATALOG, as_of=AS_OF, config=PipelineConfig(), gx_dir=tmp_path / "gx",
+                               run_key="r3", reference=Reference(previous_volumes=(1000, 1000)))
+    assert young.passed and outcome_for(young, "volume_ratio") is None  # too little history to judge
+
+
+def test_distribution_drift_against_the_previous_snapshot(tmp_path: Path) -> None:
+    increment = snapshot_before(make_increment(600), days=0)
+    for column in ("occurred_at", "ingested_at"):  # ten hours of events, all before AS_OF
+        increment[column] -= pd.Timedelta(hours=12)
+    snapshot = snapshot_before(increment)
+    config = PipelineConfig()
+    same = validate(increment, tmp_path, config, run_key="same")
+    assert same.passed  # no snapshot: the first run has nothing to drift from
+    same = validate_increment(increment, CATALOG, as_of=AS_OF, config=config, gx_dir=tmp_path / "gx",
+                              run_key="same2", reference=Reference(previous_snapshot=snapshot))
+    assert same.passed
+    assert [outcome_for(same, c).observed for c in ("event_type_divergence", "item_popularity_divergence")] == ["0"] * 2
+    broken = increment.assign(event_type="purchase", item_id=pd.array([7] * 600, dtype="Int64"))
+    drifted = validate_increment(broken, CATALOG, as_of=AS_OF, config=config, gx_dir=tmp_path / "gx",
+                                 run_key="drift", reference=Reference(previous_snapshot=snapshot))
+    failed = {f.split(" ")[0] for f in drifted.dataset_failures}
+    assert failed == {"expect_column_max_to_be_between(event_type_divergence)",
+                      "expect_column_max_to_be_between(item_popularity_divergence)"}
+    assert all("observed 0." in f and "> max" in f for f in drifted.dataset_failures)
+    small = validate_increment(broken.head(100), CATALOG, as_of=AS_OF, config=config, gx_dir=tmp_path / "gx",
+                               run_key="small", reference=Reference(previous_snapshot=snapshot))
+    assert small.passed and outcome_for(small, "event_type_divergence") is None  # below drift_min_rows
+
+
+def test_jensen_shannon_bounds() -> None:
+    a = pd.Series({"x": 3, "y": 1})
+    assert jensen_shannon(a, a * 10) == pytest.approx(0.0)
+    assert jensen_shannon(pd.Series({"x": 5}), pd.Series({"y": 2})) == pytest.approx(1.0)
+    assert 0 < jensen_shannon(a, pd.Series({"x": 1, "y": 3})) < 1
