@@ -253,6 +253,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from recmodel.extract import request_replay
+    from recmodel.validate import REASONS
+
+    if args.reason not in REASONS:
+        raise UsageError(f"unknown quarantine reason {args.reason!r}; reasons: {', '.join(REASONS)}")
+    url = _url()
+    db.migrate(url)
+    marked, pending = request_replay(url, args.reason, args.run)
+    scope = f" of run {args.run}" if args.run else ""
+    if marked == 0:
+        console.print(f"no open quarantine entries with reason {args.reason}{scope}; nothing to replay")
+    else:
+        console.print(f"marked {marked:,} quarantine entries ({args.reason}{scope}) for replay; the next run re-reads "
+                      f"and re-validates {pending:,} rows (a row quarantined for several reasons waits until "
+                      "each of them is replayed)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from recmodel.registry import overview, serving_freshness
 
@@ -350,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     roll = sub.add_parser("rollback", help="serve an earlier published version again")
     roll.add_argument("version")
     roll.set_defaults(func=cmd_rollback)
+
+    quarantine = sub.add_parser("quarantine", help="re-admit quarantined rows once their cause is fixed")
+    quarantine.add_argument("action", choices=["replay"])
+    quarantine.add_argument("--reason", required=True, help="quarantine reason, e.g. unknown_item")
+    quarantine.add_argument("--run", help="only the rows quarantined by this run key (default: every run)")
+    quarantine.set_defaults(func=cmd_quarantine)
 
     status = sub.add_parser("status", help="registry, gate decisions, serving version and freshness")
     status.add_argument("--limit", type=int, default=20)

@@ -52,15 +52,35 @@ FROM recsys.extract_watermarks
 WHERE high_watermark < %(as_of)s AND run_key <> %(run_key)s
 ORDER BY high_watermark DESC LIMIT 1
 """
+# Rows whose every open quarantine entry (of other runs) has a replay request: re-read whatever
+# their ingested_at. Entries this run replayed count as open, so a rerun of it reads the same rows.
+REPLAY_PENDING = """
+SELECT event_id FROM recsys.quarantine
+WHERE run_key <> {run_key} AND (replayed_by IS NULL OR replayed_by = {run_key})
+GROUP BY event_id HAVING bool_and(replay_requested_at IS NOT NULL)
+"""
 SELECT_INCREMENT = """
 SELECT event_id, user_id, item_id, event_type, value::float8, occurred_at, ingested_at
 FROM interactions
-WHERE ingested_at > {low} AND ingested_at <= {high}
+WHERE (ingested_at > {low} AND ingested_at <= {high})
+   OR (ingested_at <= {high} AND event_id IN (""" + REPLAY_PENDING + """))
 """
+# Quarantined by an earlier run and not (or not yet) up for replay: never read again.
 SELECT_QUARANTINED_IN_WINDOW = """
 SELECT DISTINCT q.event_id
 FROM recsys.quarantine q JOIN interactions i USING (event_id)
 WHERE i.ingested_at > %(low)s AND i.ingested_at <= %(high)s AND q.run_key <> %(run_key)s
+  AND q.replayed_by IS NULL AND q.replay_requested_at IS NULL
+"""
+MARK_REPLAYED = """
+UPDATE recsys.quarantine SET replayed_by = %(run_key)s
+WHERE event_id = ANY(%(event_ids)s) AND run_key <> %(run_key)s
+  AND replay_requested_at IS NOT NULL AND replayed_by IS NULL
+"""
+REQUEST_REPLAY = """
+UPDATE recsys.quarantine SET replay_requested_at = now()
+WHERE reason = %(reason)s AND replayed_by IS NULL AND replay_requested_at IS NULL
+  AND (%(run_key)s::text IS NULL OR run_key = %(run_key)s)
 """
 # Tags travel as JSON: COPY's text form of an array is not something Arrow parses.
 SELECT_CATALOG = """
@@ -98,7 +118,7 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         read_from = (low - lookback) if low else datetime(1970, 1, 1, tzinfo=as_of.tzinfo)
         used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, as_of)
         increment_path = run_dir / INCREMENT_FILE
-        rows, skipped = _stream_increment(conn, url, read_from, as_of, increment_path, used_ids)
+        rows, skipped = _stream_increment(conn, url, run_key, read_from, as_of, increment_path, used_ids)
         catalog_path = run_dir / CATALOG_FILE
         catalog_items = _snapshot_catalog(url, catalog_path)
     if catalog_items == 0:
@@ -122,10 +142,12 @@ def _already_used_ids(conn, run_key: str, base_dataset: str | None, low: datetim
     return np.unique(np.concatenate(used))
 
 
-def _stream_increment(conn, url: str, low: datetime, high: datetime, path: Path,
+def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetime, path: Path,
                       used_ids: np.ndarray) -> tuple[int, int]:
-    """COPY the window into Parquet, ROW_GROUP_ROWS at a time, so memory stays flat as rows grow."""
-    query = sql.SQL(SELECT_INCREMENT).format(low=sql.Literal(low), high=sql.Literal(high)).as_string(conn)
+    """COPY the window (and rows up for replay) into Parquet, ROW_GROUP_ROWS at a time, so memory
+    stays flat as rows grow."""
+    query = sql.SQL(SELECT_INCREMENT).format(low=sql.Literal(low), high=sql.Literal(high),
+                                             run_key=sql.Literal(run_key)).as_string(conn)
     rows = skipped = 0
     tmp = path.with_suffix(".tmp")
     # Dictionary-encoding only event_type: ids and timestamps gain nothing from it but cost 40% of the write.
@@ -163,6 +185,26 @@ def _snapshot_catalog(url: str, path: Path) -> int:
     table = wire.set_column(CATALOG_SCHEMA.get_field_index("tags"), CATALOG_SCHEMA.field("tags"), tags)
     pq.write_table(table, path)
     return table.num_rows
+
+
+def request_replay(url: str, reason: str, run_key: str | None = None) -> tuple[int, int]:
+    """Mark open quarantine entries of `reason` (optionally of one run) for the next run to re-read.
+
+    Returns (entries marked, rows the next run will re-read): a row quarantined for several reasons
+    is re-read only once every one of them has been replayed.
+    """
+    with db.transaction(url) as conn:
+        marked = conn.execute(REQUEST_REPLAY, {"reason": reason, "run_key": run_key}).rowcount
+        pending = conn.execute(sql.SQL("SELECT count(*) FROM ({}) p").format(
+            sql.SQL(REPLAY_PENDING).format(run_key=sql.Literal("")))).fetchone()[0]
+    log.info("quarantine replay %s%s: %d entries marked; the next run re-reads %d rows", reason,
+             f" (run {run_key})" if run_key else "", marked, pending)
+    return marked, pending
+
+
+def mark_replayed(conn, run_key: str, event_ids: np.ndarray) -> int:
+    """In the caller's transaction: the replayed rows of this increment are now this run's business."""
+    return conn.execute(MARK_REPLAYED, {"run_key": run_key, "event_ids": [int(i) for i in event_ids]}).rowcount
 
 
 def read_interactions(path: str | Path) -> pd.DataFrame:

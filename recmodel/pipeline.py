@@ -20,7 +20,8 @@ import pandas as pd
 
 from recmodel import db, registry
 from recmodel.config import PipelineConfig, settings
-from recmodel.extract import ExtractError, ExtractResult, commit_watermark, extract, read_catalog, read_interactions
+from recmodel.extract import (ExtractError, ExtractResult, commit_watermark, extract, mark_replayed, read_catalog,
+                              read_interactions)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
             dataset.to_parquet(dataset_path, index=False)
             commit_watermark(conn, ctx.run_key, result, rows_clean=len(report.clean),
                              dataset_path=str(dataset_path), dataset_rows=len(dataset))
+            replayed = mark_replayed(conn, ctx.run_key, increment["event_id"].to_numpy())
+            if replayed:
+                summary["replayed_entries"] = replayed
     registry.update_run(ctx.url, ctx.run_key, stage="validate", rows_quarantined=summary["quarantined_rows"],
                         details={"validate": summary})
     if not report.passed:

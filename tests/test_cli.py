@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT
+from recmodel import db
 
 
 def recmodel(*args: str, url: str | None, home: Path) -> subprocess.CompletedProcess:
@@ -61,6 +62,18 @@ def test_malformed_movielens_folder(db_url: str, tmp_path: Path, layout: str) ->
     out = recmodel("import", "movielens", str(folder), url=db_url, home=tmp_path)
     assert out.returncode == 2
     assert str(folder) in out.stdout.replace("\n", "")
+
+
+def test_quarantine_replay_names_reasons_and_counts(db_url: str, tmp_path: Path) -> None:
+    bad = recmodel("quarantine", "replay", "--reason", "gremlins", url=db_url, home=tmp_path)
+    assert bad.returncode == 2 and "unknown quarantine reason 'gremlins'; reasons: null_user_id" in bad.stdout
+    with db.transaction(db_url) as conn:
+        conn.execute("INSERT INTO recsys.quarantine (run_key, event_id, reason, row_data) VALUES "
+                     "('r1', 1, 'unknown_item', '{}'), ('r1', 2, 'unknown_item', '{}'), ('r2', 3, 'unknown_item', '{}')")
+    one_run = recmodel("quarantine", "replay", "--reason", "unknown_item", "--run", "r1", url=db_url, home=tmp_path)
+    assert one_run.returncode == 0 and "marked 2 quarantine entries (unknown_item of run r1)" in one_run.stdout
+    again = recmodel("quarantine", "replay", "--reason", "unknown_item", "--run", "r1", url=db_url, home=tmp_path)
+    assert "nothing to replay" in again.stdout
 
 
 def test_seed_status_and_db_url(db_url: str, tmp_path: Path) -> None:

@@ -135,3 +135,37 @@ def test_an_empty_catalog_is_a_clear_error(recsys_env: str) -> None:
     ctx = pipeline.make_context(NOW, SMALL_MODEL)
     with pytest.raises(ExtractError, match="items table is empty"):
         pipeline.step_extract(ctx)
+
+
+def test_quarantine_replay_readmits_fixed_rows_exactly_once(recsys_env: str) -> None:
+    from recmodel.extract import request_replay
+
+    seed_small(recsys_env, NOW)
+    at = NOW - timedelta(hours=1)
+    add_events(recsys_env, [(3, 990_001, "view", None, at, at), (3, 990_002, "click", None, at, at),
+                            (4, 990_003, "view", None, at, at),
+                            (4, 990_001, "teleport", None, at, at)])  # two reasons: waits for both
+    first = pipeline.make_context(NOW, SMALL_MODEL)
+    pipeline.step_validate(first, pipeline.step_extract(first))
+    with db.transaction(recsys_env) as conn:  # the catalog catches up with the events
+        conn.execute("INSERT INTO items (item_id, title) SELECT g, 'late item ' || g FROM generate_series(990001, 990003) g")
+        waiting = {r[0] for r in conn.execute("SELECT event_id FROM recsys.quarantine WHERE reason = 'unknown_item'")}
+        two_reasons, = conn.execute("SELECT event_id FROM recsys.quarantine WHERE reason = 'bad_event_type'").fetchone()
+
+    assert request_replay(recsys_env, "unknown_item") == (4, 3)
+    assert request_replay(recsys_env, "unknown_item") == (0, 3)  # asking twice changes nothing
+
+    later = pipeline.make_context(NOW + timedelta(days=10), SMALL_MODEL)  # far past the lookback window
+    validated = pipeline.step_validate(later, pipeline.step_extract(later))
+    readmitted = waiting - {two_reasons}
+    dataset = pd.read_parquet(validated["dataset_path"])
+    assert validated["new_rows"] == 3 and readmitted <= set(dataset["event_id"])
+    assert two_reasons not in set(dataset["event_id"])
+    rerun = pipeline.step_validate(later, pipeline.step_extract(later))  # the same rows again, no more
+    assert rerun["new_rows"] == 3 and len(pd.read_parquet(rerun["dataset_path"])) == len(dataset)
+    with db.connect(recsys_env) as conn:
+        replayed = dict(conn.execute("SELECT event_id, replayed_by FROM recsys.quarantine WHERE reason = 'unknown_item'"))
+    assert replayed == {**{e: later.run_key for e in readmitted}, two_reasons: None}
+
+    after = pipeline.make_context(NOW + timedelta(days=11), SMALL_MODEL)
+    assert pipeline.step_validate(after, pipeline.step_extract(after))["new_rows"] == 0  # exactly once
