@@ -1,0 +1,109 @@
+"""Security against a real Postgres: the reader role, hostile strings as data, artifacts, credentials."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import errors
+from sqlalchemy.engine import make_url
+
+from conftest import seed_small
+from recmodel import dashboard, db, pipeline
+from recmodel.publish import publish, table_name
+from test_publish import INSERT_MODEL, frames, register
+
+pytestmark = pytest.mark.reliability
+
+NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+HOSTILE = ["Robert'); DROP TABLE items; --", 'quote " and \\ backslash', "tab\tnew\nline", "☃ 雪 \u202e rtl",
+           "semi;colon", "\\N", "%s %(name)s {}"]
+
+
+def test_reader_role_reads_the_serving_views_and_nothing_else(db_url: str) -> None:
+    register(db_url, "v20261101000000")
+    publish(db_url, "v20261101000000", frames(5, 3, seed=1), generated_at=NOW, keep_versions=3)
+    with db.connect(db_url, autocommit=True) as conn:
+        conn.execute("SET ROLE recsys_reader")
+        for view in ("user_recommendations", "similar_items", "popular_items"):
+            assert conn.execute(f"SELECT count(*) FROM recsys.{view}").fetchone()[0] > 0
+        refused = [
+            "SELECT * FROM interactions LIMIT 1", "SELECT * FROM items LIMIT 1",
+            "SELECT * FROM recsys.model_registry", "SELECT * FROM recsys.pipeline_runs",
+            "SELECT * FROM recsys.quarantine", "SELECT * FROM recsys.published_versions",
+            f"SELECT * FROM recsys.{table_name('user_recommendations', 'v20261101000000')}",
+            "INSERT INTO recsys.popular_items VALUES (1, 1, 1.0, 'v')", "DELETE FROM recsys.user_recommendations",
+            "UPDATE interactions SET user_id = 0", "CREATE TABLE recsys.mine (a int)", "CREATE TABLE public.mine (a int)",
+        ]
+        for statement in refused:
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(statement)
+
+
+def test_hostile_strings_are_data_everywhere(recsys_env: str) -> None:
+    seed_small(recsys_env, NOW, events=800)
+    at = NOW - timedelta(hours=1)
+    with db.transaction(recsys_env) as conn:
+        for n, text in enumerate(HOSTILE):
+            conn.execute("UPDATE items SET title = %s WHERE item_id = %s", (text, n + 1))
+            conn.execute("INSERT INTO interactions (user_id, item_id, event_type, occurred_at, ingested_at) "
+                         "VALUES (5, 1, %s, %s, %s)", (text, at, at))
+    context = pipeline.make_context(NOW, {})
+    pipeline.step_validate(context, pipeline.step_extract(context))
+    with db.connect(recsys_env) as conn:
+        quarantined = {r[0] for r in conn.execute(
+            "SELECT row_data ->> 'event_type' FROM recsys.quarantine WHERE reason = 'bad_event_type'")}
+        assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 150  # nothing dropped
+    assert quarantined == set(HOSTILE)  # stored as data, byte for byte
+
+    register(recsys_env, "v20261101120000")
+    recommended = frames(5, len(HOSTILE), seed=3)
+    recommended["user_recommendations"]["item_id"] = list(range(1, len(HOSTILE) + 1)) * 5
+    publish(recsys_env, "v20261101120000", recommended, generated_at=NOW, keep_versions=3)
+    titles = [r["title"] for r in dashboard.user(recsys_env, 1)["recommendations"]]
+    assert titles == HOSTILE
+
+
+def test_a_tampered_or_missing_champion_artifact_is_refused(recsys_env: str, tmp_path: Path) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"the exported graph")
+    with db.transaction(recsys_env) as conn:
+        conn.execute(INSERT_MODEL, ("v20261101000000", "r"))
+        conn.execute("UPDATE recsys.model_registry SET status = 'champion', onnx_path = %s, onnx_sha256 = %s",
+                     (str(onnx), hashlib.sha256(onnx.read_bytes()).hexdigest()))
+    assert pipeline.verified_champion(recsys_env).onnx_path == onnx
+    onnx.write_bytes(b"the exported graph, edited")
+    with pytest.raises(RuntimeError, match="has sha256 .* the registry recorded .*; refusing to use it"):
+        pipeline.verified_champion(recsys_env)
+    onnx.unlink()
+    with pytest.raises(FileNotFoundError, match="v20261101000000: artifact .* is missing"):
+        pipeline.verified_champion(recsys_env)
+
+
+def test_the_database_password_never_reaches_logs_tables_or_the_api(recsys_env: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    secret = "pw-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+    with_password = make_url(recsys_env).set(password=secret).render_as_string(hide_password=False)
+    with psycopg.connect(db.libpq_url(with_password)):  # the test server trusts local users: any password works
+        pass
+    monkeypatch.setenv("RECSYS_DATABASE_URL", with_password)
+    seed_small(with_password, NOW, events=800)
+    with caplog.at_level(logging.DEBUG):
+        context = pipeline.make_context(NOW, {})
+        pipeline.step_validate(context, pipeline.step_extract(context))
+        with pytest.raises(db.DatabaseError) as failure:
+            db.connect(make_url(with_password).set(port=1, host="127.0.0.1").render_as_string(hide_password=False))
+    assert secret not in str(failure.value) and "***" in str(failure.value)
+    assert not [r for r in caplog.records if secret in r.getMessage()]
+    with db.connect(recsys_env) as conn:
+        stored = conn.execute("SELECT string_agg(details::text || coalesce(message, ''), '') "
+                              "FROM recsys.pipeline_runs").fetchone()[0]
+    assert stored and secret not in stored
+    answers = [dashboard.runs(recsys_env), dashboard.data_quality(recsys_env, Path(context.home)),
+               dashboard.serving(recsys_env)]
+    assert secret not in repr(answers)
