@@ -69,36 +69,88 @@ def test_republishing_a_version_replaces_it_without_duplicates(db_url: str) -> N
         assert conn.execute("SELECT count(*) FROM recsys.published_versions").fetchone()[0] == 1
 
 
+READER_QUERIES = 10_000
+USERS = 200
+
+
 @pytest.mark.reliability
 def test_readers_never_see_a_mix_or_an_empty_table(db_url: str) -> None:
+    """Two app-like readers (a user's list; now and then the whole table) across publishes and rollbacks."""
     versions = [f"v2026110{d}000000" for d in range(1, 6)]
     register(db_url, *versions)
-    publish(db_url, versions[0], frames(200, 20, 0), generated_at=NOW, keep_versions=2)
+    publish(db_url, versions[0], frames(USERS, 20, 0), generated_at=NOW, keep_versions=2)
     stop = threading.Event()
-    seen: list[tuple[int, int]] = []
+    reads: list[tuple[int, int, str | None]] = []  # (rows, distinct versions, version) per query
     errors: list[BaseException] = []
 
-    def reader() -> None:
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
         try:
             with psycopg.connect(db.libpq_url(db_url), autocommit=True) as conn:
                 while not stop.is_set():
-                    seen.append(conn.execute(
-                        "SELECT count(*), count(DISTINCT model_version) FROM recsys.user_recommendations").fetchone())
+                    if rng.random() < 0.02:
+                        row = conn.execute("SELECT count(*), count(DISTINCT model_version), min(model_version) "
+                                           "FROM recsys.user_recommendations").fetchone()
+                    else:
+                        row = conn.execute("SELECT count(*), count(DISTINCT model_version), min(model_version) "
+                                           "FROM recsys.user_recommendations WHERE user_id = %s",
+                                           (int(rng.integers(1, USERS + 1)),)).fetchone()
+                    reads.append(row)
         except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 
-    thread = threading.Thread(target=reader)
-    thread.start()
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    switches = 0
     try:
         for number, version in enumerate(versions[1:], start=1):
-            publish(db_url, version, frames(200 + number, 20, number), generated_at=NOW, keep_versions=2)
+            publish(db_url, version, frames(USERS, 20, number), generated_at=NOW, keep_versions=2)
+            switches += 1
+        target = versions[-2]
+        while len(reads) < READER_QUERIES:  # then back and forth until the readers have read enough
+            rollback(db_url, target)
+            target = versions[-1] if target == versions[-2] else versions[-2]
+            switches += 1
     finally:
         stop.set()
+        for thread in threads:
+            thread.join()
+    mixed = [r for r in reads if r[1] != 1]
+    wrong_size = [r for r in reads if r[0] not in (20, USERS * 20)]
+    print(f"\nreaders: {len(reads):,} queries across {switches} switches; errors {len(errors)}, "
+          f"mixed-version reads {len(mixed)}, empty or partial reads {len(wrong_size)}")
+    assert not errors and len(reads) >= READER_QUERIES
+    assert mixed == [] and wrong_size == []
+    assert len({r[2] for r in reads}) >= 3  # the readers really saw the switches
+
+
+def test_two_publishes_at_once_serialise_and_the_newer_data_wins(db_url: str) -> None:
+    register(db_url, "v20261101000000", "v20261102000000")
+    with db.transaction(db_url) as conn:
+        conn.execute("UPDATE recsys.model_registry SET watermark = to_timestamp(substr(version, 2), 'YYYYMMDDHH24MISS')")
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def run(version: str, seed: int) -> None:
+        barrier.wait()
+        try:
+            publish(db_url, version, frames(50, 20, seed), generated_at=NOW, keep_versions=3)
+            outcomes[version] = "published"
+        except PublishError as exc:
+            outcomes[version] = str(exc)
+
+    threads = [threading.Thread(target=run, args=(v, n)) for n, v in enumerate(("v20261101000000", "v20261102000000"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
         thread.join()
-    assert not errors
-    assert len(seen) > 50
-    valid_counts = {(200 + n) * 20 for n in range(len(versions))}
-    assert all(count in valid_counts and distinct == 1 for count, distinct in seen), set(seen) - {(c, 1) for c in valid_counts}
+    assert outcomes["v20261102000000"] == "published"
+    assert outcomes["v20261101000000"] == "published" or outcomes["v20261101000000"].startswith("refusing to publish")
+    with db.connect(db_url) as conn:
+        assert serving(db_url) == ("v20261102000000", 50 * 20)
+        assert conn.execute("SELECT count(*) FROM recsys.published_versions WHERE serving").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM recsys.model_registry WHERE status = 'champion'").fetchone()[0] == 1
 
 
 def test_a_failed_check_leaves_the_serving_version_alone(db_url: str) -> None:
