@@ -23,6 +23,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from recmodel.alerts import RecsysNotifier
 
 SCHEDULE = os.environ.get("RECSYS_RETRAIN_SCHEDULE", "@daily")
+# A task that fails on a transient fault (a dropped connection, a restarted database) runs once more.
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("RECSYS_RETRY_DELAY_SECONDS", "120")))
 
 
 def _context(context: dict[str, Any]):
@@ -39,7 +41,7 @@ def _context(context: dict[str, Any]):
     max_active_runs=1,
     tags=["recsys"],
     doc_md=__doc__,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=2), "on_failure_callback": RecsysNotifier()},
+    default_args={"retries": 1, "retry_delay": RETRY_DELAY, "on_failure_callback": RecsysNotifier()},
 )
 def recsys_retrain():
     @task

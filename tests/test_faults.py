@@ -150,3 +150,44 @@ def test_sigkill_during_publish(served_once: tuple) -> None:
         assert staged == 3  # loaded, about to switch
         kill(run)
     assert_recovers(url, before, first_version)
+
+
+def test_a_dropped_connection_fails_the_task_and_airflow_retries_it(airflow_ready: dict[str, str], recsys_env: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from recmodel.runner import run_dag
+
+    monkeypatch.setenv("RECSYS_RETRY_DELAY_SECONDS", "1")
+    seed_small(recsys_env, NOW)
+    dropped: list[int] = []
+
+    def drop_the_extract_connection() -> None:
+        with db.connect(recsys_env) as holder:
+            holder.execute("LOCK TABLE interactions IN ACCESS EXCLUSIVE MODE")
+            deadline = time.monotonic() + 120
+            while not dropped and time.monotonic() < deadline:
+                with db.connect(recsys_env, autocommit=True) as admin:
+                    pids = [r[0] for r in admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")]
+                    for pid in pids:
+                        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    dropped.extend(pids)
+                time.sleep(0.1)
+
+    saboteur = threading.Thread(target=drop_the_extract_connection)
+    saboteur.start()
+    outcome = run_dag("recsys_retrain", conf={**SMALL_MODEL, "as_of": NOW.isoformat()}, logical_date=NOW)
+    saboteur.join()
+    assert dropped, "the extract never waited on the locked table"
+    assert outcome.succeeded, outcome.task_states
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        extract_ti = session.query(TaskInstance).filter_by(dag_id="recsys_retrain", run_id=outcome.run_id,
+                                                           task_id="extract").one()
+        assert extract_ti.try_number == 2  # failed once on the dropped connection, then succeeded
+    with db.connect(recsys_env) as conn:
+        assert conn.execute("SELECT status FROM recsys.pipeline_runs").fetchone()[0] == "success"
