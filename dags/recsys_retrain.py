@@ -46,9 +46,13 @@ def _context(context: dict[str, Any]):
 def recsys_retrain():
     @task
     def extract(**context) -> dict:
+        from recmodel.extract import ExtractError
         from recmodel.pipeline import step_extract
 
-        return step_extract(_context(context), dag_run_id=context["run_id"])
+        try:
+            return step_extract(_context(context), dag_run_id=context["run_id"])
+        except ExtractError as exc:
+            raise AirflowFailException(str(exc)) from exc  # a changed schema or empty catalog: no retry
 
     @task
     def validate(extracted: dict, **context) -> dict:

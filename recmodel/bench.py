@@ -276,7 +276,7 @@ def extract_comparison(url: str, as_of: datetime, rows: int) -> dict[str, Any]:
         extract(url, "bench-reread", as_of, Path(tmp), lookback=timedelta(0))
         reread_seconds = time.perf_counter() - started
 
-    window = {"low": datetime(1970, 1, 1, tzinfo=timezone.utc), "high": as_of}
+    window = {"low": datetime(1970, 1, 1, tzinfo=timezone.utc), "high": as_of, "run_key": "bench-baseline"}
     with db.connect(url) as conn:
         query = sql.SQL(SELECT_INCREMENT).format(**{k: sql.Literal(v) for k, v in window.items()}).as_string(conn)
         started = time.perf_counter()

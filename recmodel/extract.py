@@ -57,13 +57,19 @@ ORDER BY high_watermark DESC LIMIT 1
 REPLAY_PENDING = """
 SELECT event_id FROM recsys.quarantine
 WHERE run_key <> {run_key} AND (replayed_by IS NULL OR replayed_by = {run_key})
+  AND event_id IN (SELECT event_id FROM recsys.quarantine WHERE replay_requested_at IS NOT NULL
+                   AND (replayed_by IS NULL OR replayed_by = {run_key}))
 GROUP BY event_id HAVING bool_and(replay_requested_at IS NOT NULL)
 """
+# Two branches rather than one OR, so the window keeps its index range scan on a large table.
 SELECT_INCREMENT = """
 SELECT event_id, user_id, item_id, event_type, value::float8, occurred_at, ingested_at
 FROM interactions
-WHERE (ingested_at > {low} AND ingested_at <= {high})
-   OR (ingested_at <= {high} AND event_id IN (""" + REPLAY_PENDING + """))
+WHERE ingested_at > {low} AND ingested_at <= {high}
+UNION ALL
+SELECT event_id, user_id, item_id, event_type, value::float8, occurred_at, ingested_at
+FROM interactions
+WHERE ingested_at <= {low} AND event_id IN (""" + REPLAY_PENDING + """)
 """
 # Quarantined by an earlier run and not (or not yet) up for replay: never read again.
 SELECT_QUARANTINED_IN_WINDOW = """
@@ -88,6 +94,21 @@ SELECT item_id, title, description, array_to_json(tags)::text, created_at, activ
 """
 CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
 
+# The source's column types, checked before reading: a changed type would otherwise surface as an
+# Arrow parse error deep in the COPY, or worse, as silently different values.
+SELECT_SOURCE_COLUMNS = """
+SELECT table_name, column_name, data_type FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name IN ('interactions', 'items')
+"""
+SOURCE_TYPES = {
+    "interactions": {"event_id": {"bigint", "integer"}, "user_id": {"bigint", "integer"},
+                     "item_id": {"bigint", "integer"}, "event_type": {"text", "character varying"},
+                     "value": {"real", "double precision", "numeric", "integer", "smallint"},
+                     "occurred_at": {"timestamp with time zone"}, "ingested_at": {"timestamp with time zone"}},
+    "items": {"item_id": {"bigint", "integer"}, "title": {"text", "character varying"},
+              "description": {"text", "character varying"}, "tags": {"ARRAY"},
+              "created_at": {"timestamp with time zone"}, "active": {"boolean"}},
+}
 INCREMENT_FILE = "increment.parquet"
 CATALOG_FILE = "catalog.parquet"
 
@@ -112,6 +133,7 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
     """Write this run's increment and a catalog snapshot under `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with db.connect(url) as conn:
+        check_source_schema(conn)
         previous = conn.execute(SELECT_PREVIOUS_WATERMARK, {"as_of": as_of, "run_key": run_key}).fetchone()
         low = previous[1] if previous else None
         base_dataset = previous[2] if previous else None
@@ -128,6 +150,22 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
     return ExtractResult(increment_path=str(increment_path), catalog_path=str(catalog_path), rows=rows,
                          rows_already_seen=skipped, low_watermark=low, high_watermark=as_of,
                          base_dataset_path=base_dataset, catalog_items=catalog_items)
+
+
+def check_source_schema(conn) -> None:
+    """Fail before reading when a source column is missing or changed type; the message names each one."""
+    found = {(table, column): data_type for table, column, data_type in conn.execute(SELECT_SOURCE_COLUMNS)}
+    problems = []
+    for table, columns in SOURCE_TYPES.items():
+        for column, allowed in columns.items():
+            actual = found.get((table, column))
+            if actual is None:
+                problems.append(f"{table}.{column} is missing")
+            elif actual not in allowed:
+                problems.append(f"{table}.{column} is {actual}, expected {' or '.join(sorted(allowed))}")
+    if problems:
+        raise ExtractError("the source tables changed schema: " + "; ".join(problems)
+                           + " (DESIGN.md lists the columns the pipeline reads)")
 
 
 def _already_used_ids(conn, run_key: str, base_dataset: str | None, low: datetime, high: datetime) -> np.ndarray:

@@ -4,5 +4,6 @@
 ALTER TABLE recsys.quarantine
     ADD COLUMN replay_requested_at timestamptz,
     ADD COLUMN replayed_by text;
-CREATE INDEX quarantine_replay_pending_idx ON recsys.quarantine (event_id)
-    WHERE replay_requested_at IS NOT NULL AND replayed_by IS NULL;
+-- Each extract looks up the few rows up for replay, then all entries of those rows.
+CREATE INDEX quarantine_replay_idx ON recsys.quarantine (event_id) WHERE replay_requested_at IS NOT NULL;
+CREATE INDEX quarantine_event_idx ON recsys.quarantine (event_id);

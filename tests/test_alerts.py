@@ -53,6 +53,7 @@ def test_freshness_dag_skips_empty_serving_passes_fresh_and_alerts_on_stale(airf
     assert alert["kind"] == "serving_stale" and alert["channels"] == ["log", "pipeline_runs"]
 
 
+@pytest.mark.reliability
 def test_an_alert_survives_a_dead_mail_server(airflow_ready: dict[str, str], recsys_env: str,
                                               monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from recmodel import alerts

@@ -116,6 +116,7 @@ def serving(url: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.reliability
 def test_bad_data_fails_the_run_without_retry_and_publishes_nothing(airflow_ready: dict[str, str], recsys_env: str) -> None:
     from recmodel.runner import run_dag
 

@@ -6,9 +6,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from recmodel import db
-from recmodel.extract import commit_watermark, extract
+from recmodel.extract import ExtractError, commit_watermark, extract
+
+pytestmark = pytest.mark.reliability  # late rows, reruns, changed schemas
 
 T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
 LOOKBACK = timedelta(hours=48)
@@ -62,3 +65,14 @@ def test_catalog_snapshot_keeps_tags_nulls_and_the_active_flag(db_url: str, tmp_
     assert [(r["item_id"], r["title"], r["description"], r["tags"], r["active"]) for r in rows] == [
         (1, "one", None, None, True), (2, "two", None, ["a,b", 'quote"', "back\\slash"], False),
         (3, "tab\there", "d", [], None)]
+
+
+def test_a_changed_source_schema_stops_the_extract_with_each_problem_named(db_url: str, tmp_path: Path) -> None:
+    _insert(db_url, [(1, "view", T0)])
+    with db.transaction(db_url) as conn:
+        conn.execute("ALTER TABLE interactions ALTER COLUMN user_id TYPE text")
+        conn.execute("ALTER TABLE items DROP COLUMN active")
+    with pytest.raises(ExtractError) as failure:
+        extract(db_url, "run-a", T0 + timedelta(hours=1), tmp_path, lookback=LOOKBACK)
+    assert str(failure.value) == ("the source tables changed schema: interactions.user_id is text, expected bigint or "
+                                  "integer; items.active is missing (DESIGN.md lists the columns the pipeline reads)")

@@ -85,6 +85,7 @@ def test_binary_copy_stream_refuses_what_it_cannot_encode() -> None:
         list(pgbulk.binary_copy_stream([("timestamptz", datetime(2026, 1, 1))], rows=1))
 
 
+@pytest.mark.reliability
 def test_publish_refuses_duplicate_keys_and_serves_nothing_new(db_url: str) -> None:
     register(db_url, "v20261101000000")
     broken = frames(users=3, k=2, seed=0)

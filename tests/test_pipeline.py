@@ -137,6 +137,7 @@ def test_an_empty_catalog_is_a_clear_error(recsys_env: str) -> None:
         pipeline.step_extract(ctx)
 
 
+@pytest.mark.reliability
 def test_quarantine_replay_readmits_fixed_rows_exactly_once(recsys_env: str) -> None:
     from recmodel.extract import request_replay
 

@@ -125,6 +125,7 @@ def test_readers_never_see_a_mix_or_an_empty_table(db_url: str) -> None:
     assert len({r[2] for r in reads}) >= 3  # the readers really saw the switches
 
 
+@pytest.mark.reliability
 def test_two_publishes_at_once_serialise_and_the_newer_data_wins(db_url: str) -> None:
     register(db_url, "v20261101000000", "v20261102000000")
     with db.transaction(db_url) as conn:
@@ -153,6 +154,7 @@ def test_two_publishes_at_once_serialise_and_the_newer_data_wins(db_url: str) ->
         assert conn.execute("SELECT count(*) FROM recsys.model_registry WHERE status = 'champion'").fetchone()[0] == 1
 
 
+@pytest.mark.reliability
 def test_a_failed_check_leaves_the_serving_version_alone(db_url: str) -> None:
     register(db_url, "v20261101000000", "v20261102000000")
     publish(db_url, "v20261101000000", frames(20, 5, 0), generated_at=NOW, keep_versions=3)
@@ -167,6 +169,7 @@ def test_a_failed_check_leaves_the_serving_version_alone(db_url: str) -> None:
     assert serving(db_url) == ("v20261101000000", 100)
 
 
+@pytest.mark.reliability
 def test_an_older_model_is_never_published_over_a_newer_one(db_url: str) -> None:
     register(db_url, "v20261102000000", "v20261101000000")
     with db.transaction(db_url) as conn:  # the watermark is the as-of time of the model's data
@@ -181,6 +184,7 @@ def test_an_older_model_is_never_published_over_a_newer_one(db_url: str) -> None
     assert staging == 0  # refused before loading anything
 
 
+@pytest.mark.reliability
 def test_rollback_and_its_refusals(db_url: str) -> None:
     versions = ["v20261101000000", "v20261102000000", "v20261103000000"]
     register(db_url, *versions, "v20261104000000")
@@ -202,6 +206,7 @@ def test_rollback_and_its_refusals(db_url: str) -> None:
     assert serving(db_url)[0] == "v20261102000000"
 
 
+@pytest.mark.reliability
 def test_hostile_version_names_are_refused(db_url: str) -> None:
     with pytest.raises(PublishError, match="is not of the form"):
         publish(db_url, 'v1"; DROP TABLE items; --', frames(5, 2, 0), generated_at=NOW, keep_versions=2)

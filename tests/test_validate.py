@@ -13,6 +13,8 @@ import pytest
 from recmodel.config import PipelineConfig
 from recmodel.validate import REASONS, Reference, ValidationReport, jensen_shannon, validate_increment
 
+pytestmark = pytest.mark.reliability  # bad input: every case here is one
+
 AS_OF = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
 CATALOG = np.arange(1, 51, dtype=np.int64)
 
