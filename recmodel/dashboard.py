@@ -52,6 +52,7 @@ SELECT_PUBLISHED = """
 SELECT version, published_at, serving, pruned_at, row_counts, tables
 FROM recsys.published_versions ORDER BY published_at DESC
 """
+SELECT_PUBLICATION = "SELECT serving, pruned_at FROM recsys.published_versions WHERE version = %s"
 COUNT_USERS_COVERED = "SELECT count(*) FROM recsys.{} WHERE rank = 1"  # one rank-1 row per covered user
 SELECT_HISTORY = """
 SELECT x.item_id, i.title, x.event_type, x.value, x.occurred_at
@@ -191,16 +192,16 @@ def user(url: str, user_id: int, history: int = 20, k: int = 20) -> dict[str, An
             "recommendations": recommendations}
 
 
-def rollback_target(url: str, version: str) -> dict[str, Any]:
+def rollback_target(url: str, version: str) -> None:
     """Check that `version` can be served again before a rollback run is queued for it."""
     if not VERSION_PATTERN.match(version):
         raise NotFound(f"{version!r} is not a model version (expected v followed by 14 digits)")
-    for row in serving(url)["versions"]:
-        if row["version"] != version:
-            continue
-        if row["serving"]:
-            raise Conflict(f"{version} is already serving; nothing to roll back")
-        if row["pruned_at"] is not None:
-            raise Conflict(f"cannot roll back to {version}: its tables were pruned on {row['pruned_at']:%Y-%m-%d %H:%M}")
-        return row
-    raise NotFound(f"{version} was never published (or does not exist)")
+    with db.connect(url) as conn:
+        row = conn.execute(SELECT_PUBLICATION, (version,)).fetchone()
+    if row is None:
+        raise NotFound(f"{version} was never published (or does not exist)")
+    serving_now, pruned_at = row
+    if serving_now:
+        raise Conflict(f"{version} is already serving; nothing to roll back")
+    if pruned_at is not None:
+        raise Conflict(f"cannot roll back to {version}: its tables were pruned on {pruned_at:%Y-%m-%d %H:%M}")
