@@ -1,4 +1,4 @@
-"""recsys_retrain: extract -> validate -> train -> export -> gate -> score -> publish.
+"""recsys_retrain: extract -> validate -> train -> export -> gate -> score (mapped over user shards) -> publish.
 
 Thin wiring only: each task builds the run's context and calls one `recmodel.pipeline` step.
 Heavy libraries (torch, GX, transformers, onnxruntime) are imported inside the steps, so this
@@ -95,21 +95,38 @@ def recsys_retrain():
         return gated
 
     @task
-    def score(gated: dict, **context) -> dict:
-        from recmodel.pipeline import step_score
-
+    def plan_scoring(gated: dict, **context) -> list[int]:
+        """One mapped `score_users` task per user shard (`score_shards` in the run's conf)."""
         if not gated["accepted"]:
             raise AirflowSkipException("gate rejected the candidate; the champion keeps serving: "
                                        + "; ".join(gated["reasons"]))
-        return step_score(_context(context), gated)
+        return list(range(_context(context).config.score_shards))
 
     @task
-    def publish(scored: dict, **context) -> dict:
-        from recmodel.pipeline import step_publish
+    def score_users(gated: dict, shard: int, **context) -> dict:
+        from recmodel.pipeline import step_score_users
 
-        return step_publish(_context(context), scored)
+        ctx = _context(context)
+        return step_score_users(ctx, gated, shard, ctx.config.score_shards)
 
-    publish(score(gate(export(train(validate(extract()))))))
+    @task
+    def score_items(gated: dict, **context) -> dict:
+        from recmodel.pipeline import step_score_items
+
+        if not gated["accepted"]:
+            raise AirflowSkipException("gate rejected the candidate; nothing to score")
+        return step_score_items(_context(context), gated)
+
+    @task
+    def publish(user_shards: list[dict], item_tables: dict, **context) -> dict:
+        from recmodel.pipeline import scored_tables, step_publish
+
+        ctx = _context(context)
+        return step_publish(ctx, scored_tables(ctx, list(user_shards), item_tables))
+
+    gated = gate(export(train(validate(extract()))))
+    user_shards = score_users.partial(gated=gated).expand(shard=plan_scoring(gated))
+    publish(user_shards, score_items(gated))
 
 
 recsys_retrain()

@@ -220,7 +220,7 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
         exported = timed("export", pipeline.step_export, trained)
         gated = timed("gate", pipeline.step_gate, exported)
         scored = timed("score", pipeline.step_score, {**gated, "accepted": True})
-        users = int(_distinct_count(scored["tables"]["user_recommendations"], "user_id"))
+        users = sum(_distinct_count(path, "user_id") for path in scored["user_shards"])  # shards split users
         stages["score"]["users"] = users
         stages["score"]["pipeline_users_per_s"] = round(users / stages["score"]["seconds"])
         with ReaderLoad(url) as readers:
@@ -231,7 +231,7 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
                                   "reader_queries": readers.queries, "reader_errors": readers.errors,
                                   "reader_max_latency_s": round(readers.max_latency, 4)})
         if compare:
-            stages["publish"].update(publish_comparison(url, scored["tables"]["user_recommendations"]))
+            stages["publish"].update(publish_comparison(url, scored["user_shards"]))
     return stages
 
 
@@ -421,13 +421,13 @@ class ReaderLoad(BackgroundLoop):
                 self.queries += 1
 
 
-def publish_comparison(url: str, recommendations_path: str) -> dict[str, Any]:
+def publish_comparison(url: str, recommendation_shards: list[str]) -> dict[str, Any]:
     """Binary COPY of the whole recommendations table vs executemany INSERT of a sample, same table."""
     import pandas as pd
 
     from recmodel import pgbulk
 
-    frame = pd.read_parquet(recommendations_path)
+    frame = pd.concat([pd.read_parquet(path) for path in recommendation_shards], ignore_index=True)
     columns = [("int8", frame["user_id"].to_numpy()), ("int4", frame["rank"].to_numpy()),
                ("int8", frame["item_id"].to_numpy()), ("float4", frame["score"].to_numpy()),
                ("text", "v20260101000000"), ("timestamptz", datetime.now(timezone.utc))]

@@ -77,6 +77,7 @@ class PipelineConfig:
     popular_k: int = 100
     popular_window_days: float = 14.0
     score_batch_size: int = 1024
+    score_shards: int = 1  # user shards scored as separate (mapped) Airflow tasks, on any worker
     keep_versions: int = 3
 
     @classmethod
@@ -102,7 +103,7 @@ class PipelineConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "patience", "batch_size", "top_k",
-                     "similar_k", "popular_k", "score_batch_size", "keep_versions", "volume_history_runs",
+                     "similar_k", "popular_k", "score_batch_size", "score_shards", "keep_versions", "volume_history_runs",
                      "volume_min_history", "drift_min_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -286,39 +286,81 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     return {**exported, "accepted": decision.accepted, "reasons": decision.reasons}
 
 
-def step_score(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
+def shard_of(user_ids: np.ndarray, shards: int) -> np.ndarray:
+    """The scoring shard of each user: stable across runs and workers (user_id mod shards)."""
+    return np.asarray(user_ids, dtype=np.int64) % shards
 
+
+def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    """Top-K for the users of one shard, written to its own Parquet file (the DAG maps this over shards)."""
+    from recmodel import score
+    from recmodel.train import load_vocab
+
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not within 0..{shards - 1}")
+    registry.update_run(ctx.url, ctx.run_key, stage="score")
+    dataset = read_interactions(gated["dataset_path"])
+    dataset = dataset[shard_of(dataset["user_id"].to_numpy(), shards) == shard]
+    recommendations, provider = score.recommend(Path(gated["onnx_path"]), load_vocab(Path(gated["model_dir"])),
+                                                dataset, top_k=ctx.config.top_k,
+                                                batch_size=ctx.config.score_batch_size)
+    path = ctx.run_dir / RECOMMENDATIONS_FILE.replace(".parquet", f".shard-{shard}-of-{shards}.parquet")
+    recommendations.to_parquet(path, index=False)
+    log.info("scored shard %d of %d: %d users on %s", shard + 1, shards, recommendations["user_id"].nunique(), provider)
+    return {"shard": shard, "shards": shards, "path": str(path), "provider": provider,
+            "users": int(recommendations["user_id"].nunique()), "rows": int(len(recommendations))}
+
+
+def step_score_items(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
+    """The item tables, which every user shares: similar items and popular items (the fallback)."""
     from recmodel import score
     from recmodel.export import inactive_mask
     from recmodel.train import load_vocab
 
-    registry.update_run(ctx.url, ctx.run_key, stage="score")
     dataset = read_interactions(gated["dataset_path"])
     catalog = read_catalog(gated["catalog_path"])
     model_dir = Path(gated["model_dir"])
     vocab = load_vocab(model_dir)
-    recommendations, provider = score.recommend(Path(gated["onnx_path"]), vocab, dataset, top_k=ctx.config.top_k,
-                                                batch_size=ctx.config.score_batch_size)
     similar = score.similar_items(np.load(model_dir / "item_vectors.npy"), vocab,
                                   inactive_mask(vocab, catalog), k=ctx.config.similar_k)
     popular = score.popular_items(dataset, catalog, k=ctx.config.popular_k,
                                   window_days=ctx.config.popular_window_days)
     paths = {}
-    for name, frame in ((RECOMMENDATIONS_FILE, recommendations), (SIMILAR_FILE, similar), (POPULAR_FILE, popular)):
+    for name, frame in ((SIMILAR_FILE, similar), (POPULAR_FILE, popular)):
         path = ctx.run_dir / name
         frame.to_parquet(path, index=False)
         paths[name.removesuffix(".parquet")] = str(path)
+    return paths
+
+
+def step_score(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
+    """Every shard of `score_shards` in turn, then the item tables: what the DAG's mapped tasks do."""
+    shards = ctx.config.score_shards
+    user_shards = [step_score_users(ctx, gated, shard, shards) for shard in range(shards)]
+    return scored_tables(ctx, user_shards, step_score_items(ctx, gated))
+
+
+def scored_tables(ctx: RunContext, user_shards: list[dict[str, Any]], item_tables: dict[str, str]) -> dict[str, Any]:
+    """What publish loads: every shard's file for user_recommendations, one file per item table."""
+    found = sorted(s["shard"] for s in user_shards)
+    expected = list(range(user_shards[0]["shards"])) if user_shards else []
+    if not user_shards or found != expected:
+        raise ValueError(f"scoring shards {found} do not cover 0..{len(expected) - 1}: refusing to publish a partial table")
     registry.update_run(ctx.url, ctx.run_key, details={"score": {
-        "provider": provider, "users": int(recommendations["user_id"].nunique()),
-        "rows": {k: int(len(f)) for k, f in zip(paths, (recommendations, similar, popular))}}})
-    return {"version": ctx.version, "tables": paths}
+        "provider": user_shards[0]["provider"], "shards": len(user_shards),
+        "users": sum(s["users"] for s in user_shards), "rows": sum(s["rows"] for s in user_shards)}})
+    return {"version": ctx.version, "user_shards": [s["path"] for s in sorted(user_shards, key=lambda s: s["shard"])],
+            "tables": item_tables}
 
 
 def step_publish(ctx: RunContext, scored: dict[str, Any]) -> dict[str, Any]:
+    """Assemble every shard into one versioned table (with the item tables) and switch to it."""
     from recmodel.publish import publish
 
     registry.update_run(ctx.url, ctx.run_key, stage="publish")
     frames = {view: pd.read_parquet(path) for view, path in scored["tables"].items()}
+    frames["user_recommendations"] = pd.concat([pd.read_parquet(path) for path in scored["user_shards"]],
+                                               ignore_index=True)
     result = publish(ctx.url, scored["version"], frames, generated_at=ctx.as_of,
                      keep_versions=ctx.config.keep_versions)
     registry.update_run(ctx.url, ctx.run_key, status="success", model_version=result.version,

@@ -89,12 +89,17 @@ def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> Dag
     if dag is None:
         raise AirflowRunError(f"DAG {dag_id!r} not found in {REPO_ROOT / 'dags'}")
     dag_run = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
-    task_states = {ti.task_id: str(ti.state.value if hasattr(ti.state, "value") else ti.state)
-                   for ti in dag_run.get_task_instances()}
-    task_seconds = {ti.task_id: (ti.end_date - ti.start_date).total_seconds()
-                    for ti in dag_run.get_task_instances() if ti.start_date and ti.end_date}
+    instances = dag_run.get_task_instances()
+    task_states = {_task_name(ti): str(ti.state.value if hasattr(ti.state, "value") else ti.state) for ti in instances}
+    task_seconds = {_task_name(ti): (ti.end_date - ti.start_date).total_seconds()
+                    for ti in instances if ti.start_date and ti.end_date}
     state = str(dag_run.state.value if hasattr(dag_run.state, "value") else dag_run.state)
     return DagRunOutcome(run_id=dag_run.run_id, state=state, task_states=task_states, task_seconds=task_seconds)
+
+
+def _task_name(ti: Any) -> str:
+    """task_id, with the map index for mapped tasks (score_users[2]) so shards do not overwrite each other."""
+    return f"{ti.task_id}[{ti.map_index}]" if ti.map_index is not None and ti.map_index >= 0 else ti.task_id
 
 
 UI_COMPONENTS = ("api-server", "scheduler", "dag-processor")

@@ -120,8 +120,8 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     assert stages["train"]["tokens_per_s"] > 0 and 0 <= stages["train"]["input_wait_share"] < 1
     assert stages["score"]["users_per_s"] > 0 and stages["score"]["ort_vs_torch"] > 0
     assert stages["publish"]["copy_vs_executemany"] > 0 and stages["publish"]["reader_errors"] == 0
-    assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "score",
-                                                  "publish"}
+    assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "plan_scoring",
+                                                  "score_users[0]", "score_items", "publish"}
     assert 0 <= stages["end_to_end"]["airflow_overhead_share"] < 1
     assert set(result["scaling"]) == {"2000", "4000"}
     assert plot.read_bytes().startswith(b"\x89PNG")

@@ -76,7 +76,7 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
     # New activity: the next run extracts only it, warm-starts from the champion and publishes.
     later = NOW + timedelta(days=1)
     appended = seed_small(recsys_env, later, events=1500, seed=2)
-    lenient = {**SMALL_MODEL, "gate_champion_tolerance": 1.0, "as_of": later.isoformat()}
+    lenient = {**SMALL_MODEL, "gate_champion_tolerance": 1.0, "score_shards": 4, "as_of": later.isoformat()}
     second = run_dag("recsys_retrain", conf=lenient, logical_date=later)
     assert second.succeeded, second.task_states
     first_version, second_version = ("v" + t.strftime("%Y%m%d%H%M%S") for t in (NOW, later))
@@ -87,6 +87,11 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
                                (second_version,)).fetchone()
     assert extracted == appended.events_added and parent == first_version
     assert serving(recsys_env) == second_version
+    with db.connect(recsys_env) as conn:  # scored by 4 mapped tasks, published as one table
+        scored, = conn.execute("SELECT details -> 'score' FROM recsys.pipeline_runs WHERE model_version = %s",
+                               (second_version,)).fetchone()
+        rows, users = conn.execute("SELECT count(*), count(DISTINCT user_id) FROM recsys.user_recommendations").fetchone()
+    assert scored["shards"] == 4 and scored["users"] == users and rows == users * 20
 
     # A scheduled interval that ends before the champion's data (the DAG unpaused after a manual
     # run, or a backfill) builds its snapshot but trains nothing and publishes nothing.

@@ -170,3 +170,26 @@ def test_quarantine_replay_readmits_fixed_rows_exactly_once(recsys_env: str) -> 
 
     after = pipeline.make_context(NOW + timedelta(days=11), SMALL_MODEL)
     assert pipeline.step_validate(after, pipeline.step_extract(after))["new_rows"] == 0  # exactly once
+
+
+@pytest.mark.slow
+def test_scoring_in_four_shards_equals_scoring_in_one(recsys_env: str) -> None:
+    seed_small(recsys_env, NOW)
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    gated = pipeline.step_gate(ctx, pipeline.step_export(ctx, pipeline.step_train(
+        ctx, pipeline.step_validate(ctx, pipeline.step_extract(ctx)))))
+    whole = pd.read_parquet(pipeline.step_score_users(ctx, gated, 0, 1)["path"])
+    shards = [pipeline.step_score_users(ctx, gated, shard, 4) for shard in range(4)]
+    parts = [pd.read_parquet(s["path"]) for s in shards]
+    assert all(len(p) for p in parts)
+    users = [set(p["user_id"]) for p in parts]
+    assert sum(map(len, users)) == len(set().union(*users)) == whole["user_id"].nunique()  # disjoint, complete
+    assembled = pd.concat(parts).sort_values(["user_id", "rank"]).reset_index(drop=True)
+    whole = whole.sort_values(["user_id", "rank"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(assembled[["user_id", "rank", "item_id"]], whole[["user_id", "rank", "item_id"]])
+    assert (assembled["score"] - whole["score"]).abs().max() < 1e-4
+
+    with pytest.raises(ValueError, match=r"scoring shards \[0, 1, 3\] do not cover 0..3"):
+        pipeline.scored_tables(ctx, [s for s in shards if s["shard"] != 2], {})
+    published = pipeline.step_publish(ctx, pipeline.scored_tables(ctx, shards, pipeline.step_score_items(ctx, gated)))
+    assert published["row_counts"]["user_recommendations"] == len(whole)
