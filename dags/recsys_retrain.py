@@ -25,6 +25,9 @@ from recmodel.alerts import RecsysNotifier
 SCHEDULE = os.environ.get("RECSYS_RETRAIN_SCHEDULE", "@daily")
 # A task that fails on a transient fault (a dropped connection, a restarted database) runs once more.
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("RECSYS_RETRY_DELAY_SECONDS", "120")))
+# On a Celery deployment the GPU worker listens on this queue (docker-compose.yaml: `gpu`); every
+# other task, the scoring shards included, stays on Airflow's default queue.
+TRAIN_QUEUE = os.environ.get("RECSYS_TRAIN_QUEUE", "default")
 
 
 def _context(context: dict[str, Any]):
@@ -68,7 +71,7 @@ def recsys_retrain():
             raise AirflowSkipException(validated["message"])
         return validated
 
-    @task
+    @task(queue=TRAIN_QUEUE)
     def train(validated: dict, **context) -> dict:
         from recmodel.pipeline import SupersededRun, step_train
 
