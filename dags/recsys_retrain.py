@@ -17,10 +17,11 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from recmodel.alerts import RecsysNotifier
+from recmodel.assets import FRESH_INTERACTIONS, PUBLISHED_RECOMMENDATIONS
 
 SCHEDULE = os.environ.get("RECSYS_RETRAIN_SCHEDULE", "@daily")
 # A task that fails on a transient fault (a dropped connection, a restarted database) runs once more.
@@ -38,7 +39,8 @@ def _context(context: dict[str, Any]):
 
 @dag(
     dag_id="recsys_retrain",
-    schedule=SCHEDULE,
+    # On the cron schedule, and also as soon as recsys_fresh_data reports enough new interactions.
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(SCHEDULE, timezone="UTC"), assets=FRESH_INTERACTIONS),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -120,7 +122,7 @@ def recsys_retrain():
             raise AirflowSkipException("gate rejected the candidate; nothing to score")
         return step_score_items(_context(context), gated)
 
-    @task
+    @task(outlets=[PUBLISHED_RECOMMENDATIONS])  # consumers can schedule on a new version serving
     def publish(user_shards: list[dict], item_tables: dict, **context) -> dict:
         from recmodel.pipeline import scored_tables, step_publish
 

@@ -94,6 +94,15 @@ SELECT item_id, title, description, array_to_json(tags)::text, created_at, activ
 """
 CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
 
+# What the fresh-data check counts: rows ingested after the newest committed snapshot.
+COUNT_SINCE_LAST_SNAPSHOT = """
+SELECT count(*) FROM interactions
+WHERE ingested_at > COALESCE((SELECT max(high_watermark) FROM recsys.extract_watermarks), '-infinity')
+"""
+RETRAIN_RUNNING = """
+SELECT count(*) FROM recsys.pipeline_runs
+WHERE kind = 'retrain' AND status = 'running' AND started_at > now() - interval '1 day'
+"""
 # The source's column types, checked before reading: a changed type would otherwise surface as an
 # Arrow parse error deep in the COPY, or worse, as silently different values.
 SELECT_SOURCE_COLUMNS = """
@@ -223,6 +232,12 @@ def _snapshot_catalog(url: str, path: Path) -> int:
     table = wire.set_column(CATALOG_SCHEMA.get_field_index("tags"), CATALOG_SCHEMA.field("tags"), tags)
     pq.write_table(table, path)
     return table.num_rows
+
+
+def fresh_interactions(url: str) -> tuple[int, bool]:
+    """(rows ingested since the newest snapshot, whether a retrain is running now): the asset check's input."""
+    with db.connect(url) as conn:
+        return conn.execute(COUNT_SINCE_LAST_SNAPSHOT).fetchone()[0], conn.execute(RETRAIN_RUNNING).fetchone()[0] > 0
 
 
 def request_replay(url: str, reason: str, run_key: str | None = None) -> tuple[int, int]:

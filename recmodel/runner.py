@@ -103,7 +103,7 @@ def _task_name(ti: Any) -> str:
 
 
 UI_COMPONENTS = ("api-server", "scheduler", "dag-processor")
-DEMO_DAGS = ("recsys_retrain", "recsys_rollback", "recsys_freshness")
+DEMO_DAGS = ("recsys_retrain", "recsys_rollback", "recsys_freshness", "recsys_fresh_data")
 UI_ADMIN = "admin"
 
 

@@ -22,7 +22,7 @@ def test_dag_files_parse_fast_without_heavy_imports() -> None:
         "import sys, time\n"
         "t = time.perf_counter()\n"
         "import importlib.util\n"
-        "for name in ('recsys_retrain', 'recsys_rollback', 'recsys_freshness'):\n"
+        "for name in ('recsys_retrain', 'recsys_rollback', 'recsys_freshness', 'recsys_fresh_data'):\n"
         f"    spec = importlib.util.spec_from_file_location(name, r'{REPO_ROOT / 'dags'}/' + name + '.py')\n"
         "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "elapsed = time.perf_counter() - t\n"
@@ -46,7 +46,7 @@ def airflow_json(env: dict[str, str], *args: str) -> list[dict]:
 def test_airflow_reports_no_import_errors(airflow_ready: dict[str, str]) -> None:
     assert airflow_json(airflow_ready, "dags", "list-import-errors", "--local") == []
     listed = airflow_json(airflow_ready, "dags", "list", "--local")
-    assert {"recsys_retrain", "recsys_rollback", "recsys_freshness"} <= {d["dag_id"] for d in listed}
+    assert {"recsys_retrain", "recsys_rollback", "recsys_freshness", "recsys_fresh_data"} <= {d["dag_id"] for d in listed}
 
 
 @pytest.mark.slow
