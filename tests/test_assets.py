@@ -66,3 +66,59 @@ def test_the_threshold_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv(MIN_NEW_ROWS_ENV, bad)
         with pytest.raises(ValueError, match=MIN_NEW_ROWS_ENV):
             min_new_rows()
+
+
+@pytest.mark.slow
+def test_backfill_builds_past_snapshots_without_publishing_over_the_champion(airflow_ready: dict[str, str],
+                                                                             recsys_env: str, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    from airflow.models.asset import AssetDagRunQueue
+
+    from recmodel.runner import free_port, run_dag, set_paused, start_stack
+
+    seed_small(recsys_env, NOW)
+    champion = run_dag("recsys_retrain", conf={**SMALL_MODEL, "as_of": NOW.isoformat()}, logical_date=NOW)
+    assert champion.succeeded
+    with create_session() as session:  # other tests' fresh-data events must not start a run here
+        session.query(AssetDagRunQueue).filter_by(target_dag_id="recsys_retrain").delete()
+    set_paused(("recsys_retrain",), False)  # the scheduler runs no queued run of a paused DAG, backfills included
+    env = {**airflow_ready, "RECSYS_DATABASE_URL": recsys_env, "RECSYS_HOME": os.environ["RECSYS_HOME"]}
+    stack = start_stack(env, free_port(), tmp_path / "airflow-logs", components=("api-server", "scheduler"))
+    try:
+        subprocess.run([sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "recsys_retrain",
+                        "--from-date", "2026-10-30", "--to-date", "2026-10-31", "--max-active-runs", "1"],
+                       env={**os.environ, **env}, check=True, capture_output=True, text=True)
+        deadline = time.monotonic() + 300
+        while True:
+            with create_session() as session:
+                runs = session.query(DagRun).filter(DagRun.dag_id == "recsys_retrain",
+                                                    DagRun.backfill_id.isnot(None)).all()
+                states = sorted((run.logical_date.date().isoformat(), str(run.state)) for run in runs)
+            if len(states) == 2 and all(s in ("success", "failed") for _, s in states):
+                break
+            assert time.monotonic() < deadline, f"backfill runs still {states}; logs in {stack.log_dir}"
+            time.sleep(2)
+    finally:
+        stack.stop()
+        set_paused(("recsys_retrain",), True)
+    assert states == [("2026-10-30", "success"), ("2026-10-31", "success")]
+    with db.connect(recsys_env) as conn:
+        snapshots = conn.execute("SELECT run_key, dataset_rows FROM recsys.extract_watermarks ORDER BY run_key").fetchall()
+        runs = dict(conn.execute("SELECT run_key, message FROM recsys.pipeline_runs WHERE status = 'skipped'"))
+        models, serving = conn.execute("SELECT (SELECT count(*) FROM recsys.model_registry), "
+                                       "(SELECT version FROM recsys.published_versions WHERE serving)").fetchone()
+        at = {day: conn.execute("SELECT count(*) FROM interactions WHERE ingested_at <= %s", (day,)).fetchone()[0]
+              for day in ("2026-10-30T00:00:00Z", "2026-10-31T00:00:00Z")}
+    assert [key for key, _ in snapshots] == ["20261030T000000Z", "20261031T000000Z", "20261101T120000Z"]
+    rows = dict(snapshots)  # each past snapshot holds exactly the data ingested up to its time
+    assert (rows["20261030T000000Z"], rows["20261031T000000Z"]) == (at["2026-10-30T00:00:00Z"], at["2026-10-31T00:00:00Z"])
+    for key in ("20261030T000000Z", "20261031T000000Z"):
+        assert runs[key].startswith("superseded: the champion v20261101120000"), runs
+    assert (models, serving) == (1, "v20261101120000")  # nothing trained, nothing published over the champion
