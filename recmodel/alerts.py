@@ -30,6 +30,8 @@ ALERT_EMAIL_ENV = "RECSYS_ALERT_EMAIL"  # comma-separated recipients; unset: log
 SMTP_CONN_ENV = "RECSYS_SMTP_CONN_ID"
 ALERT_FROM_ENV = "RECSYS_ALERT_FROM"
 RETRAIN_DAG = "recsys_retrain"
+# The pipeline_runs kind of the other DAGs' rows (a retrain run reports to its own run's row).
+EVENT_KINDS = {"recsys_rollback": "rollback", "recsys_freshness": "freshness", "recsys_fresh_data": "fresh_data"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def run_key_of(context: dict[str, Any]) -> tuple[str, str]:
         from recmodel.pipeline import as_of_from_airflow
 
         return registry.run_key_for(as_of_from_airflow(context)[0]), "retrain"
-    kind = "rollback" if dag_run.dag_id == "recsys_rollback" else "freshness"
+    kind = EVENT_KINDS[dag_run.dag_id]
     return f"{kind}:{dag_run.run_id}", kind
 
 

@@ -306,9 +306,10 @@ def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, sha
                                                 batch_size=ctx.config.score_batch_size)
     path = ctx.run_dir / RECOMMENDATIONS_FILE.replace(".parquet", f".shard-{shard}-of-{shards}.parquet")
     recommendations.to_parquet(path, index=False)
-    log.info("scored shard %d of %d: %d users on %s", shard + 1, shards, recommendations["user_id"].nunique(), provider)
-    return {"shard": shard, "shards": shards, "path": str(path), "provider": provider,
-            "users": int(recommendations["user_id"].nunique()), "rows": int(len(recommendations))}
+    users = int(recommendations["user_id"].nunique())
+    log.info("scored shard %d of %d: %d users on %s", shard + 1, shards, users, provider)
+    return {"shard": shard, "shards": shards, "path": str(path), "provider": provider, "users": users,
+            "rows": int(len(recommendations))}
 
 
 def step_score_items(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:

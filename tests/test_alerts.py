@@ -91,3 +91,18 @@ def test_max_serving_age_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(registry.MAX_AGE_ENV, bad)
         with pytest.raises(ValueError, match=registry.MAX_AGE_ENV):
             registry.max_serving_age_hours()
+
+
+def test_each_dag_reports_to_a_row_of_its_own_kind(airflow_ready: dict[str, str], recsys_env: str) -> None:
+    from types import SimpleNamespace
+
+    from recmodel import alerts
+
+    for dag_id, kind in (("recsys_rollback", "rollback"), ("recsys_freshness", "freshness"),
+                         ("recsys_fresh_data", "fresh_data")):
+        run_key, found = alerts.run_key_of({"dag_run": SimpleNamespace(dag_id=dag_id, run_id="manual__1")})
+        assert (run_key, found) == (f"{kind}:manual__1", kind)
+        registry.record_event(recsys_env, run_key, kind=found, status="failed", stage="t", message="boom")
+    with db.connect(recsys_env) as conn:
+        kinds = {r[0] for r in conn.execute("SELECT kind FROM recsys.pipeline_runs")}
+    assert kinds == {"rollback", "freshness", "fresh_data"}
