@@ -1,4 +1,4 @@
-"""recsys_retrain: extract -> validate -> train -> export -> gate -> score (mapped over user shards) -> publish.
+"""recsys_retrain: extract -> validate -> train -> export -> gate -> refit -> score (mapped over user shards) -> publish.
 
 Thin wiring only: each task builds the run's context and calls one `recmodel.pipeline` step.
 Heavy libraries (torch, GX, transformers, onnxruntime) are imported inside the steps, so this
@@ -96,14 +96,21 @@ def recsys_retrain():
         ctx = _context(context)
         gated = step_gate(ctx, exported)
         if not gated["accepted"]:
-            notify_gate_rejection(ctx.url, ctx.run_key, ctx.version, gated["reasons"], context)
+            notify_gate_rejection(ctx.url, ctx.run_key, ctx.version, gated, context)
         return gated
+
+    @task(queue=TRAIN_QUEUE)
+    def refit(gated: dict, **context) -> dict:
+        """The accepted model trained on the whole snapshot, holdout included (a no-op otherwise)."""
+        from recmodel.pipeline import step_refit
+
+        return step_refit(_context(context), gated)
 
     @task
     def plan_scoring(gated: dict, **context) -> list[int]:
         """One mapped `score_users` task per user shard (`score_shards` in the run's conf)."""
-        if not gated["accepted"]:
-            raise AirflowSkipException("gate rejected the candidate; the champion keeps serving: "
+        if gated["serve"] is None:
+            raise AirflowSkipException(f"gate {gated['decision']}; the champion keeps serving: "
                                        + "; ".join(gated["reasons"]))
         return list(range(_context(context).config.score_shards))
 
@@ -118,8 +125,8 @@ def recsys_retrain():
     def score_items(gated: dict, **context) -> dict:
         from recmodel.pipeline import step_score_items
 
-        if not gated["accepted"]:
-            raise AirflowSkipException("gate rejected the candidate; nothing to score")
+        if gated["serve"] is None:
+            raise AirflowSkipException(f"gate {gated['decision']}; nothing to score")
         return step_score_items(_context(context), gated)
 
     @task(outlets=[PUBLISHED_RECOMMENDATIONS])  # consumers can schedule on a new version serving
@@ -129,7 +136,7 @@ def recsys_retrain():
         ctx = _context(context)
         return step_publish(ctx, scored_tables(ctx, list(user_shards), item_tables))
 
-    gated = gate(export(train(validate(extract()))))
+    gated = refit(gate(export(train(validate(extract())))))
     user_shards = score_users.partial(gated=gated).expand(shard=plan_scoring(gated))
     publish(user_shards, score_items(gated))
 

@@ -19,8 +19,9 @@ from recmodel.alerts import RecsysNotifier
     catchup=False,
     tags=["recsys"],
     doc_md=__doc__,
-    params={"version": Param(type="string", pattern=r"^v[0-9]{14}$",
-                             description="published version to serve again, e.g. v20261123120000")},
+    params={"version": Param(type="string", pattern=r"^v[0-9]{14}(-baseline)?$",
+                             description="published version to serve again, e.g. v20261123120000 "
+                                         "(or a baseline, v20261123120000-baseline)")},
     default_args={"on_failure_callback": RecsysNotifier()},
 )
 def recsys_rollback():

@@ -1,19 +1,20 @@
-"""`python -m recmodel bench accuracy --movielens DIR`: the model against classical baselines.
+"""`python -m recmodel bench accuracy --movielens DIR`: what a default `retrain` publishes, scored.
 
-Protocol (leave-last-out): every rating is an interaction; each user's interactions are ordered
-by time, ties broken by item id; the last one is the test target, the second-to-last the
-validation target, the rest is training data. Every model ranks the full catalog with the
-user's earlier items masked; metrics are NDCG@10, HR@10, MRR@10, coverage@10, the share of
-recommendations outside the 20% most popular items and a cold-item slice, with 95% bootstrap
-intervals over users and paired intervals for the ratios.
+Protocol (leave-last-out, the product end to end): every rating is an interaction; each user's
+interactions are ordered by time, ties broken by item id, and the last one is removed. The rest is
+imported into a scratch database and one default `recsys_retrain` runs through Airflow, exactly as
+`import` + `retrain` would (no tuned grid, no patched copy). The published
+`recsys.user_recommendations` view is then scored against the removed items: full-catalog ranking
+with seen items excluded, NDCG@10, HR@10, MRR@10, coverage@10, the share of recommendations
+outside the 20% most popular items and a cold-item slice, with 95% bootstrap intervals over users
+and paired intervals for the ratios.
 
-The data goes through the real pipeline: imported into a scratch database, extracted and
-validated by the same code as a DAG run; the model is trained by `recmodel.train`, exported by
-`recmodel.export` and scored through ONNX Runtime by `recmodel.gate`. Hyperparameters are chosen
-on the validation targets within a time budget: the model's from a small generic grid with
-early stopping, EASE's λ and item-kNN's neighbourhood size from short lists. Baselines are then
-refit on training + validation data; the model keeps its early-stopped weights and reads the
-validation item as history.
+Beside it, on the same users and targets: EASE, item-kNN and popularity, fitted on the imported
+interactions (EASE's λ and item-kNN's neighbourhood size chosen on each user's second-to-last
+item, then refit with it), and the run's two models from the registry's lineage: the gated
+model (trained without the gate's holdout) and the refit that serves (trained on for
+`refit_epochs` on the whole snapshot). The removed items all come after the snapshot: this is the
+time split "train through T, evaluate on what users did after T".
 """
 
 from __future__ import annotations
@@ -23,38 +24,33 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import psycopg
-import torch
-from psycopg import sql
+from psycopg.rows import dict_row
 from rich.console import Console
 from rich.table import Table
 
 from recmodel import baselines, db, gate
 from recmodel.config import PipelineConfig, settings
-from recmodel.data import Vocab, vocab_text_matrix
-from recmodel.extract import extract, read_catalog, read_interactions
-from recmodel.train import Validation, fit_sequences, pick_device, save_model
+from recmodel.data import Vocab
 
 log = logging.getLogger(__name__)
 console = Console(width=None if sys.stdout.isatty() else 160)  # the table stays readable when piped
 
 ACCURACY_DB = "recsys_bench_accuracy"
-# Generic search space, tried in order until the budget runs out; nothing here is tuned to a dataset.
-MODEL_GRID: tuple[dict[str, Any], ...] = (
-    {"d_model": 64, "dropout": 0.2},
-    {"d_model": 64, "dropout": 0.2, "batch_size": 32, "learning_rate": 1e-3},
-    {"d_model": 64, "dropout": 0.5},
-)
+ACCURACY_AIRFLOW_DB = "recsys_bench_accuracy_airflow"
 EASE_L2 = (5.0, 20.0, 50.0, 200.0, 1000.0)
 KNN_NEIGHBOURS = (20, 50, 200)
 K = 10
+SELECT_SERVED = "SELECT user_id, item_id, served_by FROM recsys.user_recommendations ORDER BY user_id, rank"
+SELECT_SERVING_MODEL = """
+SELECT r.version, r.kind, r.lineage, r.dataset_path, r.metrics -> 'holdout' AS holdout
+FROM recsys.model_registry r JOIN recsys.published_versions p USING (version) WHERE p.serving
+"""
 
 
 @dataclass(frozen=True)
@@ -76,58 +72,6 @@ def split_leave_last_out(dataset: pd.DataFrame, vocab: Vocab) -> LeaveLastOut:
             continue
         train[int(user)], validation[int(user)], test[int(user)] = indices[:-2], int(indices[-2]), int(indices[-1])
     return LeaveLastOut(vocab=vocab, users=sorted(test), train=train, validation=validation, test=test)
-
-
-def load_through_pipeline(folder: Path, home: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Import `folder` into a scratch database, then extract and validate it like a DAG run."""
-    from recmodel.importers import import_movielens
-    from recmodel.validate import DataValidationError, validate_increment
-
-    server_url = db.resolve_url(settings())
-    db.ensure_database(server_url, ACCURACY_DB)
-    url = db.with_database(server_url, ACCURACY_DB)
-    try:
-        db.migrate(url)
-        import_movielens(url, folder)
-        as_of = datetime.now(timezone.utc).replace(microsecond=0)
-        extracted = extract(url, "bench-accuracy", as_of, home / "run", lookback=timedelta(0))
-        increment, catalog = read_interactions(extracted.increment_path), read_catalog(extracted.catalog_path)
-        report = validate_increment(increment, catalog["item_id"].to_numpy(), as_of=as_of,
-                                    config=PipelineConfig(event_types=("rating",), value_min=0.0, value_max=5.0),
-                                    gx_dir=home / "gx", run_key="bench-accuracy")
-        if not report.passed:
-            raise DataValidationError("; ".join(report.dataset_failures))
-        log.info("pipeline: %d interactions extracted, %d clean, %d quarantined", len(increment), len(report.clean),
-                 report.quarantined["event_id"].nunique())
-        return report.clean, catalog
-    finally:
-        with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(ACCURACY_DB)))
-
-
-def tune_model(split: LeaveLastOut, text_matrix: torch.Tensor, base: PipelineConfig,
-               budget_seconds: float) -> tuple[Any, PipelineConfig, list[dict[str, Any]]]:
-    """Fit each grid point with early stopping on the validation targets; keep the best."""
-    validation = Validation(histories=[split.train[u] for u in split.users],
-                            targets=np.array([split.validation[u] for u in split.users], dtype=np.int64))
-    started = time.perf_counter()
-    trials: list[dict[str, Any]] = []
-    best: tuple[float, Any, PipelineConfig] | None = None
-    for point in MODEL_GRID:
-        if trials and time.perf_counter() - started > budget_seconds:
-            log.info("tuning budget of %.0f s spent after %d of %d configurations", budget_seconds, len(trials),
-                     len(MODEL_GRID))
-            break
-        config = replace(base, **point)
-        trial_started = time.perf_counter()
-        model, fit = fit_sequences(split.train, split.vocab, text_matrix, config, validation)
-        trials.append({**point, "validation_ndcg@10": round(fit.validation_ndcg, 4), "best_epoch": fit.best_epoch,
-                       "epochs": fit.epochs, "seconds": round(time.perf_counter() - trial_started, 1)})
-        log.info("model %s: validation NDCG@10 %.4f (epoch %d)", point, fit.validation_ndcg, fit.best_epoch)
-        if best is None or fit.validation_ndcg > best[0]:
-            best = (fit.validation_ndcg, model, config)
-    assert best is not None
-    return best[1], best[2], trials
 
 
 def _matrix(split: LeaveLastOut, with_validation: bool):
@@ -168,67 +112,117 @@ def tune_baselines(split: LeaveLastOut) -> dict[str, baselines.FittedBaseline]:
     return chosen
 
 
-def run_accuracy(folder: Path, *, output: Path | None, budget_seconds: float = 900.0) -> dict[str, Any]:
-    from recmodel.export import export
-    from recmodel.score import open_session
+def remove_last_interactions(interactions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every interaction but each user's last, those last ones): by time, ties broken by item id."""
+    ordered = interactions.sort_values(["user_id", "occurred_at", "item_id"], kind="stable")
+    last = ordered.groupby("user_id", sort=False).tail(1)
+    return ordered.drop(last.index).sort_values("occurred_at", kind="stable"), last
+
+
+def run_accuracy(folder: Path, *, output: Path | None) -> dict[str, Any]:
+    """Import `folder` minus each user's last rating, run one default retrain, score what it published."""
+    from recmodel.bench import retrain_through_airflow, scratch_database
+    from recmodel.importers import import_frames, read_movielens
 
     started = time.perf_counter()
-    home = settings().home
-    with tempfile.TemporaryDirectory(prefix="recsys-accuracy-") as scratch:
-        work = Path(scratch)
-        dataset, catalog = load_through_pipeline(folder, work)
-        vocab = Vocab.from_catalog(catalog["item_id"].to_numpy())
-        split = split_leave_last_out(dataset, vocab)
-        text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, home / "cache"))
-        model, config, trials = tune_model(split, text_matrix, PipelineConfig(), budget_seconds)
-        save_model(model, vocab, work / "model")
-        exported = export(work / "model", catalog, dataset, top_k=K, seed=config.seed)
-        session, provider = open_session(Path(exported.onnx_path))
-        histories = {u: vocab.item_ids[np.append(split.train[u], split.validation[u])] for u in split.users}
+    items, interactions = read_movielens(folder)
+    imported, removed = remove_last_interactions(interactions)
+    server_url = db.resolve_url(settings())
+    with tempfile.TemporaryDirectory(prefix="recsys-accuracy-") as scratch, \
+            scratch_database(server_url, ACCURACY_DB) as url, \
+            scratch_database(server_url, ACCURACY_AIRFLOW_DB, migrate=False) as airflow_url:
+        import_frames(url, items, imported, "movielens minus each user's last rating")
+        console.print(f"imported {len(imported):,} of {len(interactions):,} ratings; one default retrain through "
+                      "Airflow …")
+        outcome, retrain_seconds = retrain_through_airflow(url, airflow_url, Path(scratch) / "home", {})
+        with db.connect(url) as conn:
+            served = pd.DataFrame(conn.execute(SELECT_SERVED).fetchall(), columns=["user_id", "item_id", "served_by"])
+            serving = conn.cursor(row_factory=dict_row).execute(SELECT_SERVING_MODEL).fetchone()
+        snapshot = pd.read_parquet(serving["dataset_path"])
+        vocab = Vocab.from_catalog(items["item_id"].to_numpy())
+        split = split_leave_last_out(interactions, vocab)
         targets = {u: {int(vocab.item_ids[split.test[u]])} for u in split.users}
-        holdout = gate.Holdout(cutoff=pd.Timestamp.now(tz="UTC"), histories=histories, targets=targets)
-        recommended = {"model": gate.onnx_recommendations(session, vocab, holdout)}
-        fitted = tune_baselines(split)
-        history_matrix = _matrix(split, True)
-        padding = _padding_mask(vocab)
-        for name, baseline in fitted.items():
-            top = baselines.top_k(baseline, history_matrix, K, padding)
-            recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}
-    seen = np.concatenate(list(histories.values())) if histories else np.array([], dtype=np.int64)
-    stats = gate.catalog_stats(seen, catalog["item_id"].to_numpy())
+        recommended = {"published view": {int(u): g.to_numpy(np.int64) for u, g in served.groupby("user_id")["item_id"]}}
+        recommended.update(_lineage_models(serving, snapshot, targets))
+    history_matrix = _matrix(split, True)
+    padding = _padding_mask(vocab)
+    fitted = tune_baselines(split)
+    for name, baseline in fitted.items():
+        top = baselines.top_k(baseline, history_matrix, K, padding)
+        recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}
+    stats = gate.catalog_stats(imported["item_id"].to_numpy(), items["item_id"].to_numpy())
     evaluations = {name: gate.evaluate_lists(recs, targets, stats, K) for name, recs in recommended.items()}
-    result = _summarise(evaluations, fitted, trials, config, split, provider, time.perf_counter() - started)
+    result = _summarise(evaluations, fitted, split, removed, served, serving, outcome.task_seconds,
+                        retrain_seconds, time.perf_counter() - started)
     _print(result)
     if output:
-        output.write_text(json.dumps({"device": str(pick_device()), "accuracy": result}, indent=2))
+        from recmodel.bench import device_name
+
+        output.write_text(json.dumps({"device": device_name(), "accuracy": result}, indent=2, default=str))
         console.print(f"wrote {output}")
     return result
 
 
+def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
+                    targets: dict[int, set[int]]) -> dict[str, dict[int, np.ndarray]]:
+    """Top-10 of the run's gated model and of its refit (the registry's lineage), from each ONNX file."""
+    from recmodel.score import open_session
+    from recmodel.train import load_vocab
+
+    lineage = serving["lineage"] or {}
+    ordered = snapshot.sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    histories = {int(u): g.to_numpy(np.int64) for u, g in ordered.groupby("user_id", sort=False)["item_id"]}
+    users = {u: t for u, t in targets.items() if u in histories}
+    holdout = gate.Holdout(cutoff=None, histories=histories, targets=users)
+    out = {}
+    for name in ("gated", "refit"):
+        if name in lineage:
+            session, _ = open_session(Path(lineage[name]["onnx_path"]))
+            out[f"{name} model"] = gate.onnx_recommendations(session, load_vocab(Path(lineage[name]["artifact_dir"])),
+                                                             holdout)
+    return out
+
+
 def _summarise(evaluations: dict[str, dict[str, Any]], fitted: dict[str, baselines.FittedBaseline],
-               trials: list[dict[str, Any]], config: PipelineConfig, split: LeaveLastOut, provider: str,
-               seconds: float) -> dict[str, Any]:
+               split: LeaveLastOut, removed: pd.DataFrame, served: pd.DataFrame, serving: dict[str, Any],
+               task_seconds: dict[str, float], retrain_seconds: float, seconds: float) -> dict[str, Any]:
+    reference = evaluations["published view"]
     models: dict[str, Any] = {}
     for name, evaluation in evaluations.items():
         row = gate.summarize(evaluation, K)
-        for metric in (f"ndcg@{K}", f"hr@{K}"):
-            if name != "model":
-                ratio, low, high = gate.paired_ratio(evaluations["model"], evaluation, metric)
+        if name != "published view":
+            for metric in (f"ndcg@{K}", f"hr@{K}"):
+                ratio, low, high = gate.paired_ratio(reference, evaluation, metric)
                 row[f"model_ratio_{metric}"], row[f"model_ratio_{metric}_ci"] = ratio, [low, high]
         if name in fitted:
             row["params"] = fitted[name].params
         models[name] = row
-    models["model"]["params"] = {k: getattr(config, k) for k in ("d_model", "dropout", "n_layers", "max_history",
-                                                                 "batch_size", "learning_rate")}
-    return {"protocol": "leave-last-out (ties by item id), full ranking, K=10", "users": len(split.users),
-            "items": len(split.vocab) - 1, "onnx_provider": provider, "models": models, "tuning": trials,
-            "seconds": round(seconds, 1)}
+    refit_gain = None
+    if "gated model" in evaluations and "refit model" in evaluations:
+        ratio, low, high = gate.paired_ratio(evaluations["refit model"], evaluations["gated model"], f"ndcg@{K}")
+        refit_gain = {"ndcg@10_ratio": ratio, "ci": [low, high]}
+    users = int(removed["user_id"].nunique())
+    return {"protocol": "each user's last rating removed, the rest imported, one default retrain through Airflow; "
+                        "the published view scored on the removed items (full ranking, seen excluded, K=10)",
+            "users": users, "evaluated_users": len(split.users), "items": len(split.vocab) - 1,
+            "served_users": int(served["user_id"].nunique()),
+            "served_share": round(served["user_id"].nunique() / max(users, 1), 4),
+            "served_by": sorted(served["served_by"].unique().tolist()), "version": serving["version"],
+            "holdout": serving["holdout"], "defaults": _default_settings(), "models": models,
+            "refit_gain": refit_gain, "retrain_seconds": round(retrain_seconds, 1),
+            "task_seconds": {k: round(v, 1) for k, v in task_seconds.items()}, "seconds": round(seconds, 1)}
+
+
+def _default_settings() -> dict[str, Any]:
+    config = PipelineConfig()
+    return {k: getattr(config, k) for k in ("d_model", "n_layers", "dropout", "max_history", "epochs", "patience",
+                                            "batch_size", "learning_rate", "refit_epochs", "gate_min_users")}
 
 
 def _print(result: dict[str, Any]) -> None:
-    table = Table(title=f"accuracy, {result['protocol']}: {result['users']} users, {result['items']} items")
+    table = Table(title=f"accuracy: {result['evaluated_users']} users, {result['items']} items; {result['protocol']}")
     for column in ("model", "NDCG@10 [95% CI]", "HR@10 [95% CI]", "MRR@10", "cov@10", "tail", "cold NDCG",
-                   "model/this NDCG [CI]", "model/this HR [CI]"):
+                   "published/this NDCG [CI]", "published/this HR [CI]"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, row in result["models"].items():
         def ci(metric: str) -> str:
@@ -236,7 +230,7 @@ def _print(result: dict[str, Any]) -> None:
             return f"{row[metric]:.4f} [{low:.4f}, {high:.4f}]"
 
         def ratio(metric: str) -> str:
-            if name == "model":
+            if name == "published view":
                 return "-"
             low, high = row[f"model_ratio_{metric}_ci"]
             return f"{row[f'model_ratio_{metric}']:.2f}x [{low:.2f}, {high:.2f}]"
@@ -244,5 +238,12 @@ def _print(result: dict[str, Any]) -> None:
         table.add_row(name, ci("ndcg@10"), ci("hr@10"), f"{row['mrr@10']:.4f}", f"{row['coverage@10']:.3f}",
                       f"{row['tail_share@10']:.2f}", f"{row['cold_ndcg@10']:.4f}", ratio("ndcg@10"), ratio("hr@10"))
     console.print(table)
-    console.print(f"model: {result['models']['model']['params']}; tuning: {result['tuning']}; "
-                  f"{result['seconds']:.0f} s in all, ONNX Runtime {result['onnx_provider']}")
+    console.print(f"published {result['version']} (served_by {', '.join(result['served_by'])}): "
+                  f"{result['served_users']:,} of {result['users']:,} users served ({result['served_share']:.1%}); "
+                  f"default settings {result['defaults']}")
+    if result["refit_gain"]:
+        low, high = result["refit_gain"]["ci"]
+        console.print(f"refit vs gated model (NDCG@10 on the removed items): {result['refit_gain']['ndcg@10_ratio']:.2f}x "
+                      f"[{low:.2f}, {high:.2f}]")
+    console.print(f"retrain {result['retrain_seconds']:.0f} s ({result['task_seconds']}); "
+                  f"{result['seconds']:.0f} s in all")

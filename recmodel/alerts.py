@@ -120,7 +120,11 @@ class RecsysNotifier(BaseNotifier):
         send(url, run_key, Alert(alert_kind, f"{ti.dag_id}.{ti.task_id} failed (run {ti.run_id})", message), context)
 
 
-def notify_gate_rejection(url: str, run_key: str, version: str, reasons: list[str],
+def notify_gate_rejection(url: str, run_key: str, version: str, gated: dict[str, Any],
                           context: dict[str, Any] | None = None) -> list[str]:
-    message = f"gate rejected {version}; the champion keeps serving: " + "; ".join(reasons)
-    return send(url, run_key, Alert("gate_rejected", f"candidate {version} rejected by the gate", message), context)
+    """A candidate that was not accepted (rejected, or undecided on too little evidence)."""
+    serving = ("the popularity baseline " + gated["publish_version"] + " will serve"
+               if gated["serve"] == "baseline" else "the champion keeps serving")
+    message = f"gate {gated['decision']} {version}; {serving}: " + "; ".join(gated["reasons"])
+    return send(url, run_key, Alert("gate_rejected", f"candidate {version} {gated['decision']} by the gate", message),
+                context)

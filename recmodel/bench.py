@@ -457,11 +457,18 @@ def publish_comparison(url: str, recommendation_shards: list[str]) -> dict[str, 
 # --- end to end ----------------------------------------------------------------------------------
 
 def end_to_end(url: str, airflow_url: str, home: Path, epochs: int) -> dict[str, Any]:
-    """One `recsys_retrain` run through Airflow (DAG.test) on a copy of the same data.
+    """One `recsys_retrain` run through Airflow (DAG.test) on a copy of the same data, per task."""
+    outcome, wall = retrain_through_airflow(url, airflow_url, home, {"epochs": epochs})
+    in_tasks = sum(outcome.task_seconds.values())
+    return {"seconds": round(wall, 2), "tasks": {k: round(v, 2) for k, v in outcome.task_seconds.items()},
+            "airflow_overhead_seconds": round(wall - in_tasks, 2),
+            "airflow_overhead_share": round((wall - in_tasks) / wall, 3)}
 
-    Airflow's metadata goes to a scratch database too, so the benchmark's run never shows up in
-    the operators' Airflow.
-    """
+
+def retrain_through_airflow(url: str, airflow_url: str, home: Path, conf: dict[str, Any]) -> tuple[Any, float]:
+    """One `recsys_retrain` run as of now through Airflow (DAG.test), as `retrain` does; returns the
+    outcome and its wall time. Airflow's metadata goes to a scratch database too, so the
+    benchmark's run never shows up in the operators' Airflow."""
     from recmodel import runner
 
     with bench_environment(url, home):
@@ -469,15 +476,11 @@ def end_to_end(url: str, airflow_url: str, home: Path, epochs: int) -> dict[str,
         runner.prepare_airflow(settings(), url)
         as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
         started = time.perf_counter()
-        outcome = runner.run_dag("recsys_retrain", conf={"as_of": as_of.isoformat(), "epochs": epochs},
-                                 logical_date=as_of)
+        outcome = runner.run_dag("recsys_retrain", conf={**conf, "as_of": as_of.isoformat()}, logical_date=as_of)
         wall = time.perf_counter() - started
     if not outcome.succeeded:
         raise RuntimeError(f"the benchmark's DAG run ended {outcome.state}: {outcome.task_states}")
-    in_tasks = sum(outcome.task_seconds.values())
-    return {"seconds": round(wall, 2), "tasks": {k: round(v, 2) for k, v in outcome.task_seconds.items()},
-            "airflow_overhead_seconds": round(wall - in_tasks, 2),
-            "airflow_overhead_share": round((wall - in_tasks) / wall, 3)}
+    return outcome, wall
 
 
 # --- output --------------------------------------------------------------------------------------

@@ -212,23 +212,63 @@ def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], e
         return
     console.print(f"run {run_key}: [bold]{run['status']}[/] — {run['message'] or ''}")
     console.print(f"rows extracted: {run['rows_extracted'] or 0:,}  quarantined: {run['rows_quarantined'] or 0:,}")
+    _print_quarantine_reasons(run)
     version = run["model_version"]
-    model = next((m for m in state["models"] if m["version"] == version), None)
-    if model and model["metrics"]:
-        champion_version = model["metrics"].get("holdout", {}).get("champion_version")
-        caption = f"champion = {champion_version}" if champion_version else "no champion yet"
-        table = Table(title=f"gate on the holdout ({model['decision']})", caption=caption)
+    candidate = next((m for m in state["models"] if m["run_key"] == run_key and m["kind"] == "model"), None)
+    if candidate and candidate["decision"]:
+        _print_gate(candidate)
+    if run["status"] == "success" and version and version.endswith("-baseline"):
+        console.print(f"[yellow]serving the popularity baseline {version}[/]: no model has been accepted yet "
+                      "(served_by = 'baseline' in the views); the first accepted model replaces it")
+
+
+def _print_quarantine_reasons(run: dict[str, Any]) -> None:
+    """Each quarantine reason of the run: rows, rule, an example and the setting that governs it."""
+    from recmodel.data import DATASET_COLUMNS
+
+    for reason in ((run["details"] or {}).get("validate") or {}).get("reasons", []):
+        # jsonb reorders keys; show the row in the table's column order
+        ordered = sorted(reason["example"].items(),
+                         key=lambda kv: DATASET_COLUMNS.index(kv[0]) if kv[0] in DATASET_COLUMNS else len(DATASET_COLUMNS))
+        example = ", ".join(f"{k}={v}" for k, v in ordered)
+        governs = (", ".join(f"{k}={v!r}" for k, v in reason["settings"].items()) + " (retrain --conf)"
+                   if reason["settings"] else "no setting: fix the source rows")
+        console.print(f"  quarantined [bold]{reason['reason']}[/]: {reason['rows']:,} rows ({reason['rule']})\n"
+                      f"    e.g. {example}\n    governed by: {governs}")
+
+
+def _holdout_text(holdout: dict[str, Any]) -> str:
+    from recmodel.gate import HoldoutPlan
+
+    fields = {k: v for k, v in holdout.items() if k != "champion_version"}
+    try:
+        return HoldoutPlan(**fields).describe()
+    except TypeError:  # a version registered before holdouts were planned
+        return f"since {holdout.get('cutoff')}, {holdout.get('users')} users"
+
+
+def _print_gate(model: dict[str, Any]) -> None:
+    metrics = model["metrics"]
+    holdout = metrics.get("holdout", {})
+    champion_version = holdout.get("champion_version")
+    caption = f"champion = {champion_version}" if champion_version else "no champion yet"
+    if holdout:
+        caption += f"; holdout: {_holdout_text(holdout)}"
+    names = [n for n in ("candidate", "champion", "popularity") if metrics.get(n)]
+    if names:
+        table = Table(title=f"gate on the holdout ({model['decision'] or 'baseline'})", caption=caption)
         table.add_column("model")
-        names = [n for n in ("candidate", "champion", "popularity") if n in model["metrics"]]
         metric_names = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "coverage@10"]
         for m in metric_names:
             table.add_column(m, justify="right")
         for name in names:
-            row = model["metrics"][name]
+            row = metrics[name]
             table.add_row(name, *(f"{row[m]:.4f}" for m in metric_names))
         console.print(table)
-        for reason in model["reasons"]:
-            console.print(f"  gate: {reason}")
+    else:
+        console.print(caption)
+    for reason in model["reasons"]:
+        console.print(f"  gate: {reason}")
 
 
 def _print_sample(url: str, users: int = 3, k: int = 5) -> None:
@@ -279,16 +319,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     db.require_tables(url)
     state = overview(url, limit=args.limit)
     table = Table(title="model registry (newest first)")
-    for column in ("version", "parent", "status", "decision", "ndcg@10", "champion", "popularity", "published", "serving"):
+    for column in ("version", "kind", "parent", "status", "decision", "ndcg@10", "champion", "popularity", "holdout",
+                   "published", "serving"):
         table.add_column(column)
     for m in state["models"]:
         metrics = m["metrics"] or {}
-        fmt = lambda name: f"{metrics[name]['ndcg@10']:.4f}" if name in metrics else "-"  # noqa: E731
-        table.add_row(m["version"], m["parent_version"] or "-", m["status"], m["decision"] or "-", fmt("candidate"),
-                      fmt("champion"), fmt("popularity"),
+        fmt = lambda name: f"{metrics[name]['ndcg@10']:.4f}" if metrics.get(name) else "-"  # noqa: E731
+        holdout = metrics.get("holdout")
+        table.add_row(m["version"], m["kind"] + (" (refit)" if (m["lineage"] or {}).get("refit") else ""),
+                      m["parent_version"] or "-", m["status"], m["decision"] or "-", fmt("candidate"),
+                      fmt("champion"), fmt("popularity"), _holdout_text(holdout) if holdout else "-",
                       f"{m['published_at']:%Y-%m-%d %H:%M}" if m["published_at"] else "-",
                       "yes" if m["serving"] else ("pruned" if m["pruned_at"] else ""))
     console.print(table)
+    serving_model = next((m for m in state["models"] if m["serving"]), None)
+    if serving_model and serving_model["kind"] == "baseline":
+        console.print(f"[yellow]the popularity baseline {serving_model['version']} serves[/] (served_by = 'baseline'): "
+                      + "; ".join(serving_model["reasons"]))
     runs = Table(title="recent runs")
     for column in ("run", "status", "stage", "extracted", "quarantined", "version", "message"):
         runs.add_column(column)
@@ -296,6 +343,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs.add_row(r["run_key"], r["status"], r["stage"] or "", str(r["rows_extracted"] or 0),
                      str(r["rows_quarantined"] or 0), r["model_version"] or "", (r["message"] or "")[:80])
     console.print(runs)
+    latest = next((r for r in state["runs"] if r["kind"] == "retrain" and (r["details"] or {}).get("validate")), None)
+    if latest is not None and latest["details"]["validate"].get("reasons"):
+        console.print(f"quarantine reasons of run {latest['run_key']}:")
+        _print_quarantine_reasons(latest)
     freshness = serving_freshness(url)
     console.print(("[red]" if freshness.stale else "") + freshness.message)
     return 0
@@ -308,7 +359,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not args.movielens:
             raise UsageError("bench accuracy needs --movielens DIR (a folder with ratings.csv + movies.csv)")
-        run_accuracy(Path(args.movielens), output=output, budget_seconds=args.budget)
+        run_accuracy(Path(args.movielens), output=output)
         return 0
     from recmodel.bench import BenchOptions, run_bench
 
@@ -391,8 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--score-items", type=int, default=20_000, help="perf: items in the scoring comparison")
     bench.add_argument("--no-dag", action="store_true", help="perf: skip the end-to-end run through Airflow")
     bench.add_argument("--plot", help="perf: write a PNG of stage time vs data size here")
-    bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ../shared/data/ml-latest-small)")
-    bench.add_argument("--budget", type=float, default=900.0, help="accuracy: seconds for the model's tuning")
+    bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ml-latest-small, as downloaded from GroupLens)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -42,7 +42,9 @@ class PipelineConfig:
     value_max: float = 5.0
     late_data_lookback_hours: float = 48.0  # re-read rows ingested this long before the watermark
     future_tolerance_seconds: float = 300.0  # clock skew allowed on occurred_at
-    min_occurred_at: str = "2000-01-01T00:00:00+00:00"  # older occurred_at is a broken clock or a bad import
+    # Old timestamps are history, not errors: no floor unless one is set (an ISO time with a zone,
+    # e.g. "2000-01-01T00:00:00+00:00", for a source whose broken clocks write 1970).
+    min_occurred_at: str | None = None
     near_duplicate_seconds: float = 2.0  # same user, item and type again within this: a double click; 0 = off
     training_window_days: float | None = None  # None: all history
     max_quarantine_share: float = 0.2  # dataset-level: more than this quarantined fails the run
@@ -67,10 +69,13 @@ class PipelineConfig:
     warm_start_epochs: int = 10
     seed: int = 13
     # --- gate -------------------------------------------------------------------------------
-    holdout_days: float = 7.0
+    holdout_days: float = 7.0  # the gate's first time window; it grows back until gate_min_users are held out
+    gate_min_users: int = 100  # users with new items in the holdout needed to decide
+    gate_max_holdout_share: float = 0.2  # the time window never holds out more of the interactions than this
     gate_metric: str = "ndcg@10"
     gate_min_metric: float = 0.005  # absolute floor
     gate_champion_tolerance: float = 0.05  # may be at most 5% (relative) below the champion
+    refit_epochs: int = 2  # after acceptance: epochs on the whole snapshot, from the gated weights; 0 = no refit
     # --- scoring and publishing -------------------------------------------------------------
     top_k: int = 20
     similar_k: int = 10
@@ -104,18 +109,25 @@ class PipelineConfig:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "patience", "batch_size", "top_k",
                      "similar_k", "popular_k", "score_batch_size", "score_shards", "keep_versions", "volume_history_runs",
-                     "volume_min_history", "drift_min_rows"):
+                     "volume_min_history", "drift_min_rows", "gate_min_users"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.holdout_days <= 0:
             raise ConfigError(f"holdout_days must be > 0, got {self.holdout_days}")
+        if not 0 < self.gate_max_holdout_share < 1:
+            raise ConfigError(f"gate_max_holdout_share must be within (0, 1), got {self.gate_max_holdout_share}")
+        if self.refit_epochs < 0:
+            raise ConfigError(f"refit_epochs must be >= 0, got {self.refit_epochs}")
         self.occurred_at_floor()
         if self.near_duplicate_seconds < 0:
             raise ConfigError(f"near_duplicate_seconds must be >= 0, got {self.near_duplicate_seconds}")
         if not 0 <= self.max_quarantine_share <= 1:
             raise ConfigError(f"max_quarantine_share must be within [0, 1], got {self.max_quarantine_share}")
 
-    def occurred_at_floor(self) -> datetime:
+    def occurred_at_floor(self) -> datetime | None:
+        """`min_occurred_at` as a time, or None when no floor is set."""
+        if self.min_occurred_at is None:
+            return None
         try:
             floor = datetime.fromisoformat(self.min_occurred_at)
         except ValueError:
@@ -128,7 +140,14 @@ class PipelineConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+# Settings whose default is None: the type a given value must have.
+OPTIONAL_TYPES: dict[str, type] = {"training_window_days": float, "min_occurred_at": str}
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    if name in OPTIONAL_TYPES and value is None:
+        return None
+    default = OPTIONAL_TYPES[name]() if name in OPTIONAL_TYPES else default
     try:
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -142,8 +161,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             if isinstance(value, bool) or int(value) != value:
                 raise TypeError
             return int(value)
-        if isinstance(default, float) or (default is None and name.endswith("_days")):
-            return None if value is None else float(value)
+        if isinstance(default, float):
+            return float(value)
         if isinstance(default, str):
             if not isinstance(value, str):
                 raise TypeError

@@ -18,8 +18,8 @@ from recmodel.publish import VERSION_PATTERN
 GX_SITE = Path("gx") / "gx" / "uncommitted" / "data_docs" / "local_site"  # GX's local site under $RECSYS_HOME
 
 SELECT_MODELS = """
-SELECT r.version, r.parent_version, r.run_key, r.created_at, r.status, r.decision, r.reasons, r.metrics,
-       r.train_rows, r.n_items, r.device, r.watermark,
+SELECT r.version, r.parent_version, r.run_key, r.created_at, r.kind, r.status, r.decision, r.reasons, r.metrics,
+       r.train_rows, r.n_items, r.device, r.watermark, r.lineage,
        w.low_watermark, w.high_watermark, w.dataset_rows,
        p.published_at, COALESCE(p.serving, false) AS serving, p.pruned_at
 FROM recsys.model_registry r
@@ -92,13 +92,15 @@ def _model(row: dict[str, Any]) -> dict[str, Any]:
     metrics = row["metrics"] or {}
     return {
         "version": row["version"], "parent_version": row["parent_version"], "run_key": row["run_key"],
+        "kind": row["kind"], "lineage": row["lineage"] or {},
         "created_at": row["created_at"], "status": row["status"], "decision": row["decision"],
         "reasons": row["reasons"] or [], "serving": row["serving"], "published_at": row["published_at"],
         "pruned_at": row["pruned_at"], "device": row["device"], "train_rows": row["train_rows"],
         "n_items": row["n_items"],
         "data_window": {"ingested_after": row["low_watermark"], "ingested_until": row["high_watermark"] or row["watermark"],
                         "dataset_rows": row["dataset_rows"]},
-        "metrics": {name: metrics[name] for name in ("candidate", "champion", "popularity") if name in metrics},
+        "metrics": {name: metrics[name] for name in ("candidate", "champion", "popularity", "baseline")
+                    if metrics.get(name)},
         "ratios": {name: _ratio(metrics.get("candidate", {}), name) for name in ("vs_champion", "vs_popularity")},
         "holdout": metrics.get("holdout"),
     }
@@ -130,6 +132,7 @@ def data_quality(url: str, home: Path, runs_back: int = 20) -> dict[str, Any]:
         validation = {"run_key": latest["run_key"], "as_of": latest["as_of"],
                       "clean_rows": report.get("clean"), "quarantined_rows": report.get("quarantined_rows"),
                       "expectations": report.get("expectations", []),
+                      "reasons": report.get("reasons", []),
                       "docs": data_docs_pages(home, latest["run_key"])}
     return {"latest_validation": validation, "quarantine_by_reason": quarantine}
 
@@ -195,7 +198,7 @@ def user(url: str, user_id: int, history: int = 20, k: int = 20) -> dict[str, An
 def rollback_target(url: str, version: str) -> None:
     """Check that `version` can be served again before a rollback run is queued for it."""
     if not VERSION_PATTERN.match(version):
-        raise NotFound(f"{version!r} is not a model version (expected v followed by 14 digits)")
+        raise NotFound(f"{version!r} is not a model version (expected v followed by 14 digits, or that and -baseline)")
     with db.connect(url) as conn:
         row = conn.execute(SELECT_PUBLICATION, (version,)).fetchone()
     if row is None:

@@ -1,9 +1,11 @@
-"""The accuracy gate: candidate vs champion vs popularity on a time-based holdout.
+"""The accuracy gate: candidate vs champion vs popularity on a holdout sized by evidence.
 
-The holdout is every interaction in the last `holdout_days` of the snapshot. For each user
-with history before the cutoff, the targets are the items they touched after it that they had
-not touched before (seen items are never recommended, so they cannot count). Metrics rank the
-full catalog: the ONNX graph returns its top-K over every item, not a sampled subset.
+The holdout (`plan_holdout`) is the latest interactions of the snapshot: a time window that grows
+from `holdout_days` until `gate_min_users` users can be judged, or each user's last new item
+when the log is too bursty for any window. For each judged user, the targets are the held-out
+items they had not touched before (seen items are never recommended, so they cannot count).
+Metrics rank the full catalog: the ONNX graph returns its top-K over every item, not a sampled
+subset. With fewer than `gate_min_users` users the gate does not decide (`undecided`).
 """
 
 from __future__ import annotations
@@ -30,40 +32,143 @@ class GateError(RuntimeError):
 
 @dataclass(frozen=True)
 class Holdout:
-    cutoff: pd.Timestamp
+    cutoff: pd.Timestamp | None  # None: not one time for everyone (each user's last new item)
     histories: dict[int, np.ndarray]  # user_id -> item_ids before the cutoff, time order
     targets: dict[int, set[int]]  # user_id -> new item_ids after the cutoff
 
 
+ACCEPTED, REJECTED, UNDECIDED = "accepted", "rejected", "undecided"
+
+
 @dataclass
 class GateDecision:
-    accepted: bool
+    outcome: str  # accepted | rejected | undecided (too few users in the holdout to tell)
     reasons: list[str]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # model name -> metric -> value
 
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == ACCEPTED
 
-def holdout_cutoff(dataset: pd.DataFrame, holdout_days: float) -> pd.Timestamp:
+
+def undecided(plan: HoldoutPlan) -> GateDecision:
+    """The decision when the holdout is too small to tell a good model from a bad one."""
+    return GateDecision(outcome=UNDECIDED, reasons=[
+        f"evidence too thin to decide: {plan.users} users have new items in the holdout ({plan.describe()}), "
+        f"fewer than gate_min_users={plan.min_users}; lower gate_min_users or wait for more data"])
+
+
+TIME_WINDOW, LAST_PER_USER = "time_window", "last_per_user"
+MIN_WINDOW_DAYS = 1 / 24  # the narrowest time window tried: an hour
+
+
+@dataclass(frozen=True)
+class HoldoutPlan:
+    """Which interactions of the snapshot the gate holds out, chosen before training (JSON-able).
+
+    time_window: every interaction at or after `cutoff`. last_per_user: each user's last new item
+    (by occurred_at, then event_id) and what followed it, when no time window within
+    `gate_max_holdout_share` of the data gives `gate_min_users` users to judge on.
+    """
+
+    kind: str
+    cutoff: str | None  # ISO time, time_window only
+    window_days: float | None
+    users: int  # users with history before their held-out items and at least one new item among them
+    targets: int  # (user, new item) pairs
+    held_out_rows: int
+    share: float  # held_out_rows / dataset rows
+    min_users: int  # gate_min_users when the plan was made
+
+    @property
+    def enough(self) -> bool:
+        return self.users >= self.min_users
+
+    def describe(self) -> str:
+        where = (f"interactions since {self.cutoff[:16].replace('T', ' ')} ({self.window_days:g} days)"
+                 if self.kind == TIME_WINDOW else "each user's last new item")
+        return (f"{where}: {self.held_out_rows:,} rows ({self.share:.1%}), {self.users:,} users with "
+                f"{self.targets:,} new items")
+
+
+def held_out_mask(dataset: pd.DataFrame, plan: HoldoutPlan) -> np.ndarray:
+    """(len(dataset),) bool: the rows `plan` holds out of training."""
+    if plan.kind == TIME_WINDOW:
+        return (dataset["occurred_at"] >= pd.Timestamp(plan.cutoff)).to_numpy()
+    return _last_per_user_mask(dataset)
+
+
+def _last_per_user_mask(dataset: pd.DataFrame) -> np.ndarray:
+    """Each user's last new item (the last time they touched an item for the first time, after at least
+    one earlier interaction) and whatever they did after it: repeats of seen items, which are no targets
+    but must not be trained on either."""
+    order = dataset.sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    position = order.groupby("user_id", sort=False).cumcount().to_numpy()
+    is_new = (~order.duplicated(["user_id", "item_id"])).to_numpy() & (position > 0)
+    last_new = pd.Series(np.where(is_new, position, -1), index=order.index).groupby(order["user_id"]).transform("max")
+    mask = pd.Series((last_new.to_numpy() >= 1) & (position >= last_new.to_numpy()), index=order.index)
+    return mask.reindex(dataset.index).to_numpy()
+
+
+def _new_item_pairs(dataset: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """Held-out (user_id, item_id) pairs of users with training history, minus items they had seen."""
+    before = dataset.loc[~mask, ["user_id", "item_id"]].drop_duplicates()
+    after = dataset.loc[mask, ["user_id", "item_id"]].drop_duplicates()
+    after = after[after["user_id"].isin(before["user_id"].unique())]
+    merged = after.merge(before, how="left", on=["user_id", "item_id"], indicator=True)
+    return merged.loc[merged["_merge"] == "left_only", ["user_id", "item_id"]]
+
+
+def plan_holdout(dataset: pd.DataFrame, config: PipelineConfig) -> HoldoutPlan:
+    """The holdout the gate decides on, sized by evidence rather than by the calendar.
+
+    Start with the last `holdout_days` (halved first while it holds more than
+    `gate_max_holdout_share` of the rows); double the window until `gate_min_users` users have new
+    items after the cutoff, as long as it holds at most that share. Real logs are bursty and old:
+    when no such window exists, hold out each user's last new item instead (leave-last-out, the
+    usual protocol for sequential recommenders). The plan says how many users it holds; below
+    `gate_min_users` the gate cannot decide.
+    """
     if dataset.empty:
         raise GateError("the dataset is empty; there is nothing to hold out")
-    return dataset["occurred_at"].max() - timedelta(days=holdout_days)
+    occurred = dataset["occurred_at"]
+    newest = occurred.max()
+    span_days = (newest - occurred.min()).total_seconds() / 86400
+
+    def share(days: float) -> float:
+        return float((occurred >= newest - timedelta(days=days)).mean())
+
+    window = config.holdout_days
+    while share(window) > config.gate_max_holdout_share and window > MIN_WINDOW_DAYS:
+        window /= 2  # a burst at the end of the log (a day of backfilled events): narrow the window first
+    while share(window) <= config.gate_max_holdout_share:
+        cutoff = newest - timedelta(days=window)
+        plan = _plan(dataset, (occurred >= cutoff).to_numpy(), config, TIME_WINDOW, cutoff.isoformat(), window)
+        if plan.enough or window >= span_days:
+            return plan
+        window *= 2
+    return _plan(dataset, _last_per_user_mask(dataset), config, LAST_PER_USER, None, None)
 
 
-def build_holdout(dataset: pd.DataFrame, cutoff: pd.Timestamp) -> Holdout:
-    before = dataset[dataset["occurred_at"] < cutoff].sort_values(["user_id", "occurred_at", "event_id"])
-    after = dataset[dataset["occurred_at"] >= cutoff]
-    histories = {int(u): g["item_id"].to_numpy(np.int64) for u, g in before.groupby("user_id", sort=False)}
-    targets: dict[int, set[int]] = {}
-    for user, group in after.groupby("user_id", sort=False):
-        seen = histories.get(int(user))
-        if seen is None:
-            continue  # a user new in the holdout gets popular items, not the model
-        new_items = set(group["item_id"].tolist()) - set(seen.tolist())
-        if new_items:
-            targets[int(user)] = new_items
-    if not targets:
-        raise GateError(f"no user has new items after the holdout cutoff {cutoff:%Y-%m-%d %H:%M}; "
-                        "increase holdout_days or wait for more data")
-    return Holdout(cutoff=cutoff, histories={u: histories[u] for u in targets}, targets=targets)
+def _plan(dataset: pd.DataFrame, mask: np.ndarray, config: PipelineConfig, kind: str, cutoff: str | None,
+          window_days: float | None) -> HoldoutPlan:
+    pairs = _new_item_pairs(dataset, mask)
+    return HoldoutPlan(kind=kind, cutoff=cutoff, window_days=window_days, users=int(pairs["user_id"].nunique()),
+                       targets=len(pairs), held_out_rows=int(mask.sum()), share=round(float(mask.mean()), 4),
+                       min_users=config.gate_min_users)
+
+
+def build_holdout(dataset: pd.DataFrame, plan: HoldoutPlan) -> Holdout:
+    """Histories (the training rows of each judged user) and targets (their new held-out items)."""
+    mask = held_out_mask(dataset, plan)
+    before = dataset[~mask].sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    pairs = _new_item_pairs(dataset, mask)
+    if pairs.empty:
+        raise GateError(f"no user has new items in the holdout ({plan.describe()}); wait for more data")
+    targets = {int(u): set(g.tolist()) for u, g in pairs.groupby("user_id", sort=True)["item_id"]}
+    before = before[before["user_id"].isin(targets)]
+    histories = {int(u): g.to_numpy(np.int64) for u, g in before.groupby("user_id", sort=False)["item_id"]}
+    return Holdout(cutoff=pd.Timestamp(plan.cutoff) if plan.cutoff else None, histories=histories, targets=targets)
 
 
 def per_user_metrics(recommended: dict[int, np.ndarray], targets: dict[int, set[int]],
@@ -189,18 +294,22 @@ def _known(vocab: Vocab, item_ids: np.ndarray) -> np.ndarray:
     return index
 
 
-def popularity_recommendations(dataset: pd.DataFrame, holdout: Holdout, active_ids: np.ndarray,
+def popularity_ranking(events: pd.DataFrame, active_ids: np.ndarray) -> pd.Series:
+    """Active items by interaction count in `events`, most first (ties by item id): item_id -> count."""
+    counts = events.loc[events["item_id"].isin(active_ids), "item_id"].value_counts()
+    return counts.sort_index().sort_values(ascending=False, kind="stable")
+
+
+def unseen_top(ranked: np.ndarray, seen: set[int], k: int) -> np.ndarray:
+    """The first `k` items of `ranked` the user has not seen."""
+    return np.array([item for item in ranked[: k + len(seen)].tolist() if item not in seen][:k], dtype=np.int64)
+
+
+def popularity_recommendations(train_events: pd.DataFrame, holdout: Holdout, active_ids: np.ndarray,
                                k: int = K) -> dict[int, np.ndarray]:
-    """The classic baseline: most-interacted items before the cutoff, minus what the user has seen."""
-    before = dataset[dataset["occurred_at"] < holdout.cutoff]
-    ranked = before.loc[before["item_id"].isin(active_ids), "item_id"].value_counts()
-    ranked = ranked.sort_index().sort_values(ascending=False, kind="stable").index.to_numpy(np.int64)
-    out = {}
-    for user, history in holdout.histories.items():
-        seen = set(history.tolist())
-        picks = [item for item in ranked[: k + len(seen)] if item not in seen][:k]
-        out[user] = np.array(picks, dtype=np.int64)
-    return out
+    """The classic baseline: most-interacted items in training, minus what the user has seen."""
+    ranked = popularity_ranking(train_events, active_ids).index.to_numpy(np.int64)
+    return {user: unseen_top(ranked, set(history.tolist()), k) for user, history in holdout.histories.items()}
 
 
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, popularity: dict[str, Any],
@@ -236,4 +345,4 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, popularit
     accepted = not reasons
     if accepted:
         reasons.append(f"{metric} {value:.4f} vs popularity {popularity[metric]:.4f}{versus}")
-    return GateDecision(accepted=accepted, reasons=reasons, metrics=metrics)
+    return GateDecision(outcome=ACCEPTED if accepted else REJECTED, reasons=reasons, metrics=metrics)

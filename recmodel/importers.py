@@ -65,6 +65,15 @@ class _Ratings:
 def import_movielens(url: str, folder: Path) -> ImportSummary:
     """Load a MovieLens folder into an empty database in one transaction."""
     dataset = dataset_format(folder)
+    items, interactions = read_movielens(folder)
+    summary = import_frames(url, items, interactions, dataset)
+    log.info("imported MovieLens %s from %s: %s", summary.format, folder, summary)
+    return summary
+
+
+def import_frames(url: str, items: pd.DataFrame, interactions: pd.DataFrame, source: str) -> ImportSummary:
+    """COPY `items` (ITEM_COLUMNS) and `interactions` (INTERACTION_COLUMNS) into an empty database, in one
+    transaction that locks both tables (so two imports cannot interleave)."""
     with db.transaction(url) as conn:
         conn.execute(LOCK_SOURCE_TABLES)
         n_items, n_interactions = conn.execute(COUNT_ROWS).fetchone()
@@ -73,15 +82,12 @@ def import_movielens(url: str, folder: Path) -> ImportSummary:
                                         "import into an empty database")
         if n_items:
             raise DatabaseNotEmptyError(f"items already holds {n_items} rows; import into an empty database")
-        items, interactions = read_movielens(folder)
         copy_frames(conn, items, interactions)
     occurred = interactions["occurred_at"]
-    summary = ImportSummary(items=len(items), interactions=len(interactions),
-                            users=int(interactions["user_id"].nunique()),
-                            first_event_at=occurred.min().to_pydatetime(), last_event_at=occurred.max().to_pydatetime(),
-                            format=dataset)
-    log.info("imported MovieLens %s from %s: %s", summary.format, folder, summary)
-    return summary
+    return ImportSummary(items=len(items), interactions=len(interactions),
+                         users=int(interactions["user_id"].nunique()),
+                         first_event_at=occurred.min().to_pydatetime(), last_event_at=occurred.max().to_pydatetime(),
+                         format=source)
 
 
 def dataset_format(folder: Path) -> str:

@@ -110,7 +110,7 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
 
     Returns new_rows = 0 (and no dataset) when nothing new arrived; the caller skips the rest.
     """
-    from recmodel.validate import DataValidationError, Reference, validate_increment
+    from recmodel.validate import DataValidationError, Reference, reason_summaries, validate_increment
 
     result = _extract_result(extracted)
     if result.rows == 0:
@@ -132,9 +132,13 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
     report = validate_increment(increment, catalog["item_id"].to_numpy(), as_of=ctx.as_of, config=ctx.config,
                                 gx_dir=ctx.home / "gx", run_key=ctx.run_key,
                                 reference=Reference(previous_volumes=volumes, previous_snapshot=base))
+    reasons = reason_summaries(report.quarantined, ctx.config)
+    for reason in reasons:
+        log.warning("quarantined %s", reason.line())
     summary = {
         "clean": len(report.clean), "quarantined_rows": int(report.quarantined["event_id"].nunique()),
         "by_reason": report.quarantined["reason"].value_counts().to_dict(),
+        "reasons": [asdict(reason) for reason in reasons],
         "docs_path": str(report.docs_path) if report.docs_path else None,
         "expectations": [asdict(o) for o in report.outcomes],
     }
@@ -155,6 +159,8 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
                         details={"validate": summary})
     if not report.passed:
         message = "data validation failed: " + "; ".join(report.dataset_failures)
+        if reasons:
+            message += ". Quarantined by reason: " + " | ".join(reason.line() for reason in reasons)
         if report.docs_path:
             message += f" (Data Docs: {report.docs_path})"
         registry.update_run(ctx.url, ctx.run_key, status="failed", message=message)
@@ -198,13 +204,14 @@ class SupersededRun(Exception):
 
 
 def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune from the champion; raises `SupersededRun` when the champion's data is newer than ours.
+    """Plan the gate's holdout, then fine-tune from the champion on everything else.
 
-    That happens when a scheduled interval runs after a manual run of a later as-of time (e.g. the
-    DAG is unpaused after `retrain`), or in a backfill: the snapshot is built (validate), but a
-    model of older data would never be published over the champion, so it is not trained.
+    Raises `SupersededRun` when the champion's data is newer than ours. That happens when a
+    scheduled interval runs after a manual run of a later as-of time (e.g. the DAG is unpaused
+    after `retrain`), or in a backfill: the snapshot is built (validate), but a model of older
+    data would never be published over the champion, so it is not trained.
     """
-    from recmodel.gate import holdout_cutoff
+    from recmodel.gate import held_out_mask, plan_holdout
     from recmodel.train import train
 
     parent = verified_champion(ctx.url)
@@ -218,12 +225,14 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
         parent = None  # a rerun of the run that produced the champion trains the same way again
     dataset = read_interactions(validated["dataset_path"])
     catalog = read_catalog(validated["catalog_path"])
-    cutoff = holdout_cutoff(dataset, ctx.config.holdout_days)
-    registry.update_run(ctx.url, ctx.run_key, stage="train")
-    result = train(dataset, catalog, cutoff=cutoff, config=ctx.config, out_dir=ctx.model_dir,
+    plan = plan_holdout(dataset, ctx.config)
+    log.info("gate holdout: %s%s", plan.describe(), "" if plan.enough else
+             f" (fewer than gate_min_users={plan.min_users}: the gate will not decide)")
+    registry.update_run(ctx.url, ctx.run_key, stage="train", details={"holdout": asdict(plan)})
+    result = train(dataset[~held_out_mask(dataset, plan)], catalog, config=ctx.config, out_dir=ctx.model_dir,
                    cache_dir=ctx.home / "cache", parent_dir=parent.artifact_dir if parent else None)
     registry.update_run(ctx.url, ctx.run_key, details={"train": asdict(result)})
-    return {**validated, "model_dir": result.model_dir, "cutoff": cutoff.isoformat(), "device": result.device,
+    return {**validated, "model_dir": result.model_dir, "holdout": asdict(plan), "device": result.device,
             "parent_version": parent.version if parent else None, "train_events": result.train_events,
             "n_items": result.n_items}
 
@@ -244,7 +253,18 @@ def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
     return {**trained, "onnx_path": result.onnx_path, "provider": result.provider}
 
 
+def baseline_version(version: str) -> str:
+    """The version under which a run's baseline is published when its candidate is not."""
+    return version + "-baseline"
+
+
 def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
+    """Candidate vs champion vs popularity on the planned holdout; decides what this run publishes.
+
+    `serve` in the result: "model" (accepted), "baseline" (not accepted and no model champion yet:
+    a popularity baseline is registered and published, so every known user is served), or None
+    (not accepted; the champion keeps serving).
+    """
     from recmodel import gate
     from recmodel.data import is_active
     from recmodel.score import open_session
@@ -253,37 +273,91 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     registry.update_run(ctx.url, ctx.run_key, stage="gate")
     dataset = read_interactions(exported["dataset_path"])
     catalog = read_catalog(exported["catalog_path"])
-    holdout = gate.build_holdout(dataset, pd.Timestamp(exported["cutoff"]))
+    plan = gate.HoldoutPlan(**exported["holdout"])
     active_ids = catalog.loc[is_active(catalog), "item_id"].to_numpy()
-    stats = gate.catalog_stats(dataset.loc[dataset["occurred_at"] < holdout.cutoff, "item_id"].to_numpy(), active_ids)
-
-    def evaluate(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
-        vocab = load_vocab(model_dir)
-        session, _ = open_session(onnx_path)
-        recs = gate.onnx_recommendations(session, vocab, holdout)
-        return gate.evaluate_lists(recs, holdout.targets, stats)
-
-    candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]))
     champion_record = verified_champion(ctx.url)
     if champion_record is not None and champion_record.version == ctx.version:
         champion_record = None
-    champion = evaluate(champion_record.artifact_dir, champion_record.onnx_path) if champion_record else None
-    popularity = gate.evaluate_lists(gate.popularity_recommendations(dataset, holdout, active_ids),
-                                     holdout.targets, stats)
-    decision = gate.decide(candidate, champion, popularity, ctx.config)
-    metrics = {**decision.metrics, "holdout": {"cutoff": exported["cutoff"], "users": len(holdout.targets)}}
+
+    def evaluate(model_dir: Path, onnx_path: Path, holdout: gate.Holdout, stats: gate.CatalogStats) -> dict[str, Any]:
+        session, _ = open_session(onnx_path)
+        return gate.evaluate_lists(gate.onnx_recommendations(session, load_vocab(model_dir), holdout),
+                                   holdout.targets, stats)
+
+    if plan.users == 0:
+        decision = gate.undecided(plan)
+    else:
+        holdout = gate.build_holdout(dataset, plan)
+        train_events = dataset[~gate.held_out_mask(dataset, plan)]
+        stats = gate.catalog_stats(train_events["item_id"].to_numpy(), active_ids)
+        candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]), holdout, stats)
+        champion = (evaluate(champion_record.artifact_dir, champion_record.onnx_path, holdout, stats)
+                    if champion_record else None)
+        popularity = gate.evaluate_lists(gate.popularity_recommendations(train_events, holdout, active_ids),
+                                         holdout.targets, stats)
+        decision = gate.decide(candidate, champion, popularity, ctx.config)
+        if not plan.enough:
+            decision = gate.GateDecision(gate.UNDECIDED, gate.undecided(plan).reasons, decision.metrics)
+    metrics = {**decision.metrics, "holdout": asdict(plan)}
     if champion_record is not None:
         metrics["holdout"]["champion_version"] = champion_record.version
-    registry.record_decision(ctx.url, ctx.version, accepted=decision.accepted, reasons=decision.reasons,
+    registry.record_decision(ctx.url, ctx.version, decision=decision.outcome, reasons=decision.reasons,
                              metrics=metrics)
-    if not decision.accepted:
-        message = f"gate rejected {ctx.version}: " + "; ".join(decision.reasons)
-        registry.update_run(ctx.url, ctx.run_key, status="rejected", message=message, details={"gate": metrics})
-        log.warning("%s; the current champion keeps serving", message)
-    else:
+    gated = {**exported, "accepted": decision.accepted, "decision": decision.outcome, "reasons": decision.reasons,
+             "serve": "model" if decision.accepted else None, "publish_version": ctx.version}
+    if decision.accepted:
         registry.update_run(ctx.url, ctx.run_key, details={"gate": metrics})
         log.info("gate accepted %s: %s", ctx.version, decision.reasons[0])
-    return {**exported, "accepted": decision.accepted, "reasons": decision.reasons}
+        return gated
+    message = f"gate {decision.outcome} {ctx.version}: " + "; ".join(decision.reasons)
+    if champion_record is None and registry.champion(ctx.url) is None:
+        version = baseline_version(ctx.version)
+        why = (f"no model serves yet and candidate {ctx.version} was {decision.outcome}: publishing the popularity "
+               "baseline so every known user gets recommendations until a model is accepted")
+        registry.register_baseline(
+            ctx.url, version=version, run_key=ctx.run_key, dataset_path=exported["dataset_path"], watermark=ctx.as_of,
+            train_rows=len(dataset), n_items=int(len(active_ids)), artifact_dir=str(ctx.run_dir), reasons=[why],
+            metrics={"baseline": metrics.get("popularity", {}), "holdout": metrics["holdout"]},
+            lineage={"instead_of": ctx.version, "gate": decision.outcome})
+        registry.update_run(ctx.url, ctx.run_key, message=f"{message}; {why}", details={"gate": metrics})
+        log.warning("%s; %s", message, why)
+        return {**gated, "serve": "baseline", "publish_version": version, "reasons": [*decision.reasons, why]}
+    registry.update_run(ctx.url, ctx.run_key, status="rejected", message=message, details={"gate": metrics})
+    log.warning("%s; the current champion keeps serving", message)
+    return gated
+
+
+def step_refit(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
+    """The accepted model, trained on for `refit_epochs` on the whole snapshot (the holdout included),
+    re-exported with its parity check: what serves has learned from every interaction up to as_of.
+
+    Leaves `gated` as it is when nothing is accepted or `refit_epochs` is 0.
+    """
+    from recmodel.export import export
+    from recmodel.train import train
+
+    if gated["serve"] != "model" or ctx.config.refit_epochs == 0:
+        return gated
+    registry.update_run(ctx.url, ctx.run_key, stage="refit")
+    dataset = read_interactions(gated["dataset_path"])
+    catalog = read_catalog(gated["catalog_path"])
+    refit_dir = ctx.model_dir / "refit"
+    result = train(dataset, catalog, config=ctx.config, out_dir=refit_dir, cache_dir=ctx.home / "cache",
+                   parent_dir=Path(gated["model_dir"]), refit=True)
+    exported = export(refit_dir, catalog, dataset, top_k=ctx.config.top_k, seed=ctx.config.seed)
+    lineage = {
+        "gated": {"artifact_dir": gated["model_dir"], "onnx_path": gated["onnx_path"],
+                  "train_rows": gated["train_events"], "holdout": gated["holdout"]},
+        "refit": {"artifact_dir": str(refit_dir), "onnx_path": exported.onnx_path, "train_rows": result.train_events,
+                  "epochs": result.epochs, "from": "gated", "parity": {"max_score_diff": exported.max_score_diff,
+                                                                       "topk_agreement": exported.topk_agreement}},
+    }
+    registry.record_refit(ctx.url, ctx.version, artifact_dir=str(refit_dir), onnx_path=exported.onnx_path,
+                          onnx_sha256=exported.onnx_sha256, train_rows=result.train_events, lineage=lineage)
+    registry.update_run(ctx.url, ctx.run_key, details={"refit": {"train": asdict(result), "export": asdict(exported)}})
+    log.info("refit %s on all %d interactions (%d epochs from the gated weights)", ctx.version, result.train_events,
+             result.epochs)
+    return {**gated, "model_dir": str(refit_dir), "onnx_path": exported.onnx_path, "train_events": result.train_events}
 
 
 def shard_of(user_ids: np.ndarray, shards: int) -> np.ndarray:
@@ -299,11 +373,16 @@ def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, sha
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not within 0..{shards - 1}")
     registry.update_run(ctx.url, ctx.run_key, stage="score")
-    dataset = read_interactions(gated["dataset_path"])
-    dataset = dataset[shard_of(dataset["user_id"].to_numpy(), shards) == shard]
-    recommendations, provider = score.recommend(Path(gated["onnx_path"]), load_vocab(Path(gated["model_dir"])),
-                                                dataset, top_k=ctx.config.top_k,
-                                                batch_size=ctx.config.score_batch_size)
+    full = read_interactions(gated["dataset_path"])
+    dataset = full[shard_of(full["user_id"].to_numpy(), shards) == shard]
+    if gated["serve"] == "baseline":
+        catalog = read_catalog(gated["catalog_path"])
+        recommendations = score.baseline_recommendations(full, dataset, catalog, top_k=ctx.config.top_k)
+        provider = "baseline (popularity)"
+    else:
+        recommendations, provider = score.recommend(Path(gated["onnx_path"]), load_vocab(Path(gated["model_dir"])),
+                                                    dataset, top_k=ctx.config.top_k,
+                                                    batch_size=ctx.config.score_batch_size)
     path = ctx.run_dir / RECOMMENDATIONS_FILE.replace(".parquet", f".shard-{shard}-of-{shards}.parquet")
     recommendations.to_parquet(path, index=False)
     users = int(recommendations["user_id"].nunique())
@@ -313,20 +392,28 @@ def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, sha
 
 
 def step_score_items(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
-    """The item tables, which every user shares: similar items and popular items (the fallback)."""
+    """The item tables, which every user shares: similar items and popular items (the fallback).
+
+    A model's similar items are its item vectors' nearest neighbours; a baseline's are the nearest
+    by item text (the MiniLM embeddings training already cached).
+    """
     from recmodel import score
+    from recmodel.data import Vocab, vocab_text_matrix
     from recmodel.export import inactive_mask
     from recmodel.train import load_vocab
 
     dataset = read_interactions(gated["dataset_path"])
     catalog = read_catalog(gated["catalog_path"])
-    model_dir = Path(gated["model_dir"])
-    vocab = load_vocab(model_dir)
-    similar = score.similar_items(np.load(model_dir / "item_vectors.npy"), vocab,
-                                  inactive_mask(vocab, catalog), k=ctx.config.similar_k)
+    if gated["serve"] == "baseline":
+        vocab = Vocab.from_catalog(catalog["item_id"].to_numpy())
+        vectors = vocab_text_matrix(vocab, catalog, ctx.home / "cache")
+    else:
+        vocab = load_vocab(Path(gated["model_dir"]))
+        vectors = np.load(Path(gated["model_dir"]) / "item_vectors.npy")
+    similar = score.similar_items(vectors, vocab, inactive_mask(vocab, catalog), k=ctx.config.similar_k)
     popular = score.popular_items(dataset, catalog, k=ctx.config.popular_k,
                                   window_days=ctx.config.popular_window_days)
-    paths = {}
+    paths = {"version": gated["publish_version"]}
     for name, frame in ((SIMILAR_FILE, similar), (POPULAR_FILE, popular)):
         path = ctx.run_dir / name
         frame.to_parquet(path, index=False)
@@ -350,8 +437,9 @@ def scored_tables(ctx: RunContext, user_shards: list[dict[str, Any]], item_table
     registry.update_run(ctx.url, ctx.run_key, details={"score": {
         "provider": user_shards[0]["provider"], "shards": len(user_shards),
         "users": sum(s["users"] for s in user_shards), "rows": sum(s["rows"] for s in user_shards)}})
-    return {"version": ctx.version, "user_shards": [s["path"] for s in sorted(user_shards, key=lambda s: s["shard"])],
-            "tables": item_tables}
+    return {"version": item_tables["version"],
+            "user_shards": [s["path"] for s in sorted(user_shards, key=lambda s: s["shard"])],
+            "tables": {view: path for view, path in item_tables.items() if view != "version"}}
 
 
 def step_publish(ctx: RunContext, scored: dict[str, Any]) -> dict[str, Any]:
@@ -364,8 +452,9 @@ def step_publish(ctx: RunContext, scored: dict[str, Any]) -> dict[str, Any]:
                                                ignore_index=True)
     result = publish(ctx.url, scored["version"], frames, generated_at=ctx.as_of,
                      keep_versions=ctx.config.keep_versions)
+    kind = "the popularity baseline " if result.version.endswith("-baseline") else ""
     registry.update_run(ctx.url, ctx.run_key, status="success", model_version=result.version,
-                        message=f"published {result.version}", details={"publish": asdict(result)})
+                        message=f"published {kind}{result.version}", details={"publish": asdict(result)})
     return asdict(result)
 
 
@@ -378,7 +467,7 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
         trained = step_train(ctx, validated)
     except SupersededRun as exc:
         return {**validated, "superseded": str(exc)}
-    gated = step_gate(ctx, step_export(ctx, trained))
-    if not gated["accepted"]:
+    gated = step_refit(ctx, step_gate(ctx, step_export(ctx, trained)))
+    if gated["serve"] is None:
         return gated
     return step_publish(ctx, step_score(ctx, gated))

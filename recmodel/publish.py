@@ -30,7 +30,7 @@ from recmodel import db, pgbulk, registry
 log = logging.getLogger(__name__)
 
 PUBLISH_LOCK_KEY = 7_319_002  # pg_advisory_xact_lock key shared by publish and rollback
-VERSION_PATTERN = re.compile(r"^v[0-9]{14}$")
+VERSION_PATTERN = re.compile(r"^v[0-9]{14}(-baseline)?$")  # a run's model, or the baseline it served instead
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ ORDER BY published_at DESC OFFSET %s
 MARK_PRUNED = "UPDATE recsys.published_versions SET pruned_at = now() WHERE version = %s"
 SELECT_PUBLISHED = "SELECT version, tables, pruned_at, serving FROM recsys.published_versions WHERE version = %s"
 SELECT_SERVING = "SELECT version FROM recsys.published_versions WHERE serving"
+# What serves, for the views' served_by column: 'model' or 'baseline'.
+SELECT_KIND = "SELECT kind FROM recsys.model_registry WHERE version = %s"
 # A scheduled run of an earlier interval (or a backfill) must not replace a model trained on newer data.
 SELECT_NEWER_SERVING = """
 SELECT s.version, s.watermark, n.watermark
@@ -96,7 +98,7 @@ class PublishResult:
 
 def table_name(view: str, version: str, staging: bool = False) -> str:
     if not VERSION_PATTERN.match(version):
-        raise PublishError(f"version {version!r} is not of the form v<14 digits>")
+        raise PublishError(f"version {version!r} is not of the form v<14 digits> or v<14 digits>-baseline")
     return f"{view}__{version}" + ("__staging" if staging else "")
 
 
@@ -117,10 +119,11 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
         _refuse_older(conn, version)  # again: the champion may have changed while we loaded
         conn.execute("SET LOCAL lock_timeout = '10s'")
+        served_by = _served_by(conn, version)
         for table in SERVING_TABLES:
             staging = table_name(table.view, version, staging=True)
             final = table_name(table.view, version)
-            _point_view(conn, table, staging)
+            _point_view(conn, table, staging, served_by)
             conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(final)))
             conn.execute(sql.SQL("ALTER TABLE recsys.{} RENAME TO {}").format(sql.Identifier(staging),
                                                                               sql.Identifier(final)))
@@ -191,10 +194,18 @@ def _refuse_older(conn: psycopg.Connection, version: str) -> None:
                            "use rollback to serve an older version on purpose")
 
 
-def _point_view(conn: psycopg.Connection, table: ServingTable, source: str) -> None:
+def _served_by(conn: psycopg.Connection, version: str) -> str:
+    row = conn.execute(SELECT_KIND, (version,)).fetchone()
+    if row is None:
+        raise PublishError(f"{version} is not in the model registry; register it before publishing")
+    return row[0]
+
+
+def _point_view(conn: psycopg.Connection, table: ServingTable, source: str, served_by: str) -> None:
+    """The view reads `source` and labels every row with what produced it ('model' or 'baseline')."""
     columns = sql.SQL(", ").join(sql.Identifier(n) for n, _ in table.columns)
-    conn.execute(sql.SQL("CREATE OR REPLACE VIEW recsys.{} AS SELECT {} FROM recsys.{}").format(
-        sql.Identifier(table.view), columns, sql.Identifier(source)))
+    conn.execute(sql.SQL("CREATE OR REPLACE VIEW recsys.{} AS SELECT {}, {}::text AS served_by FROM recsys.{}").format(
+        sql.Identifier(table.view), columns, sql.Literal(served_by), sql.Identifier(source)))
 
 
 def _promote(conn: psycopg.Connection, version: str) -> None:
@@ -232,8 +243,9 @@ def rollback(url: str, version: str) -> str:
             raise PublishError(f"cannot roll back to {version}: its tables were pruned on {pruned_at:%Y-%m-%d %H:%M}")
         previous = conn.execute(SELECT_SERVING).fetchone()
         conn.execute("SET LOCAL lock_timeout = '10s'")
+        served_by = _served_by(conn, version)
         for table in SERVING_TABLES:
-            _point_view(conn, table, tables[table.view])
+            _point_view(conn, table, tables[table.view], served_by)
         conn.execute(UNMARK_SERVING, {"version": version})
         conn.execute("UPDATE recsys.published_versions SET serving = true WHERE version = %s", (version,))
         _promote(conn, version)

@@ -3,6 +3,11 @@
 Statuses: candidate (trained, not yet decided or not yet published) -> champion (serving) or
 rejected (failed the gate); a champion replaced by a newer one (or rolled back from) is retired.
 A partial unique index allows one champion at most.
+
+Kinds: a `model` (trained, exported to ONNX, gated) or a `baseline` (popularity, no artifact),
+published when there is no model champion and the candidate was not accepted, so the serving
+views are never empty after a run with valid data. Only a model champion is warm-started from
+and gated against; the first accepted model replaces a serving baseline.
 """
 
 from __future__ import annotations
@@ -59,12 +64,30 @@ SET decision = %(decision)s, reasons = %(reasons)s::jsonb, metrics = %(metrics)s
     status = CASE WHEN %(decision)s = 'rejected' AND status <> 'champion' THEN 'rejected' ELSE status END
 WHERE version = %(version)s
 """
+# The accepted model is refit on the whole snapshot: the row then describes the refit (what serves),
+# and `lineage` keeps both models.
+RECORD_REFIT = """
+UPDATE recsys.model_registry
+SET artifact_dir = %(artifact_dir)s, onnx_path = %(onnx_path)s, onnx_sha256 = %(onnx_sha256)s,
+    train_rows = %(train_rows)s, lineage = %(lineage)s::jsonb
+WHERE version = %(version)s
+"""
+UPSERT_BASELINE = """
+INSERT INTO recsys.model_registry (version, parent_version, run_key, dataset_path, watermark, train_rows,
+    n_items, device, artifact_dir, kind, reasons, metrics, lineage, status)
+VALUES (%(version)s, NULL, %(run_key)s, %(dataset_path)s, %(watermark)s, %(train_rows)s, %(n_items)s, 'cpu',
+    %(artifact_dir)s, 'baseline', %(reasons)s::jsonb, %(metrics)s::jsonb, %(lineage)s::jsonb, 'candidate')
+ON CONFLICT (version) DO UPDATE
+SET dataset_path = EXCLUDED.dataset_path, watermark = EXCLUDED.watermark, train_rows = EXCLUDED.train_rows,
+    n_items = EXCLUDED.n_items, artifact_dir = EXCLUDED.artifact_dir, reasons = EXCLUDED.reasons,
+    metrics = EXCLUDED.metrics, lineage = EXCLUDED.lineage
+"""
 
-SELECT_CHAMPION = "SELECT * FROM recsys.model_registry WHERE status = 'champion'"
+SELECT_CHAMPION = "SELECT * FROM recsys.model_registry WHERE status = 'champion' AND kind = 'model'"
 SELECT_VERSION = "SELECT * FROM recsys.model_registry WHERE version = %s"
 SELECT_REGISTRY = """
-SELECT r.version, r.parent_version, r.created_at, r.status, r.decision, r.reasons, r.metrics, r.train_rows,
-       r.n_items, r.device, p.published_at, p.serving, p.pruned_at, p.row_counts
+SELECT r.version, r.parent_version, r.run_key, r.created_at, r.kind, r.status, r.decision, r.reasons, r.metrics,
+       r.train_rows, r.n_items, r.device, r.lineage, p.published_at, p.serving, p.pruned_at, p.row_counts
 FROM recsys.model_registry r LEFT JOIN recsys.published_versions p USING (version)
 ORDER BY r.created_at DESC LIMIT %s
 """
@@ -93,6 +116,7 @@ class ModelRecord:
     onnx_sha256: str
     status: str
     watermark: datetime  # the as-of time of the data it was trained on
+    kind: str  # model | baseline
 
 
 def as_of_now() -> datetime:
@@ -188,16 +212,35 @@ def register_candidate(url: str, **fields: Any) -> None:
         conn.execute(UPSERT_CANDIDATE, fields)
 
 
-def record_decision(url: str, version: str, *, accepted: bool, reasons: list[str],
+def record_decision(url: str, version: str, *, decision: str, reasons: list[str],
                     metrics: dict[str, Any]) -> None:
+    """The gate's outcome (accepted, rejected or undecided), its reasons and metrics."""
     with db.transaction(url) as conn:
-        conn.execute(RECORD_DECISION, {
-            "version": version, "decision": "accepted" if accepted else "rejected",
-            "reasons": json.dumps(reasons), "metrics": json.dumps(metrics),
-        })
+        conn.execute(RECORD_DECISION, {"version": version, "decision": decision, "reasons": json.dumps(reasons),
+                                       "metrics": json.dumps(metrics)})
+
+
+def record_refit(url: str, version: str, *, artifact_dir: str, onnx_path: str, onnx_sha256: str, train_rows: int,
+                 lineage: dict[str, Any]) -> None:
+    with db.transaction(url) as conn:
+        conn.execute(RECORD_REFIT, {"version": version, "artifact_dir": artifact_dir, "onnx_path": onnx_path,
+                                    "onnx_sha256": onnx_sha256, "train_rows": train_rows,
+                                    "lineage": json.dumps(lineage, default=str)})
+
+
+def register_baseline(url: str, *, version: str, run_key: str, dataset_path: str, watermark: datetime,
+                      train_rows: int, n_items: int, artifact_dir: str, reasons: list[str], metrics: dict[str, Any],
+                      lineage: dict[str, Any]) -> None:
+    with db.transaction(url) as conn:
+        conn.execute(UPSERT_BASELINE, {
+            "version": version, "run_key": run_key, "dataset_path": dataset_path, "watermark": watermark,
+            "train_rows": train_rows, "n_items": n_items, "artifact_dir": artifact_dir,
+            "reasons": json.dumps(reasons), "metrics": json.dumps(metrics, default=str),
+            "lineage": json.dumps(lineage, default=str)})
 
 
 def champion(url: str) -> ModelRecord | None:
+    """The serving model (a serving baseline is not one: nothing to warm-start from or gate against)."""
     with db.connect(url) as conn:
         row = conn.cursor(row_factory=dict_row).execute(SELECT_CHAMPION).fetchone()
     return _record(row) if row else None
@@ -210,8 +253,8 @@ def get(conn: psycopg.Connection, version: str) -> ModelRecord | None:
 
 def _record(row: dict[str, Any]) -> ModelRecord:
     return ModelRecord(version=row["version"], artifact_dir=Path(row["artifact_dir"]),
-                       onnx_path=Path(row["onnx_path"]), onnx_sha256=row["onnx_sha256"], status=row["status"],
-                       watermark=row["watermark"])
+                       onnx_path=Path(row["onnx_path"] or ""), onnx_sha256=row["onnx_sha256"] or "",
+                       status=row["status"], watermark=row["watermark"], kind=row["kind"])
 
 
 def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:

@@ -59,6 +59,26 @@ def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: in
     return pd.concat(frames, ignore_index=True), provider
 
 
+def baseline_recommendations(dataset: pd.DataFrame, users: pd.DataFrame, catalog: pd.DataFrame, *,
+                             top_k: int) -> pd.DataFrame:
+    """The popularity baseline for every user in `users`: the most-interacted active items of the whole
+    `dataset` they have not interacted with. Columns user_id, rank, item_id, score (the item's share)."""
+    from recmodel.gate import popularity_ranking, unseen_top
+
+    active = catalog.loc[is_active(catalog), "item_id"].to_numpy()
+    counts = popularity_ranking(dataset, active)
+    ranked, shares = counts.index.to_numpy(np.int64), (counts / max(len(dataset), 1)).astype(np.float32)
+    frames = []
+    for user, items in users.groupby("user_id", sort=True)["item_id"]:
+        top = unseen_top(ranked, set(items.tolist()), top_k)
+        frames.append(pd.DataFrame({"user_id": np.full(len(top), user, dtype=np.int64),
+                                    "rank": np.arange(1, len(top) + 1, dtype=np.int32), "item_id": top,
+                                    "score": shares.reindex(top).to_numpy(np.float32)}))
+    if not frames:
+        return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []})
+    return pd.concat(frames, ignore_index=True)
+
+
 def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
     """Long format from (B, K) arrays, dropping slots the model could not fill (score -inf)."""
     b, k = items.shape

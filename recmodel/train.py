@@ -1,12 +1,13 @@
 """Training: next-item prediction with full-catalog softmax, warm-started from the champion.
 
-Inputs are the run's dataset snapshot and catalog; events at or after `cutoff` are held out for
-the gate and never trained on. Output is a model folder (weights, config, vocabulary) that
-`export` turns into ONNX.
+Inputs are the events to learn from (the snapshot minus the gate's holdout, or the whole
+snapshot for the refit) and the catalog. Output is a model folder (weights, config, vocabulary)
+that `export` turns into ONNX.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -199,16 +200,26 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
                                    loop=result[4])
 
 
-def train(dataset: pd.DataFrame, catalog: pd.DataFrame, *, cutoff: pd.Timestamp, config: PipelineConfig,
-          out_dir: Path, cache_dir: Path, parent_dir: Path | None = None) -> TrainResult:
-    """Train on events before `cutoff` (the gate's holdout starts there); write the model to `out_dir`."""
+def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: PipelineConfig, out_dir: Path,
+          cache_dir: Path, parent_dir: Path | None = None, refit: bool = False) -> TrainResult:
+    """Train on `train_events` and write the model to `out_dir`.
+
+    A normal run holds each user's last training item out to pick the epoch (early stopping). A
+    refit (`refit=True`, `parent_dir` = the gated model) learns from every event instead, for
+    `refit_epochs` epochs from the gated weights: the served model has seen the freshest data.
+    """
     started = time.perf_counter()
-    train_events = dataset[dataset["occurred_at"] < cutoff]
     vocab = Vocab.from_catalog(catalog["item_id"].to_numpy())
     sequences = user_sequences(train_events, vocab)
     if not any(len(s) >= 2 for s in sequences.values()):
-        raise TrainingError(f"no user has two or more interactions before {cutoff:%Y-%m-%d %H:%M}; nothing to learn from")
-    train_sequences, validation = hold_out_last(sequences, seed=config.seed)
+        raise TrainingError("no user has two or more interactions outside the gate's holdout; nothing to learn from")
+    if refit:
+        if parent_dir is None:
+            raise ValueError("a refit continues from the gated model: parent_dir is required")
+        train_sequences, validation = sequences, None
+        config = dataclasses.replace(config, warm_start_epochs=config.refit_epochs)
+    else:
+        train_sequences, validation = hold_out_last(sequences, seed=config.seed)
     text_started = time.perf_counter()
     text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
     text_seconds = time.perf_counter() - text_started

@@ -49,6 +49,31 @@ DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
 NEAR_DUPLICATE_KEY = ["user_id", "item_id", "event_type"]
 POPULARITY_HEAD = 100  # items compared one by one in the popularity drift check; the rest are one bucket
 
+# Per quarantine reason: the rule a row broke, and the settings that govern it (none: fix the source rows).
+REASON_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "null_user_id": ("user_id is NULL", ()),
+    "null_item_id": ("item_id is NULL", ()),
+    "non_positive_id": ("user_id or item_id is 0 or negative", ()),
+    "unknown_item": ("item_id is not in the items table (add the items, then `quarantine replay --reason "
+                     "unknown_item`)", ()),
+    "bad_event_type": ("event_type is NULL or not one of event_types", ("event_types",)),
+    "value_out_of_range": ("value is outside [value_min, value_max]", ("value_min", "value_max")),
+    "future_timestamp": ("occurred_at is later than the run's as-of time plus future_tolerance_seconds",
+                         ("future_tolerance_seconds",)),
+    "timestamp_before_floor": ("occurred_at is before min_occurred_at", ("min_occurred_at",)),
+    "duplicate": ("same user, item, event type and occurred_at as an earlier row (the earliest is kept)", ()),
+    "near_duplicate": ("same user, item and event type again within near_duplicate_seconds (a double click)",
+                       ("near_duplicate_seconds",)),
+}
+# The settings behind each dataset-level metric, for the message of a failed check.
+METRIC_SETTINGS: dict[str, tuple[str, ...]] = {
+    "quarantine_share": ("max_quarantine_share",),
+    "volume_ratio": ("volume_min_ratio", "volume_max_ratio"),
+    "event_type_divergence": ("max_event_type_divergence",),
+    "items_per_user_divergence": ("max_items_per_user_divergence",),
+    "item_popularity_divergence": ("max_item_popularity_divergence",),
+}
+
 DATASOURCE = "recsys_increment"
 SCHEMA, ROWS, DATASET = "increment_schema", "increment_rows", "increment_dataset"
 
@@ -83,6 +108,60 @@ class ExpectationOutcome:
     success: bool
     unexpected_count: int
     observed: str
+
+
+@dataclass(frozen=True)
+class ReasonSummary:
+    """One quarantine reason of a run, as an operator needs it: how many rows, which rule, one example, and
+    the setting that governs it with its current value."""
+
+    reason: str
+    rows: int
+    rule: str
+    settings: dict[str, Any]  # setting name -> value in this run; empty: the source rows must be fixed
+    example: dict[str, Any]  # the first quarantined row (lowest event_id), as read from the source
+
+    def line(self) -> str:
+        example = ", ".join(f"{key}={value}" for key, value in self.example.items())
+        if self.settings:
+            current = ", ".join(f"{name}={value!r}" for name, value in self.settings.items())
+            governs = f"setting: {current} (override with retrain --conf)"
+        else:
+            governs = "no setting: fix the source rows"
+        return f"{self.reason}: {self.rows:,} rows, {self.rule}; e.g. {example}; {governs}"
+
+
+def reason_summaries(quarantined: pd.DataFrame, config: PipelineConfig) -> list[ReasonSummary]:
+    """Per reason present in `quarantined` (in REASONS order): count, rule, governing settings, one example."""
+    out = []
+    for reason in REASONS:
+        rows = quarantined[quarantined["reason"] == reason]
+        if rows.empty:
+            continue
+        rule, names = REASON_RULES[reason]
+        first = rows.sort_values("event_id", kind="stable").iloc[0].drop(labels=["reason"])
+        example = {key: _plain(value) for key, value in first.items()}
+        out.append(ReasonSummary(reason=reason, rows=int(rows["event_id"].nunique()), rule=rule,
+                                 settings={name: _setting_value(config, name) for name in names}, example=example))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A cell as a JSON-safe value: None for missing, text for times and non-finite numbers."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, (int, float, str, bool)):
+        return value
+    return str(value)
+
+
+def _setting_value(config: PipelineConfig, name: str) -> Any:
+    value = getattr(config, name)
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -151,7 +230,8 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
     dataset_result = _run(context, DATASET, expectations, pd.DataFrame({k: [v] for k, v in metrics.items()}),
                           DATASET_RESULT_FORMAT, run_id, result_ids)
     outcomes += [_dataset_outcome(r) for r in dataset_result.results]
-    dataset_failures += [_failure_message(r) for r in dataset_result.results if not r.success]
+    dataset_failures += [_failure_message(r) + _settings_hint(r, config)
+                         for r in dataset_result.results if not r.success]
 
     return ValidationReport(clean=clean, quarantined=quarantined, outcomes=outcomes,
                             dataset_failures=dataset_failures, docs_path=_build_docs(context, result_ids))
@@ -216,7 +296,7 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
     """
     E = gx.expectations
     newest_allowed = (pd.Timestamp(as_of) + pd.Timedelta(seconds=config.future_tolerance_seconds)).to_pydatetime()
-    return [
+    expectations = [
         E.ExpectColumnValuesToNotBeNull(column="user_id", meta={"reason": "null_user_id"}),
         E.ExpectColumnValuesToNotBeNull(column="item_id", meta={"reason": "null_item_id"}),
         E.ExpectColumnValuesToBeBetween(column="user_id", min_value=1, meta={"reason": "non_positive_id"}),
@@ -230,11 +310,14 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
                                         meta={"reason": "value_out_of_range"}),
         E.ExpectColumnValuesToBeBetween(column="occurred_at", max_value=newest_allowed,
                                         meta={"reason": "future_timestamp"}),
-        E.ExpectColumnValuesToBeBetween(column="occurred_at", min_value=config.occurred_at_floor(),
-                                        meta={"reason": "timestamp_before_floor"}),
         E.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"reason": "duplicate"}),
         E.ExpectColumnValuesToBeNull(column="near_duplicate_of", meta={"reason": "near_duplicate"}),
     ]
+    floor = config.occurred_at_floor()
+    if floor is not None:  # no floor by default: old timestamps are history
+        expectations.append(E.ExpectColumnValuesToBeBetween(column="occurred_at", min_value=floor,
+                                                            meta={"reason": "timestamp_before_floor"}))
+    return expectations
 
 
 def _row_frame(increment: pd.DataFrame, near_window_seconds: float) -> pd.DataFrame:
@@ -336,6 +419,15 @@ def _failure_message(result: ExpectationValidationResult) -> str:
                          for key, label, sign in (("min_value", "min", "<"), ("max_value", "max", ">"))
                          if kwargs.get(key) is not None)
     return f"{name} failed: observed {_observed(result)}" + (f" {limits}" if limits else "")
+
+
+def _settings_hint(result: ExpectationValidationResult, config: PipelineConfig) -> str:
+    """E.g. " (setting max_quarantine_share=0.2; override with retrain --conf)" for a dataset-level check."""
+    names = METRIC_SETTINGS.get(_column(result) or "", ())
+    if not names:
+        return ""
+    current = ", ".join(f"{name}={_setting_value(config, name)!r}" for name in names)
+    return f" (setting {current}; override with retrain --conf)"
 
 
 def _observed(result: ExpectationValidationResult) -> str:

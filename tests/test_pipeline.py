@@ -193,3 +193,45 @@ def test_scoring_in_four_shards_equals_scoring_in_one(recsys_env: str) -> None:
         pipeline.scored_tables(ctx, [s for s in shards if s["shard"] != 2], {})
     published = pipeline.step_publish(ctx, pipeline.scored_tables(ctx, shards, pipeline.step_score_items(ctx, gated)))
     assert published["row_counts"]["user_recommendations"] == len(whole)
+
+
+@pytest.mark.slow
+def test_a_rejected_first_candidate_serves_a_labelled_baseline_until_a_model_is_accepted(recsys_env: str) -> None:
+    from recmodel.publish import rollback
+
+    seed_small(recsys_env, NOW)
+    first = pipeline.make_context(NOW, {**SMALL_MODEL, "gate_min_metric": 1.0})  # no model reaches this floor
+    result = pipeline.run_all(first)
+    baseline = first.version + "-baseline"
+    assert result["version"] == baseline
+    with db.connect(recsys_env) as conn:
+        labels = {view: conn.execute(f"SELECT DISTINCT model_version, served_by FROM recsys.{view}").fetchall()
+                  for view in ("user_recommendations", "similar_items", "popular_items")}
+        users = {u for (u,) in conn.execute("SELECT DISTINCT user_id FROM interactions")}
+        served_users = {u for (u,) in conn.execute("SELECT DISTINCT user_id FROM recsys.user_recommendations")}
+        seen = conn.execute("SELECT count(*) FROM recsys.user_recommendations r JOIN interactions i "
+                            "USING (user_id, item_id)").fetchone()[0]
+        registry = dict(conn.execute("SELECT version, (kind, status, decision) FROM recsys.model_registry").fetchall())
+        message = conn.execute("SELECT message FROM recsys.pipeline_runs").fetchone()[0]
+    assert all(rows == [(baseline, "baseline")] for rows in labels.values()), labels
+    assert served_users == users and seen == 0  # every known user, never an item they already had
+    assert registry == {first.version: ("model", "rejected", "rejected"), baseline: ("baseline", "champion", None)}
+    assert message == f"published the popularity baseline {baseline}"
+
+    later = NOW + timedelta(days=1)
+    seed_small(recsys_env, later, events=3000, seed=2)
+    second = pipeline.make_context(later, SMALL_MODEL)
+    assert pipeline.run_all(second)["version"] == second.version
+    with db.connect(recsys_env) as conn:
+        labels = conn.execute("SELECT DISTINCT model_version, served_by FROM recsys.user_recommendations").fetchall()
+        statuses = dict(conn.execute("SELECT version, status FROM recsys.model_registry").fetchall())
+        parent, lineage = conn.execute("SELECT parent_version, lineage FROM recsys.model_registry WHERE version = %s",
+                                       (second.version,)).fetchone()
+    assert labels == [(second.version, "model")]
+    assert statuses[baseline] == "retired" and statuses[second.version] == "champion"
+    assert parent is None  # a baseline is nothing to warm-start from
+    assert lineage["refit"]["train_rows"] > lineage["gated"]["train_rows"]  # the refit saw the holdout too
+
+    rollback(recsys_env, baseline)  # one step back, and the label follows
+    with db.connect(recsys_env) as conn:
+        assert conn.execute("SELECT DISTINCT served_by FROM recsys.popular_items").fetchall() == [("baseline",)]

@@ -166,6 +166,10 @@ def test_registry_shows_lineage_metrics_with_intervals_and_decisions(client, wor
     assert [models[v]["serving"] for v in (first, second, third)] == [False, True, False]
     assert (models[second]["parent_version"], models[third]["parent_version"]) == (first, second)
     assert models[third]["decision"] == "rejected" and "below the floor" in models[third]["reasons"][0]
+    holdout = models[second]["holdout"]  # what the gate judged on, as planned before training
+    assert holdout["kind"] in ("time_window", "last_per_user") and holdout["users"] >= holdout["min_users"] == 100
+    assert models[second]["kind"] == "model" and models[second]["lineage"]["refit"]["train_rows"] > \
+        models[second]["lineage"]["gated"]["train_rows"]
     candidate = models[second]["metrics"]["candidate"]
     low, high = candidate["ndcg@10_ci"]
     assert low <= candidate["ndcg@10"] <= high
@@ -204,6 +208,7 @@ def test_quality_reports_each_expectation_quarantine_by_reason_and_data_docs(cli
     counts = {(q["run_key"], q["reason"]): q["rows"] for q in quality["quarantine_by_reason"]}
     second_key = world.versions[1][1:9] + "T" + world.versions[1][9:] + "Z"
     assert counts[(second_key, "unknown_item")] == 3 and counts[(second_key, "bad_event_type")] == 2
+    assert latest["reasons"] == []  # the latest run quarantined nothing; each reason's detail is in the run's record
     assert latest["docs"], "Data Docs pages of the latest run"
     page = client.get("/recommender/datadocs/" + latest["docs"][0], headers=headers)
     assert page.status_code == 200 and "<html" in page.text.lower()

@@ -10,8 +10,8 @@ import pytest
 
 from recmodel.config import ConfigError, PipelineConfig
 from recmodel.data import Vocab, extend_dataset, left_pad, length_sorted_batches, training_windows, user_sequences
-from recmodel.gate import (CatalogStats, GateError, bootstrap_interval, build_holdout, catalog_stats, decide,
-                           evaluate_lists)
+from recmodel.gate import (LAST_PER_USER, TIME_WINDOW, CatalogStats, GateError, HoldoutPlan, bootstrap_interval,
+                           build_holdout, catalog_stats, decide, evaluate_lists, held_out_mask, plan_holdout)
 
 
 def events(rows: list[tuple[int, int, int, str]]) -> pd.DataFrame:
@@ -89,10 +89,15 @@ def test_bootstrap_interval_brackets_the_mean_and_pairs_ratios() -> None:
     assert better_low > 1.0
 
 
+def window(cutoff: str) -> HoldoutPlan:
+    return HoldoutPlan(kind=TIME_WINDOW, cutoff=pd.Timestamp(cutoff, tz="UTC").isoformat(), window_days=4.0,
+                       users=1, targets=1, held_out_rows=1, share=0.1, min_users=1)
+
+
 def test_holdout_targets_are_new_items_after_the_cutoff() -> None:
     frame = events([(1, 1, 10, "2026-01-01"), (2, 1, 11, "2026-01-02"), (3, 1, 10, "2026-01-09"),
                     (4, 1, 12, "2026-01-09"), (5, 2, 13, "2026-01-09"), (6, 3, 10, "2026-01-01")])
-    holdout = build_holdout(frame, pd.Timestamp("2026-01-05", tz="UTC"))
+    holdout = build_holdout(frame, window("2026-01-05"))
     assert holdout.targets == {1: {12}}  # item 10 was seen before; user 2 has no history; user 3 no new items
     assert holdout.histories[1].tolist() == [10, 11]
 
@@ -100,7 +105,65 @@ def test_holdout_targets_are_new_items_after_the_cutoff() -> None:
 def test_empty_holdout_is_a_clear_error() -> None:
     frame = events([(1, 1, 10, "2026-01-01")])
     with pytest.raises(GateError, match="no user has new items"):
-        build_holdout(frame, pd.Timestamp("2026-01-05", tz="UTC"))
+        build_holdout(frame, window("2026-01-05"))
+
+
+def bursty_log(users: int) -> pd.DataFrame:
+    """Each user active on one day only, one day after the other (like MovieLens): 3 new items each."""
+    rows = []
+    for user in range(1, users + 1):
+        day = (pd.Timestamp("2020-01-01") + pd.Timedelta(days=user)).strftime("%Y-%m-%d")
+        rows += [(user * 10 + n, user, n + user % 7, day) for n in range(3)]
+    return events(rows)
+
+
+def test_holdout_window_grows_until_enough_users() -> None:
+    frame = events([(u * 10 + n, u, n + 1, f"2026-01-{d:02d}") for u in range(1, 41) for n, d in ((0, 1), (1, 2))]
+                   + [(1000 + u, u, 99, f"2026-01-{10 + u % 20:02d}") for u in range(1, 41)])
+    plan = plan_holdout(frame, PipelineConfig(holdout_days=2.0, gate_min_users=30, gate_max_holdout_share=0.5))
+    assert plan.kind == TIME_WINDOW and plan.enough
+    assert plan.window_days == 16.0  # 2, 4 and 8 days held 6, 10 and 18 users
+    assert plan.users == 34 and plan.users == len(build_holdout(frame, plan).targets)
+    assert plan.share <= 0.5
+
+
+def test_bursty_log_falls_back_to_each_users_last_interaction() -> None:
+    frame = bursty_log(120)  # any window of <= 20% of rows holds users with no history before it
+    plan = plan_holdout(frame, PipelineConfig(gate_min_users=100))
+    assert plan.kind == LAST_PER_USER and plan.cutoff is None
+    assert plan.users == 120 and plan.enough and plan.held_out_rows == 120
+    mask = held_out_mask(frame, plan)
+    last = frame.sort_values(["user_id", "occurred_at", "event_id"]).groupby("user_id").tail(1)
+    assert sorted(frame.loc[mask, "event_id"]) == sorted(last["event_id"])
+    holdout = build_holdout(frame, plan)
+    assert all(len(holdout.histories[u]) == 2 for u in holdout.targets)
+
+
+def test_the_fallback_holds_out_each_users_last_new_item_and_what_followed() -> None:
+    # user 1: 10, 11, 12 (new), then 10 again (a repeat); user 2: 20, 20 (nothing new after the first)
+    frame = events([(1, 1, 10, "2026-01-01"), (2, 1, 11, "2026-01-02"), (3, 1, 12, "2026-01-03"),
+                    (4, 1, 10, "2026-01-04"), (5, 2, 20, "2026-01-01"), (6, 2, 20, "2026-01-02")])
+    plan = plan_holdout(frame, PipelineConfig(gate_min_users=1, gate_max_holdout_share=0.1))
+    assert plan.kind == LAST_PER_USER and (plan.users, plan.held_out_rows) == (1, 2)
+    assert frame.loc[held_out_mask(frame, plan), "event_id"].tolist() == [3, 4]
+    assert build_holdout(frame, plan).targets == {1: {12}}
+
+
+def test_a_burst_at_the_end_narrows_the_window_first() -> None:
+    # 40 users on three days, then a backfill of 60 events, one an hour, over the last two and a half days
+    rows = [(u * 10 + n, u, n + 1, f"2026-01-{1 + n:02d}") for u in range(1, 41) for n in range(3)]
+    burst = events([(5000 + i, 1 + i % 40, 50 + i, "2026-01-08") for i in range(60)])
+    burst["occurred_at"] += pd.to_timedelta(np.arange(60), unit="h")
+    frame = pd.concat([events(rows), burst], ignore_index=True)
+    plan = plan_holdout(frame, PipelineConfig(holdout_days=7.0, gate_min_users=30, gate_max_holdout_share=0.25))
+    # 7 and 3.5 days hold the whole burst (33% of the rows); 1.75 days hold 43 of its events (24%)
+    assert plan.kind == TIME_WINDOW and plan.window_days == 1.75 and plan.held_out_rows == 43 and plan.enough
+
+
+def test_too_few_users_is_not_enough_evidence() -> None:
+    plan = plan_holdout(bursty_log(30), PipelineConfig(gate_min_users=100))
+    assert plan.users == 30 and not plan.enough
+    assert "each user's last new item: 30 rows (33.3%), 30 users with 30 new items" in plan.describe()
 
 
 def per_user(ndcg: np.ndarray) -> dict[str, object]:

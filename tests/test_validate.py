@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from recmodel.config import PipelineConfig
-from recmodel.validate import REASONS, Reference, ValidationReport, jensen_shannon, validate_increment
+from recmodel.validate import (REASONS, Reference, ValidationReport, jensen_shannon, reason_summaries,
+                               validate_increment)
 
 pytestmark = pytest.mark.reliability  # bad input: every case here is one
 
@@ -51,7 +52,7 @@ def test_clean_rows_pass_untouched(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(report.clean, increment)
     assert report.quarantined.empty
     assert all(o.success for o in report.outcomes)
-    assert {o.reason for o in report.outcomes if o.reason} == set(REASONS)
+    assert {o.reason for o in report.outcomes if o.reason} == set(REASONS) - {"timestamp_before_floor"}  # no floor set
 
 
 def _set(increment: pd.DataFrame, row: int, **values: object) -> int:
@@ -71,7 +72,6 @@ def _set(increment: pd.DataFrame, row: int, **values: object) -> int:
     ({"value": 5.5}, ["value_out_of_range"]),
     ({"value": -0.1}, ["value_out_of_range"]),
     ({"occurred_at": pd.Timestamp(AS_OF) + pd.Timedelta(minutes=6)}, ["future_timestamp"]),
-    ({"occurred_at": pd.Timestamp("1999-12-31 23:59", tz="UTC")}, ["timestamp_before_floor"]),
 ])
 def test_each_reason_quarantines_only_its_row(tmp_path: Path, values: dict[str, object], reasons: list[str]) -> None:
     increment = make_increment()
@@ -134,6 +134,32 @@ def test_near_duplicates_within_the_window_are_quarantined(tmp_path: Path) -> No
     assert off.quarantined.empty
 
 
+def test_old_timestamps_are_history_unless_a_floor_is_set(tmp_path: Path) -> None:
+    increment = make_increment()
+    old_id = _set(increment, 3, occurred_at=pd.Timestamp("1970-01-01 00:00:01", tz="UTC"))
+    assert validate(increment, tmp_path).quarantined.empty
+    floored = validate(increment, tmp_path, PipelineConfig.from_overrides(
+        {"min_occurred_at": "2000-01-01T00:00:00+00:00"}), run_key="run-2")
+    assert reasons_by_event(floored) == {old_id: ["timestamp_before_floor"]}
+    assert PipelineConfig.from_overrides({"min_occurred_at": None}).occurred_at_floor() is None
+
+
+def test_each_reason_is_summarised_with_count_rule_example_and_setting(tmp_path: Path) -> None:
+    increment = make_increment()
+    first = _set(increment, 2, event_type="hover")
+    _set(increment, 6, event_type="swipe")
+    _set(increment, 4, value=np.inf)
+    config = PipelineConfig()
+    report = validate(increment, tmp_path, config)
+    [bad_type, out_of_range] = reason_summaries(report.quarantined, config)
+    assert (bad_type.reason, bad_type.rows, bad_type.example["event_id"]) == ("bad_event_type", 2, first)
+    assert bad_type.settings == {"event_types": list(config.event_types)}
+    assert out_of_range.example["value"] == "inf"  # stays JSON: the alert and the run record can hold it
+    line = bad_type.line()
+    assert line.startswith("bad_event_type: 2 rows, event_type is NULL or not one of event_types; e.g. event_id=")
+    assert "event_type=hover" in line and "setting: event_types=['view'" in line
+
+
 def test_bad_floor_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="min_occurred_at must carry a timezone"):
         PipelineConfig.from_overrides({"min_occurred_at": "2000-01-01"})
@@ -146,7 +172,8 @@ def test_quarantine_share_above_max_fails_the_dataset(tmp_path: Path) -> None:
     report = validate(increment, tmp_path, PipelineConfig(max_quarantine_share=0.2))
     assert not report.passed
     assert report.dataset_failures == [
-        "expect_column_max_to_be_between(quarantine_share) failed: observed 0.4 > max 0.2"]
+        "expect_column_max_to_be_between(quarantine_share) failed: observed 0.4 > max 0.2 "
+        "(setting max_quarantine_share=0.2; override with retrain --conf)"]
     assert len(report.clean) == 6
 
 
@@ -250,7 +277,8 @@ def test_volume_is_checked_against_the_median_of_earlier_increments(tmp_path: Pa
                                   run_key="r1", reference=Reference(previous_volumes=(1000, 1100, 900, 5)))
     assert not collapse.passed
     assert collapse.dataset_failures == [
-        "expect_column_max_to_be_between(volume_ratio) failed: observed 0.02105 < min 0.1 or > max 10"]
+        "expect_column_max_to_be_between(volume_ratio) failed: observed 0.02105 < min 0.1 or > max 10 "
+        "(setting volume_min_ratio=0.1, volume_max_ratio=10.0; override with retrain --conf)"]
     steady = validate_increment(increment, CATALOG, as_of=AS_OF, config=PipelineConfig(), gx_dir=tmp_path / "gx",
                                 run_key="r2", reference=Reference(previous_volumes=(25, 18, 20)))
     assert steady.passed and outcome_for(steady, "volume_ratio").success
