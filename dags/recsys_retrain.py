@@ -1,4 +1,4 @@
-"""recsys_retrain: extract -> validate -> train -> export -> gate -> refit -> score (mapped over user shards) -> publish.
+"""recsys_retrain: extract -> validate -> train -> export -> gate -> refit -> score (mapped over shards) -> publish.
 
 Thin wiring only: each task builds the run's context and calls one `recmodel.pipeline` step.
 Heavy libraries (torch, GX, transformers, onnxruntime) are imported inside the steps, so this

@@ -217,9 +217,14 @@ def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], e
     candidate = next((m for m in state["models"] if m["run_key"] == run_key and m["kind"] == "model"), None)
     if candidate and candidate["decision"]:
         _print_gate(candidate)
-    if run["status"] == "success" and version and version.endswith("-baseline"):
+    elif holdout := (run["details"] or {}).get("holdout"):
+        console.print(f"gate holdout: {_holdout_text(holdout)}")
+    baseline = next((m for m in state["models"] if m["version"] == version and m["kind"] == "baseline"), None)
+    if run["status"] == "success" and baseline is not None:
         console.print(f"[yellow]serving the popularity baseline {version}[/]: no model has been accepted yet "
                       "(served_by = 'baseline' in the views); the first accepted model replaces it")
+        for reason in baseline["reasons"]:
+            console.print(f"  baseline: {reason}")
 
 
 def _print_quarantine_reasons(run: dict[str, Any]) -> None:
@@ -228,8 +233,8 @@ def _print_quarantine_reasons(run: dict[str, Any]) -> None:
 
     for reason in ((run["details"] or {}).get("validate") or {}).get("reasons", []):
         # jsonb reorders keys; show the row in the table's column order
-        ordered = sorted(reason["example"].items(),
-                         key=lambda kv: DATASET_COLUMNS.index(kv[0]) if kv[0] in DATASET_COLUMNS else len(DATASET_COLUMNS))
+        column_order = {name: position for position, name in enumerate(DATASET_COLUMNS)}
+        ordered = sorted(reason["example"].items(), key=lambda kv: column_order.get(kv[0], len(column_order)))
         example = ", ".join(f"{k}={v}" for k, v in ordered)
         governs = (", ".join(f"{k}={v!r}" for k, v in reason["settings"].items()) + " (retrain --conf)"
                    if reason["settings"] else "no setting: fix the source rows")
@@ -442,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--score-items", type=int, default=20_000, help="perf: items in the scoring comparison")
     bench.add_argument("--no-dag", action="store_true", help="perf: skip the end-to-end run through Airflow")
     bench.add_argument("--plot", help="perf: write a PNG of stage time vs data size here")
-    bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ml-latest-small, as downloaded from GroupLens)")
+    bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ml-latest-small from GroupLens)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

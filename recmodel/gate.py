@@ -102,12 +102,15 @@ def _last_per_user_mask(dataset: pd.DataFrame) -> np.ndarray:
     """Each user's last new item (the last time they touched an item for the first time, after at least
     one earlier interaction) and whatever they did after it: repeats of seen items, which are no targets
     but must not be trained on either."""
-    order = dataset.sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    occurred = dataset["occurred_at"].dt.tz_convert(None).to_numpy()  # UTC datetime64: sortable in numpy
+    rows = np.lexsort((dataset["event_id"].to_numpy(), occurred, dataset["user_id"].to_numpy()))  # user, time, event
+    order = dataset.iloc[rows].reset_index(drop=True)
     position = order.groupby("user_id", sort=False).cumcount().to_numpy()
     is_new = (~order.duplicated(["user_id", "item_id"])).to_numpy() & (position > 0)
-    last_new = pd.Series(np.where(is_new, position, -1), index=order.index).groupby(order["user_id"]).transform("max")
-    mask = pd.Series((last_new.to_numpy() >= 1) & (position >= last_new.to_numpy()), index=order.index)
-    return mask.reindex(dataset.index).to_numpy()
+    last_new = pd.Series(np.where(is_new, position, -1)).groupby(order["user_id"]).transform("max").to_numpy()
+    mask = np.zeros(len(dataset), dtype=bool)
+    mask[rows] = (last_new >= 1) & (position >= last_new)
+    return mask
 
 
 def _new_item_pairs(dataset: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
@@ -133,7 +136,6 @@ def plan_holdout(dataset: pd.DataFrame, config: PipelineConfig) -> HoldoutPlan:
         raise GateError("the dataset is empty; there is nothing to hold out")
     occurred = dataset["occurred_at"]
     newest = occurred.max()
-    span_days = (newest - occurred.min()).total_seconds() / 86400
 
     def share(days: float) -> float:
         return float((occurred >= newest - timedelta(days=days)).mean())
@@ -144,7 +146,7 @@ def plan_holdout(dataset: pd.DataFrame, config: PipelineConfig) -> HoldoutPlan:
     while share(window) <= config.gate_max_holdout_share:
         cutoff = newest - timedelta(days=window)
         plan = _plan(dataset, (occurred >= cutoff).to_numpy(), config, TIME_WINDOW, cutoff.isoformat(), window)
-        if plan.enough or window >= span_days:
+        if plan.enough:
             return plan
         window *= 2
     return _plan(dataset, _last_per_user_mask(dataset), config, LAST_PER_USER, None, None)

@@ -114,6 +114,11 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
 
     result = _extract_result(extracted)
     if result.rows == 0:
+        if result.base_dataset_path is None and result.rows_already_seen:
+            raise ExtractError(f"all {result.rows_already_seen:,} interactions with ingested_at <= "
+                               f"{ctx.as_of:%Y-%m-%d %H:%M:%S} UTC were quarantined by earlier runs (`python -m "
+                               "recmodel status` says why); once the cause is fixed or the setting changed, re-admit "
+                               "them with `python -m recmodel quarantine replay --reason REASON`")
         if result.base_dataset_path is None:
             raise ExtractError(f"no interactions with ingested_at <= {ctx.as_of:%Y-%m-%d %H:%M:%S} UTC: "
                                "the interactions table is empty (load data with seed or import first)")
@@ -184,18 +189,20 @@ def _write_quarantine(conn, run_key: str, quarantined: pd.DataFrame) -> None:
 
 
 def verified_champion(url: str) -> registry.ModelRecord | None:
-    """The serving model, after checking its ONNX file against the sha256 the registry recorded."""
+    """The serving model, after checking its ONNX files (served and gated) against the sha256 the
+    registry recorded."""
     from recmodel.export import sha256_file
 
     record = registry.champion(url)
     if record is None:
         return None
-    if not record.onnx_path.exists():
-        raise FileNotFoundError(f"champion {record.version}: artifact {record.onnx_path} is missing")
-    actual = sha256_file(record.onnx_path)
-    if actual != record.onnx_sha256:
-        raise RuntimeError(f"champion {record.version}: {record.onnx_path} has sha256 {actual[:12]}…, "
-                           f"the registry recorded {record.onnx_sha256[:12]}…; refusing to use it")
+    for artifact in {record.served, record.gated}:
+        if not artifact.onnx_path.exists():
+            raise FileNotFoundError(f"champion {record.version}: artifact {artifact.onnx_path} is missing")
+        actual = sha256_file(artifact.onnx_path)
+        if actual != artifact.onnx_sha256:
+            raise RuntimeError(f"champion {record.version}: {artifact.onnx_path} has sha256 {actual[:12]}…, "
+                               f"the registry recorded {artifact.onnx_sha256[:12]}…; refusing to use it")
     return record
 
 
@@ -212,15 +219,16 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
     data would never be published over the champion, so it is not trained.
     """
     from recmodel.gate import held_out_mask, plan_holdout
-    from recmodel.train import train
+    from recmodel.train import TrainingError, train
 
-    parent = verified_champion(ctx.url)
-    if parent is not None and parent.watermark > ctx.as_of:
-        message = (f"superseded: the champion {parent.version} was trained on data up to "
-                   f"{parent.watermark:%Y-%m-%d %H:%M} UTC, newer than this run's {ctx.as_of:%Y-%m-%d %H:%M} UTC; "
+    serving = registry.serving_watermark(ctx.url)  # a model or a baseline
+    if serving is not None and serving[1] > ctx.as_of:
+        message = (f"superseded: {serving[0]}, which serves, was built on data up to "
+                   f"{serving[1]:%Y-%m-%d %H:%M} UTC, newer than this run's {ctx.as_of:%Y-%m-%d %H:%M} UTC; "
                    "the snapshot is kept, no model is trained")
         registry.update_run(ctx.url, ctx.run_key, stage="train", status="skipped", message=message)
         raise SupersededRun(message)
+    parent = verified_champion(ctx.url)
     if parent is not None and parent.version == ctx.version:
         parent = None  # a rerun of the run that produced the champion trains the same way again
     dataset = read_interactions(validated["dataset_path"])
@@ -229,8 +237,14 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
     log.info("gate holdout: %s%s", plan.describe(), "" if plan.enough else
              f" (fewer than gate_min_users={plan.min_users}: the gate will not decide)")
     registry.update_run(ctx.url, ctx.run_key, stage="train", details={"holdout": asdict(plan)})
-    result = train(dataset[~held_out_mask(dataset, plan)], catalog, config=ctx.config, out_dir=ctx.model_dir,
-                   cache_dir=ctx.home / "cache", parent_dir=parent.artifact_dir if parent else None)
+    try:
+        result = train(dataset[~held_out_mask(dataset, plan)], catalog, config=ctx.config, out_dir=ctx.model_dir,
+                       cache_dir=ctx.home / "cache", parent_dir=parent.gated.artifact_dir if parent else None)
+    except TrainingError as exc:
+        if registry.champion(ctx.url) is not None:
+            raise  # a model serves: it keeps serving, and the failure is the news
+        log.warning("no model can be trained yet (%s); the gate will publish the baseline", exc)
+        return {**validated, "holdout": asdict(plan), "untrainable": str(exc), "parent_version": None}
     registry.update_run(ctx.url, ctx.run_key, details={"train": asdict(result)})
     return {**validated, "model_dir": result.model_dir, "holdout": asdict(plan), "device": result.device,
             "parent_version": parent.version if parent else None, "train_events": result.train_events,
@@ -240,6 +254,8 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
 def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
     from recmodel.export import export
 
+    if trained.get("untrainable"):
+        return trained  # nothing to export; the gate serves the baseline
     registry.update_run(ctx.url, ctx.run_key, stage="export")
     dataset = read_interactions(trained["dataset_path"])
     catalog = read_catalog(trained["catalog_path"])
@@ -250,7 +266,7 @@ def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
         n_items=trained["n_items"], device=trained["device"], artifact_dir=trained["model_dir"],
         onnx_path=result.onnx_path, onnx_sha256=result.onnx_sha256)
     registry.update_run(ctx.url, ctx.run_key, model_version=ctx.version, details={"export": asdict(result)})
-    return {**trained, "onnx_path": result.onnx_path, "provider": result.provider}
+    return {**trained, "onnx_path": result.onnx_path, "onnx_sha256": result.onnx_sha256, "provider": result.provider}
 
 
 def baseline_version(version: str) -> str:
@@ -284,14 +300,16 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
         return gate.evaluate_lists(gate.onnx_recommendations(session, load_vocab(model_dir), holdout),
                                    holdout.targets, stats)
 
-    if plan.users == 0:
+    if exported.get("untrainable"):
+        decision = gate.GateDecision(gate.UNDECIDED, [f"no model could be trained: {exported['untrainable']}"])
+    elif plan.users == 0:
         decision = gate.undecided(plan)
     else:
         holdout = gate.build_holdout(dataset, plan)
         train_events = dataset[~gate.held_out_mask(dataset, plan)]
         stats = gate.catalog_stats(train_events["item_id"].to_numpy(), active_ids)
         candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]), holdout, stats)
-        champion = (evaluate(champion_record.artifact_dir, champion_record.onnx_path, holdout, stats)
+        champion = (evaluate(champion_record.gated.artifact_dir, champion_record.gated.onnx_path, holdout, stats)
                     if champion_record else None)
         popularity = gate.evaluate_lists(gate.popularity_recommendations(train_events, holdout, active_ids),
                                          holdout.targets, stats)
@@ -316,7 +334,8 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
                "baseline so every known user gets recommendations until a model is accepted")
         registry.register_baseline(
             ctx.url, version=version, run_key=ctx.run_key, dataset_path=exported["dataset_path"], watermark=ctx.as_of,
-            train_rows=len(dataset), n_items=int(len(active_ids)), artifact_dir=str(ctx.run_dir), reasons=[why],
+            train_rows=len(dataset), n_items=int(len(active_ids)), artifact_dir=str(ctx.run_dir),
+            reasons=[*decision.reasons, why],
             metrics={"baseline": metrics.get("popularity", {}), "holdout": metrics["holdout"]},
             lineage={"instead_of": ctx.version, "gate": decision.outcome})
         registry.update_run(ctx.url, ctx.run_key, message=f"{message}; {why}", details={"gate": metrics})
@@ -331,9 +350,10 @@ def step_refit(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
     """The accepted model, trained on for `refit_epochs` on the whole snapshot (the holdout included),
     re-exported with its parity check: what serves has learned from every interaction up to as_of.
 
-    Leaves `gated` as it is when nothing is accepted or `refit_epochs` is 0.
+    Leaves `gated` as it is when nothing is accepted or `refit_epochs` is 0. A refit whose ONNX
+    export fails its parity check is dropped: the accepted gated model serves, and `lineage` says why.
     """
-    from recmodel.export import export
+    from recmodel.export import ExportParityError, export
     from recmodel.train import train
 
     if gated["serve"] != "model" or ctx.config.refit_epochs == 0:
@@ -342,12 +362,20 @@ def step_refit(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
     dataset = read_interactions(gated["dataset_path"])
     catalog = read_catalog(gated["catalog_path"])
     refit_dir = ctx.model_dir / "refit"
+    lineage: dict[str, Any] = {"gated": {"artifact_dir": gated["model_dir"], "onnx_path": gated["onnx_path"],
+                                         "onnx_sha256": gated["onnx_sha256"], "train_rows": gated["train_events"],
+                                         "holdout": gated["holdout"]}}
     result = train(dataset, catalog, config=ctx.config, out_dir=refit_dir, cache_dir=ctx.home / "cache",
                    parent_dir=Path(gated["model_dir"]), refit=True)
-    exported = export(refit_dir, catalog, dataset, top_k=ctx.config.top_k, seed=ctx.config.seed)
-    lineage = {
-        "gated": {"artifact_dir": gated["model_dir"], "onnx_path": gated["onnx_path"],
-                  "train_rows": gated["train_events"], "holdout": gated["holdout"]},
+    try:
+        exported = export(refit_dir, catalog, dataset, top_k=ctx.config.top_k, seed=ctx.config.seed)
+    except ExportParityError as exc:
+        lineage["refit_failed"] = str(exc)
+        registry.record_refit(ctx.url, ctx.version, artifact_dir=gated["model_dir"], onnx_path=gated["onnx_path"],
+                              onnx_sha256=gated["onnx_sha256"], train_rows=gated["train_events"], lineage=lineage)
+        log.warning("refit of %s dropped (%s); the gated model serves", ctx.version, exc)
+        return gated
+    lineage |= {
         "refit": {"artifact_dir": str(refit_dir), "onnx_path": exported.onnx_path, "train_rows": result.train_events,
                   "epochs": result.epochs, "from": "gated", "parity": {"max_score_diff": exported.max_score_diff,
                                                                        "topk_agreement": exported.topk_agreement}},

@@ -233,8 +233,7 @@ def rollback(url: str, version: str) -> str:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
         row = conn.execute(SELECT_PUBLISHED, (version,)).fetchone()
         if row is None:
-            known = registry.get(conn, version)
-            why = "it was never published" if known else "no such version in the registry"
+            why = "it was never published" if registry.exists(conn, version) else "no such version in the registry"
             raise PublishError(f"cannot roll back to {version!r}: {why}")
         _, tables, pruned_at, serving = row
         if serving:

@@ -55,13 +55,14 @@ SET parent_version = EXCLUDED.parent_version, dataset_path = EXCLUDED.dataset_pa
     watermark = EXCLUDED.watermark, train_rows = EXCLUDED.train_rows, n_items = EXCLUDED.n_items,
     device = EXCLUDED.device, artifact_dir = EXCLUDED.artifact_dir, onnx_path = EXCLUDED.onnx_path,
     onnx_sha256 = EXCLUDED.onnx_sha256, decision = NULL, reasons = '[]'::jsonb, metrics = '{}'::jsonb,
+    lineage = '{}'::jsonb,
     status = CASE WHEN recsys.model_registry.status = 'champion' THEN 'champion' ELSE 'candidate' END
 """
 
 RECORD_DECISION = """
 UPDATE recsys.model_registry
 SET decision = %(decision)s, reasons = %(reasons)s::jsonb, metrics = %(metrics)s::jsonb,
-    status = CASE WHEN %(decision)s = 'rejected' AND status <> 'champion' THEN 'rejected' ELSE status END
+    status = CASE WHEN %(decision)s <> 'accepted' AND status <> 'champion' THEN 'rejected' ELSE status END
 WHERE version = %(version)s
 """
 # The accepted model is refit on the whole snapshot: the row then describes the refit (what serves),
@@ -85,6 +86,10 @@ SET dataset_path = EXCLUDED.dataset_path, watermark = EXCLUDED.watermark, train_
 
 SELECT_CHAMPION = "SELECT * FROM recsys.model_registry WHERE status = 'champion' AND kind = 'model'"
 SELECT_VERSION = "SELECT * FROM recsys.model_registry WHERE version = %s"
+SELECT_SERVING_WATERMARK = """
+SELECT r.version, r.watermark FROM recsys.published_versions p JOIN recsys.model_registry r USING (version)
+WHERE p.serving
+"""
 SELECT_REGISTRY = """
 SELECT r.version, r.parent_version, r.run_key, r.created_at, r.kind, r.status, r.decision, r.reasons, r.metrics,
        r.train_rows, r.n_items, r.device, r.lineage, p.published_at, p.serving, p.pruned_at, p.row_counts
@@ -109,14 +114,23 @@ DEFAULT_MAX_AGE_HOURS = 36.0  # a daily schedule plus half a day of slack
 
 
 @dataclass(frozen=True)
-class ModelRecord:
-    version: str
+class ArtifactRef:
+    """One exported model on disk, with the sha256 its ONNX file had when it was registered."""
+
     artifact_dir: Path
     onnx_path: Path
     onnx_sha256: str
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    version: str
+    served: ArtifactRef  # what was scored and published: the refit when there is one
+    # The model the gate judged, trained without its holdout. The next run warm-starts from it and
+    # gates against it: the refit has seen data up to its as_of, which may fall in the next holdout.
+    gated: ArtifactRef
     status: str
     watermark: datetime  # the as-of time of the data it was trained on
-    kind: str  # model | baseline
 
 
 def as_of_now() -> datetime:
@@ -246,15 +260,23 @@ def champion(url: str) -> ModelRecord | None:
     return _record(row) if row else None
 
 
-def get(conn: psycopg.Connection, version: str) -> ModelRecord | None:
-    row = conn.cursor(row_factory=dict_row).execute(SELECT_VERSION, (version,)).fetchone()
-    return _record(row) if row else None
+def exists(conn: psycopg.Connection, version: str) -> bool:
+    return conn.execute(SELECT_VERSION, (version,)).fetchone() is not None
+
+
+def serving_watermark(url: str) -> tuple[str, datetime] | None:
+    """(version, as-of time of its data) of what serves now, a model or a baseline; None before any publish."""
+    with db.connect(url) as conn:
+        return conn.execute(SELECT_SERVING_WATERMARK).fetchone()
 
 
 def _record(row: dict[str, Any]) -> ModelRecord:
-    return ModelRecord(version=row["version"], artifact_dir=Path(row["artifact_dir"]),
-                       onnx_path=Path(row["onnx_path"] or ""), onnx_sha256=row["onnx_sha256"] or "",
-                       status=row["status"], watermark=row["watermark"], kind=row["kind"])
+    """A model's registry row (kind 'model': it has an ONNX file)."""
+    served = ArtifactRef(Path(row["artifact_dir"]), Path(row["onnx_path"]), row["onnx_sha256"])
+    gated = (row["lineage"] or {}).get("gated")
+    return ModelRecord(version=row["version"], served=served, status=row["status"], watermark=row["watermark"],
+                       gated=ArtifactRef(Path(gated["artifact_dir"]), Path(gated["onnx_path"]), gated["onnx_sha256"])
+                       if gated else served)
 
 
 def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:

@@ -68,15 +68,19 @@ def baseline_recommendations(dataset: pd.DataFrame, users: pd.DataFrame, catalog
     active = catalog.loc[is_active(catalog), "item_id"].to_numpy()
     counts = popularity_ranking(dataset, active)
     ranked, shares = counts.index.to_numpy(np.int64), (counts / max(len(dataset), 1)).astype(np.float32)
-    frames = []
+    user_ids, picks = [], []
     for user, items in users.groupby("user_id", sort=True)["item_id"]:
-        top = unseen_top(ranked, set(items.tolist()), top_k)
-        frames.append(pd.DataFrame({"user_id": np.full(len(top), user, dtype=np.int64),
-                                    "rank": np.arange(1, len(top) + 1, dtype=np.int32), "item_id": top,
-                                    "score": shares.reindex(top).to_numpy(np.float32)}))
-    if not frames:
-        return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []})
-    return pd.concat(frames, ignore_index=True)
+        user_ids.append(user)
+        picks.append(unseen_top(ranked, set(items.tolist()), top_k))
+    lengths = np.array([len(p) for p in picks], dtype=np.int64)
+    item_ids = np.concatenate(picks) if picks else np.array([], dtype=np.int64)
+    return pd.DataFrame({
+        "user_id": np.repeat(np.array(user_ids, dtype=np.int64), lengths),
+        "rank": np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in lengths]) if picks else
+        np.array([], dtype=np.int32),
+        "item_id": item_ids,
+        "score": shares.reindex(item_ids).to_numpy(np.float32),
+    })
 
 
 def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:

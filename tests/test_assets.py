@@ -120,5 +120,5 @@ def test_backfill_builds_past_snapshots_without_publishing_over_the_champion(air
     rows = dict(snapshots)  # each past snapshot holds exactly the data ingested up to its time
     assert (rows["20261030T000000Z"], rows["20261031T000000Z"]) == (at["2026-10-30T00:00:00Z"], at["2026-10-31T00:00:00Z"])
     for key in ("20261030T000000Z", "20261031T000000Z"):
-        assert runs[key].startswith("superseded: the champion v20261101120000"), runs
+        assert runs[key].startswith("superseded: v20261101120000, which serves,"), runs
     assert (models, serving) == (1, "v20261101120000")  # nothing trained, nothing published over the champion

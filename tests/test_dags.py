@@ -102,7 +102,7 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
     with db.connect(recsys_env) as conn:
         status, message = conn.execute("SELECT status, message FROM recsys.pipeline_runs WHERE run_key = %s",
                                        (earlier.strftime("%Y%m%dT%H%M%SZ"),)).fetchone()
-    assert status == "skipped" and message.startswith(f"superseded: the champion {second_version}")
+    assert status == "skipped" and message.startswith(f"superseded: {second_version}, which serves,")
     assert serving(recsys_env) == second_version
 
     # The rollback DAG serves the first version again; asking again is refused and changes nothing.

@@ -235,3 +235,23 @@ def test_a_rejected_first_candidate_serves_a_labelled_baseline_until_a_model_is_
     rollback(recsys_env, baseline)  # one step back, and the label follows
     with db.connect(recsys_env) as conn:
         assert conn.execute("SELECT DISTINCT served_by FROM recsys.popular_items").fetchall() == [("baseline",)]
+
+
+@pytest.mark.slow
+def test_a_first_run_that_cannot_train_still_serves_every_user(recsys_env: str) -> None:
+    """One interaction per user: nothing to learn a sequence from, but every user is known and served."""
+    from recmodel.synth import seed_database
+
+    seed_database(recsys_env, users=5, items=30, events=20, seed=4, now=NOW)  # the catalog
+    with db.transaction(recsys_env) as conn:
+        conn.execute("DELETE FROM interactions")
+    add_events(recsys_env, [(100 + user, 1 + user % 7, "view", None, NOW - timedelta(hours=user),
+                             NOW - timedelta(hours=1)) for user in range(40)])
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    assert pipeline.run_all(ctx)["version"] == ctx.version + "-baseline"
+    with db.connect(recsys_env) as conn:
+        served = dict(conn.execute("SELECT user_id, count(*) FROM recsys.user_recommendations GROUP BY user_id"))
+        reasons, = conn.execute("SELECT reasons FROM recsys.model_registry WHERE kind = 'baseline'").fetchone()
+    assert set(served) == set(range(100, 140)) and set(served.values()) == {6}  # 7 items with events, minus one seen
+    assert reasons[0] == "no model could be trained: no user has two or more interactions outside the gate's holdout; " \
+                         "nothing to learn from"

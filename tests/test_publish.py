@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime, timezone
 
@@ -212,3 +213,47 @@ def test_hostile_version_names_are_refused(db_url: str) -> None:
         publish(db_url, 'v1"; DROP TABLE items; --', frames(5, 2, 0), generated_at=NOW, keep_versions=2)
     with db.connect(db_url) as conn:
         assert conn.execute("SELECT to_regclass('public.items')").fetchone()[0] is not None
+
+
+def test_migration_006_labels_what_already_serves(pg_server_url: str) -> None:
+    """A deployment upgraded while a version serves: its views gain served_by and keep rows and grants."""
+    import uuid
+
+    from psycopg import sql as pgsql
+
+    from recmodel.publish import SERVING_TABLES, table_name
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    db.ensure_database(pg_server_url, name)
+    url = db.with_database(pg_server_url, name)
+    version = "v20261101000000"
+    try:
+        with db.connect(url, autocommit=True) as conn:  # the schema as of migration 005, and a 005-era publish
+            conn.execute(db.CREATE_MIGRATIONS_TABLE)
+            for path in db.migration_files()[:5]:
+                conn.execute(path.read_text())
+                conn.execute("INSERT INTO public.recsys_schema_migrations (version) VALUES (%s)", (path.stem,))
+            conn.execute(INSERT_MODEL, (version, version))
+            for table in SERVING_TABLES:
+                final = pgsql.Identifier(table_name(table.view, version))
+                columns = pgsql.SQL(", ").join(pgsql.SQL("{} {}").format(pgsql.Identifier(n), pgsql.SQL(t))
+                                               for n, t in table.columns)
+                conn.execute(pgsql.SQL("CREATE TABLE recsys.{} ({})").format(final, columns))
+                conn.execute(pgsql.SQL("CREATE OR REPLACE VIEW recsys.{} AS SELECT * FROM recsys.{}").format(
+                    pgsql.Identifier(table.view), final))
+            conn.execute(pgsql.SQL("INSERT INTO recsys.{} VALUES (1, 1, 7, 0.5, %s, now())").format(
+                pgsql.Identifier(table_name("user_recommendations", version))), (version,))
+            conn.execute("INSERT INTO recsys.published_versions (version, tables, row_counts, serving) "
+                         "VALUES (%s, %s, '{}', true)", (version, json.dumps(
+                             {t.view: table_name(t.view, version) for t in SERVING_TABLES})))
+        assert db.migrate(url) == ["006_baselines_and_refit"]
+        with db.connect(url) as conn:
+            rows = conn.execute("SELECT user_id, item_id, model_version, served_by "
+                                "FROM recsys.user_recommendations").fetchall()
+            readable = conn.execute("SELECT has_table_privilege('recsys_reader', 'recsys.popular_items', "
+                                    "'SELECT')").fetchone()[0]
+            kind = conn.execute("SELECT kind FROM recsys.model_registry").fetchone()[0]
+        assert rows == [(1, 7, version, "model")] and readable and kind == "model"
+    finally:
+        with psycopg.connect(db.libpq_url(pg_server_url), autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))

@@ -75,7 +75,7 @@ def test_a_tampered_or_missing_champion_artifact_is_refused(recsys_env: str, tmp
         conn.execute(INSERT_MODEL, ("v20261101000000", "r"))
         conn.execute("UPDATE recsys.model_registry SET status = 'champion', onnx_path = %s, onnx_sha256 = %s",
                      (str(onnx), hashlib.sha256(onnx.read_bytes()).hexdigest()))
-    assert pipeline.verified_champion(recsys_env).onnx_path == onnx
+    assert pipeline.verified_champion(recsys_env).served.onnx_path == onnx
     onnx.write_bytes(b"the exported graph, edited")
     with pytest.raises(RuntimeError, match="has sha256 .* the registry recorded .*; refusing to use it"):
         pipeline.verified_champion(recsys_env)
