@@ -95,7 +95,7 @@ def recsys_retrain():
 
         ctx = _context(context)
         gated = step_gate(ctx, exported)
-        if not gated["accepted"]:
+        if gated["decision"] != "accepted":
             notify_gate_rejection(ctx.url, ctx.run_key, ctx.version, gated, context)
         return gated
 

@@ -177,7 +177,7 @@ def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
     lineage = serving["lineage"] or {}
     ordered = snapshot.sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
     histories = {int(u): g.to_numpy(np.int64) for u, g in ordered.groupby("user_id", sort=False)["item_id"]}
-    holdout = gate.Holdout(cutoff=None, histories=histories, targets=targets)
+    holdout = gate.Holdout(histories=histories, targets=targets)
     out = {}
     for name in ("gated", "refit"):
         if name in lineage:

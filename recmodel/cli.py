@@ -229,17 +229,13 @@ def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], e
 
 def _print_quarantine_reasons(run: dict[str, Any]) -> None:
     """Each quarantine reason of the run: rows, rule, an example and the setting that governs it."""
-    from recmodel.data import DATASET_COLUMNS
+    reasons = ((run["details"] or {}).get("validate") or {}).get("reasons", [])
+    if not reasons:
+        return
+    from recmodel.validate import ReasonSummary  # Great Expectations: imported only when there is something to say
 
-    for reason in ((run["details"] or {}).get("validate") or {}).get("reasons", []):
-        # jsonb reorders keys; show the row in the table's column order
-        column_order = {name: position for position, name in enumerate(DATASET_COLUMNS)}
-        ordered = sorted(reason["example"].items(), key=lambda kv: column_order.get(kv[0], len(column_order)))
-        example = ", ".join(f"{k}={v}" for k, v in ordered)
-        governs = (", ".join(f"{k}={v!r}" for k, v in reason["settings"].items()) + " (retrain --conf)"
-                   if reason["settings"] else "no setting: fix the source rows")
-        console.print(f"  quarantined [bold]{reason['reason']}[/]: {reason['rows']:,} rows ({reason['rule']})\n"
-                      f"    e.g. {example}\n    governed by: {governs}")
+    for reason in reasons:
+        console.print("  quarantined " + ReasonSummary(**reason).line(), highlight=False, markup=False)
 
 
 def _holdout_text(holdout: dict[str, Any]) -> str:
@@ -261,7 +257,7 @@ def _print_gate(model: dict[str, Any]) -> None:
         caption += f"; holdout: {_holdout_text(holdout)}"
     names = [n for n in ("candidate", "champion", "popularity") if metrics.get(n)]
     if names:
-        table = Table(title=f"gate on the holdout ({model['decision'] or 'baseline'})", caption=caption)
+        table = Table(title=f"gate on the holdout ({model['decision']})", caption=caption)
         table.add_column("model")
         metric_names = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "coverage@10"]
         for m in metric_names:

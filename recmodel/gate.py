@@ -32,9 +32,8 @@ class GateError(RuntimeError):
 
 @dataclass(frozen=True)
 class Holdout:
-    cutoff: pd.Timestamp | None  # None: not one time for everyone (each user's last new item)
-    histories: dict[int, np.ndarray]  # user_id -> item_ids before the cutoff, time order
-    targets: dict[int, set[int]]  # user_id -> new item_ids after the cutoff
+    histories: dict[int, np.ndarray]  # user_id -> item_ids outside the holdout, time order
+    targets: dict[int, set[int]]  # user_id -> new item_ids in the holdout
 
 
 ACCEPTED, REJECTED, UNDECIDED = "accepted", "rejected", "undecided"
@@ -137,18 +136,21 @@ def plan_holdout(dataset: pd.DataFrame, config: PipelineConfig) -> HoldoutPlan:
     occurred = dataset["occurred_at"]
     newest = occurred.max()
 
-    def share(days: float) -> float:
-        return float((occurred >= newest - timedelta(days=days)).mean())
+    def since(days: float) -> tuple[pd.Timestamp, np.ndarray]:
+        cutoff = newest - timedelta(days=days)
+        return cutoff, (occurred >= cutoff).to_numpy()
 
     window = config.holdout_days
-    while share(window) > config.gate_max_holdout_share and window > MIN_WINDOW_DAYS:
+    cutoff, mask = since(window)
+    while mask.mean() > config.gate_max_holdout_share and window > MIN_WINDOW_DAYS:
         window /= 2  # a burst at the end of the log (a day of backfilled events): narrow the window first
-    while share(window) <= config.gate_max_holdout_share:
-        cutoff = newest - timedelta(days=window)
-        plan = _plan(dataset, (occurred >= cutoff).to_numpy(), config, TIME_WINDOW, cutoff.isoformat(), window)
+        cutoff, mask = since(window)
+    while mask.mean() <= config.gate_max_holdout_share:
+        plan = _plan(dataset, mask, config, TIME_WINDOW, cutoff.isoformat(), window)
         if plan.enough:
             return plan
         window *= 2
+        cutoff, mask = since(window)
     return _plan(dataset, _last_per_user_mask(dataset), config, LAST_PER_USER, None, None)
 
 
@@ -160,17 +162,17 @@ def _plan(dataset: pd.DataFrame, mask: np.ndarray, config: PipelineConfig, kind:
                        min_users=config.gate_min_users)
 
 
-def build_holdout(dataset: pd.DataFrame, plan: HoldoutPlan) -> Holdout:
-    """Histories (the training rows of each judged user) and targets (their new held-out items)."""
-    mask = held_out_mask(dataset, plan)
-    before = dataset[~mask].sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
-    pairs = _new_item_pairs(dataset, mask)
+def build_holdout(dataset: pd.DataFrame, held_out: np.ndarray) -> Holdout:
+    """Histories (the training rows of each judged user) and targets (their new held-out items), for the
+    rows `held_out_mask` holds out."""
+    before = dataset[~held_out].sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    pairs = _new_item_pairs(dataset, held_out)
     if pairs.empty:
-        raise GateError(f"no user has new items in the holdout ({plan.describe()}); wait for more data")
+        raise GateError("no user has new items in the holdout; wait for more data")
     targets = {int(u): set(g.tolist()) for u, g in pairs.groupby("user_id", sort=True)["item_id"]}
     before = before[before["user_id"].isin(targets)]
     histories = {int(u): g.to_numpy(np.int64) for u, g in before.groupby("user_id", sort=False)["item_id"]}
-    return Holdout(cutoff=pd.Timestamp(plan.cutoff) if plan.cutoff else None, histories=histories, targets=targets)
+    return Holdout(histories=histories, targets=targets)
 
 
 def per_user_metrics(recommended: dict[int, np.ndarray], targets: dict[int, set[int]],

@@ -228,9 +228,9 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
                    "the snapshot is kept, no model is trained")
         registry.update_run(ctx.url, ctx.run_key, stage="train", status="skipped", message=message)
         raise SupersededRun(message)
-    parent = verified_champion(ctx.url)
-    if parent is not None and parent.version == ctx.version:
-        parent = None  # a rerun of the run that produced the champion trains the same way again
+    champion = verified_champion(ctx.url)
+    # A rerun of the run that produced the champion trains the same way again: no parent.
+    parent = champion if champion is not None and champion.version != ctx.version else None
     dataset = read_interactions(validated["dataset_path"])
     catalog = read_catalog(validated["catalog_path"])
     plan = plan_holdout(dataset, ctx.config)
@@ -241,7 +241,7 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
         result = train(dataset[~held_out_mask(dataset, plan)], catalog, config=ctx.config, out_dir=ctx.model_dir,
                        cache_dir=ctx.home / "cache", parent_dir=parent.gated.artifact_dir if parent else None)
     except TrainingError as exc:
-        if registry.champion(ctx.url) is not None:
+        if champion is not None:
             raise  # a model serves: it keeps serving, and the failure is the news
         log.warning("no model can be trained yet (%s); the gate will publish the baseline", exc)
         return {**validated, "holdout": asdict(plan), "untrainable": str(exc), "parent_version": None}
@@ -291,9 +291,9 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     catalog = read_catalog(exported["catalog_path"])
     plan = gate.HoldoutPlan(**exported["holdout"])
     active_ids = catalog.loc[is_active(catalog), "item_id"].to_numpy()
-    champion_record = verified_champion(ctx.url)
-    if champion_record is not None and champion_record.version == ctx.version:
-        champion_record = None
+    serving_model = verified_champion(ctx.url)
+    # The champion to beat; none for a rerun of the run that produced it.
+    champion_record = serving_model if serving_model is not None and serving_model.version != ctx.version else None
 
     def evaluate(model_dir: Path, onnx_path: Path, holdout: gate.Holdout, stats: gate.CatalogStats) -> dict[str, Any]:
         session, _ = open_session(onnx_path)
@@ -305,8 +305,9 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     elif plan.users == 0:
         decision = gate.undecided(plan)
     else:
-        holdout = gate.build_holdout(dataset, plan)
-        train_events = dataset[~gate.held_out_mask(dataset, plan)]
+        held_out = gate.held_out_mask(dataset, plan)
+        holdout = gate.build_holdout(dataset, held_out)
+        train_events = dataset[~held_out]
         stats = gate.catalog_stats(train_events["item_id"].to_numpy(), active_ids)
         candidate = evaluate(Path(exported["model_dir"]), Path(exported["onnx_path"]), holdout, stats)
         champion = (evaluate(champion_record.gated.artifact_dir, champion_record.gated.onnx_path, holdout, stats)
@@ -321,14 +322,14 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
         metrics["holdout"]["champion_version"] = champion_record.version
     registry.record_decision(ctx.url, ctx.version, decision=decision.outcome, reasons=decision.reasons,
                              metrics=metrics)
-    gated = {**exported, "accepted": decision.accepted, "decision": decision.outcome, "reasons": decision.reasons,
+    gated = {**exported, "decision": decision.outcome, "reasons": decision.reasons,
              "serve": "model" if decision.accepted else None, "publish_version": ctx.version}
     if decision.accepted:
         registry.update_run(ctx.url, ctx.run_key, details={"gate": metrics})
         log.info("gate accepted %s: %s", ctx.version, decision.reasons[0])
         return gated
     message = f"gate {decision.outcome} {ctx.version}: " + "; ".join(decision.reasons)
-    if champion_record is None and registry.champion(ctx.url) is None:
+    if serving_model is None:
         version = baseline_version(ctx.version)
         why = (f"no model serves yet and candidate {ctx.version} was {decision.outcome}: publishing the popularity "
                "baseline so every known user gets recommendations until a model is accepted")

@@ -72,15 +72,11 @@ def baseline_recommendations(dataset: pd.DataFrame, users: pd.DataFrame, catalog
     for user, items in users.groupby("user_id", sort=True)["item_id"]:
         user_ids.append(user)
         picks.append(unseen_top(ranked, set(items.tolist()), top_k))
-    lengths = np.array([len(p) for p in picks], dtype=np.int64)
     item_ids = np.concatenate(picks) if picks else np.array([], dtype=np.int64)
-    return pd.DataFrame({
-        "user_id": np.repeat(np.array(user_ids, dtype=np.int64), lengths),
-        "rank": np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in lengths]) if picks else
-        np.array([], dtype=np.int32),
-        "item_id": item_ids,
-        "score": shares.reindex(item_ids).to_numpy(np.float32),
-    })
+    frame = pd.DataFrame({"user_id": np.repeat(np.array(user_ids, dtype=np.int64), [len(p) for p in picks]),
+                          "item_id": item_ids, "score": shares.reindex(item_ids).to_numpy(np.float32)})
+    frame.insert(1, "rank", (frame.groupby("user_id").cumcount() + 1).astype(np.int32))
+    return frame
 
 
 def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:

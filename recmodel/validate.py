@@ -122,7 +122,10 @@ class ReasonSummary:
     example: dict[str, Any]  # the first quarantined row (lowest event_id), as read from the source
 
     def line(self) -> str:
-        example = ", ".join(f"{key}={value}" for key, value in self.example.items())
+        # The row in the table's column order: a summary read back from jsonb has its keys reordered.
+        ordered = sorted(self.example.items(), key=lambda kv: EXPECTED_COLUMNS.index(kv[0])
+                         if kv[0] in EXPECTED_COLUMNS else len(EXPECTED_COLUMNS))
+        example = ", ".join(f"{key}={value}" for key, value in ordered)
         if self.settings:
             current = ", ".join(f"{name}={value!r}" for name, value in self.settings.items())
             governs = f"setting: {current} (override with retrain --conf)"

@@ -253,5 +253,5 @@ def test_a_first_run_that_cannot_train_still_serves_every_user(recsys_env: str) 
         served = dict(conn.execute("SELECT user_id, count(*) FROM recsys.user_recommendations GROUP BY user_id"))
         reasons, = conn.execute("SELECT reasons FROM recsys.model_registry WHERE kind = 'baseline'").fetchone()
     assert set(served) == set(range(100, 140)) and set(served.values()) == {6}  # 7 items with events, minus one seen
-    assert reasons[0] == "no model could be trained: no user has two or more interactions outside the gate's holdout; " \
-                         "nothing to learn from"
+    assert reasons[0] == ("no model could be trained: no user has two or more interactions outside the gate's "
+                          "holdout; nothing to learn from")

@@ -97,7 +97,7 @@ def window(cutoff: str) -> HoldoutPlan:
 def test_holdout_targets_are_new_items_after_the_cutoff() -> None:
     frame = events([(1, 1, 10, "2026-01-01"), (2, 1, 11, "2026-01-02"), (3, 1, 10, "2026-01-09"),
                     (4, 1, 12, "2026-01-09"), (5, 2, 13, "2026-01-09"), (6, 3, 10, "2026-01-01")])
-    holdout = build_holdout(frame, window("2026-01-05"))
+    holdout = build_holdout(frame, held_out_mask(frame, window("2026-01-05")))
     assert holdout.targets == {1: {12}}  # item 10 was seen before; user 2 has no history; user 3 no new items
     assert holdout.histories[1].tolist() == [10, 11]
 
@@ -105,7 +105,7 @@ def test_holdout_targets_are_new_items_after_the_cutoff() -> None:
 def test_empty_holdout_is_a_clear_error() -> None:
     frame = events([(1, 1, 10, "2026-01-01")])
     with pytest.raises(GateError, match="no user has new items"):
-        build_holdout(frame, window("2026-01-05"))
+        build_holdout(frame, held_out_mask(frame, window("2026-01-05")))
 
 
 def bursty_log(users: int) -> pd.DataFrame:
@@ -123,7 +123,7 @@ def test_holdout_window_grows_until_enough_users() -> None:
     plan = plan_holdout(frame, PipelineConfig(holdout_days=2.0, gate_min_users=30, gate_max_holdout_share=0.5))
     assert plan.kind == TIME_WINDOW and plan.enough
     assert plan.window_days == 16.0  # 2, 4 and 8 days held 6, 10 and 18 users
-    assert plan.users == 34 and plan.users == len(build_holdout(frame, plan).targets)
+    assert plan.users == 34 and plan.users == len(build_holdout(frame, held_out_mask(frame, plan)).targets)
     assert plan.share <= 0.5
 
 
@@ -135,7 +135,7 @@ def test_bursty_log_falls_back_to_each_users_last_interaction() -> None:
     mask = held_out_mask(frame, plan)
     last = frame.sort_values(["user_id", "occurred_at", "event_id"]).groupby("user_id").tail(1)
     assert sorted(frame.loc[mask, "event_id"]) == sorted(last["event_id"])
-    holdout = build_holdout(frame, plan)
+    holdout = build_holdout(frame, mask)
     assert all(len(holdout.histories[u]) == 2 for u in holdout.targets)
 
 
@@ -146,7 +146,7 @@ def test_the_fallback_holds_out_each_users_last_new_item_and_what_followed() -> 
     plan = plan_holdout(frame, PipelineConfig(gate_min_users=1, gate_max_holdout_share=0.1))
     assert plan.kind == LAST_PER_USER and (plan.users, plan.held_out_rows) == (1, 2)
     assert frame.loc[held_out_mask(frame, plan), "event_id"].tolist() == [3, 4]
-    assert build_holdout(frame, plan).targets == {1: {12}}
+    assert build_holdout(frame, held_out_mask(frame, plan)).targets == {1: {12}}
 
 
 def test_a_burst_at_the_end_narrows_the_window_first() -> None:
