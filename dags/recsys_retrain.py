@@ -51,13 +51,17 @@ def _context(context: dict[str, Any]):
 def recsys_retrain():
     @task
     def extract(**context) -> dict:
+        from recmodel.config import ConfigError
         from recmodel.extract import ExtractError
         from recmodel.pipeline import step_extract
+        from recmodel.registry import RunRefused
 
         try:
             return step_extract(_context(context), dag_run_id=context["run_id"])
-        except ExtractError as exc:
-            raise AirflowFailException(str(exc)) from exc  # a changed schema or empty catalog: no retry
+        except (ExtractError, ConfigError, RunRefused) as exc:
+            # a changed schema, an empty catalog, a bad setting or as-of, another live run, a published
+            # version: a retry would fail the same way
+            raise AirflowFailException(str(exc)) from exc
 
     @task
     def validate(extracted: dict, **context) -> dict:
@@ -69,7 +73,7 @@ def recsys_retrain():
             validated = step_validate(_context(context), extracted)
         except (DataValidationError, ExtractError) as exc:
             raise AirflowFailException(str(exc)) from exc  # bad data: a retry would fail the same way
-        if not validated["new_rows"]:
+        if validated["dataset_path"] is None:
             raise AirflowSkipException(validated["message"])
         return validated
 

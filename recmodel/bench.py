@@ -12,7 +12,8 @@ At the main size it also measures, in the same run:
   `score_items` items and `score_users` users, with achieved FLOP/s against the measured
   matmul rate of this machine;
 - publish: binary COPY vs `executemany` INSERT into the same table, and the view swap while
-  readers query the view;
+  readers query the view; then the same tables published again as a new version while one reader
+  holds the view in a long transaction and others query it (their p50/p99/max latency);
 - end to end: one run of the `recsys_retrain` DAG through Airflow on the same data, per task,
   and the share of the wall time that is Airflow's rather than the tasks'.
 
@@ -234,6 +235,7 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
                                   "reader_max_latency_s": round(readers.max_latency, 4)})
         if compare:
             stages["publish"].update(publish_comparison(url, scored["user_shards"]))
+            stages["publish_past_long_reader"] = publish_past_a_long_reader(url, ctx, scored)
     return stages
 
 
@@ -402,13 +404,25 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 # --- publish -------------------------------------------------------------------------------------
 
 class ReaderLoad(BackgroundLoop):
-    """A reader querying `recsys.user_recommendations` in a loop while the block runs."""
+    """A reader querying `recsys.user_recommendations` in a loop while the block runs (an app's lookup
+    of one user's list, autocommit), recording each query's latency."""
 
     def __init__(self, url: str) -> None:
         super().__init__()
         self.url = url
-        self.queries = self.errors = 0
-        self.max_latency = 0.0
+        self.errors = 0
+        self.latencies: list[float] = []
+
+    @property
+    def queries(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def max_latency(self) -> float:
+        return max(self.latencies, default=0.0)
+
+    def percentile_ms(self, q: float) -> float:
+        return round(float(np.percentile(self.latencies, q)) * 1000, 2) if self.latencies else 0.0
 
     def _loop(self) -> None:
         with db.connect(self.url, autocommit=True) as conn:
@@ -416,11 +430,74 @@ class ReaderLoad(BackgroundLoop):
                 started = time.perf_counter()
                 try:
                     conn.execute("SELECT item_id FROM recsys.user_recommendations WHERE user_id = %s ORDER BY rank",
-                                 (self.queries % 1000 + 1,)).fetchall()
+                                 (len(self.latencies) % 1000 + 1,)).fetchall()
                 except psycopg.Error:
                     self.errors += 1
-                self.max_latency = max(self.max_latency, time.perf_counter() - started)
-                self.queries += 1
+                self.latencies.append(time.perf_counter() - started)
+
+
+class LongTransaction(BackgroundLoop):
+    """A reader that reads the serving view inside a transaction and keeps it open `hold_seconds`
+    (a report, a slow export): the swap cannot take the view's lock until it commits."""
+
+    def __init__(self, url: str, hold_seconds: float) -> None:
+        super().__init__()
+        self.url, self.hold_seconds = url, hold_seconds
+        self.holding = threading.Event()
+
+    def _loop(self) -> None:
+        with db.connect(self.url) as conn:
+            conn.execute("SELECT count(*) FROM recsys.user_recommendations").fetchone()
+            self.holding.set()
+            self._stop.wait(self.hold_seconds)
+            conn.commit()
+
+    def __enter__(self):
+        super().__enter__()
+        self.holding.wait(30)
+        return self
+
+
+LONG_READER_HOLD_SECONDS = 3.0
+READER_THREADS = 4
+
+
+def publish_past_a_long_reader(url: str, ctx: pipeline.RunContext, scored: dict[str, Any]) -> dict[str, Any]:
+    """The product's publish of the same tables as a new version while one reader holds the view in a
+    transaction for LONG_READER_HOLD_SECONDS and READER_THREADS others query it: how long the others wait."""
+    import pandas as pd
+
+    from recmodel.publish import publish
+
+    version = "v" + (ctx.as_of + timedelta(seconds=1)).strftime("%Y%m%d%H%M%S")
+    with db.transaction(url) as conn:
+        conn.execute(COPY_REGISTRY_ROW, {"version": version, "from": scored["version"]})
+    frames = {view: pd.read_parquet(path) for view, path in scored["tables"].items()}
+    frames["user_recommendations"] = pd.concat([pd.read_parquet(p) for p in scored["user_shards"]], ignore_index=True)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(ReaderLoad(url)) for _ in range(READER_THREADS)]
+        time.sleep(0.5)  # the readers' latency before the publish is part of the sample
+        with LongTransaction(url, LONG_READER_HOLD_SECONDS):
+            started = time.perf_counter()
+            result = publish(url, version, frames, generated_at=ctx.as_of, keep_versions=ctx.config.keep_versions)
+            seconds = time.perf_counter() - started
+        time.sleep(0.5)
+    merged = ReaderLoad(url)
+    merged.latencies = [latency for reader in readers for latency in reader.latencies]
+    return {"seconds": round(seconds, 3), "hold_seconds": LONG_READER_HOLD_SECONDS, "readers": READER_THREADS,
+            "reader_queries": merged.queries, "reader_errors": sum(r.errors for r in readers),
+            "reader_p50_ms": merged.percentile_ms(50), "reader_p99_ms": merged.percentile_ms(99),
+            "reader_max_ms": round(merged.max_latency * 1000, 2), "lock_waits": result.lock_waits,
+            "swap_seconds": round(result.swap_seconds, 3)}
+
+
+COPY_REGISTRY_ROW = """
+INSERT INTO recsys.model_registry (version, parent_version, run_key, dataset_path, watermark, train_rows, n_items,
+    device, artifact_dir, onnx_path, onnx_sha256, kind, decision, reasons, metrics, lineage, status)
+SELECT %(version)s, parent_version, run_key, dataset_path, watermark, train_rows, n_items, device, artifact_dir,
+       onnx_path, onnx_sha256, kind, decision, reasons, metrics, lineage, 'candidate'
+FROM recsys.model_registry WHERE version = %(from)s
+"""
 
 
 def publish_comparison(url: str, recommendation_shards: list[str]) -> dict[str, Any]:
@@ -506,6 +583,11 @@ def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
         return (f"COPY {figures['copy_rows_per_s']:,} rows/s; stage {figures['rows_per_s']:,} rows/s",
                 f"executemany {figures['executemany_rows_per_s']:,} rows/s", f"{figures['copy_vs_executemany']}x",
                 f"swap {figures['swap_seconds']} s, {figures['reader_queries']} reads, {figures['reader_errors']} errors")
+    if stage == "publish_past_long_reader":
+        return (f"other readers p50 {figures['reader_p50_ms']} ms, p99 {figures['reader_p99_ms']} ms, "
+                f"max {figures['reader_max_ms']} ms ({figures['reader_queries']:,} reads, {figures['reader_errors']} errors)",
+                f"one reader holds the view {figures['hold_seconds']} s", "",
+                f"{figures['lock_waits']} lock waits, swap {figures['swap_seconds']} s")
     if stage == "end_to_end":
         return (f"DAG run {figures['seconds']} s, tasks {sum(figures['tasks'].values()):.2f} s", "", "",
                 f"Airflow {figures['airflow_overhead_share']:.1%} of wall")

@@ -122,11 +122,16 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
     from recmodel.config import PipelineConfig
     from recmodel.runner import prepare_airflow, run_dag
 
+    from recmodel.pipeline import check_as_of
+    from recmodel.registry import refuse_if_another_run_is_live
+
     overrides = {k: v for k, v in conf.items() if k != "as_of"}
-    PipelineConfig.from_overrides(overrides)  # fail here, not inside a task, on a bad setting
+    config = PipelineConfig.from_overrides(overrides)  # fail here, not inside a task, on a bad setting
     as_of = _parse_as_of(conf["as_of"]) if "as_of" in conf else as_of
+    check_as_of(as_of, config)
     url = _url()
     db.migrate(url)
+    refuse_if_another_run_is_live(url)
     with db.connect(url) as conn:
         if conn.execute(COUNT_INTERACTIONS).fetchone()[0] == 0:
             raise db.DatabaseError("the interactions table is empty: run `python -m recmodel seed` or "

@@ -8,6 +8,7 @@ from the DAG's `conf` (`retrain --conf '{"epochs": 2}'`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,54 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A setting or override that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of allowed values; NaN and infinities are never within one."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def number(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        return f"{'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}{')' if self.high_open else ']'}"
+
+
+GATE_METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")  # per-user metrics the gate can compare (gate.K = 10)
+EPOCHS = Range(1, 1000)
+COUNT = Range(1, 1_000_000_000)
+SHARE = Range(0, 1)
+# The range of every numeric setting, checked by PipelineConfig.check and listed in docs/OPERATIONS.md.
+SETTING_RANGES: dict[str, Range] = {
+    "value_min": Range(-1e9, 1e9), "value_max": Range(-1e9, 1e9),
+    "late_data_lookback_hours": Range(0, 8760), "future_tolerance_seconds": Range(0, 86_400),
+    "near_duplicate_seconds": Range(0, 86_400), "training_window_days": Range(0, 36_500, low_open=True),
+    "max_quarantine_share": SHARE, "volume_min_ratio": SHARE, "volume_max_ratio": Range(1, 1e6),
+    "volume_history_runs": Range(1, 1000), "volume_min_history": Range(1, 1000), "drift_min_rows": COUNT,
+    "max_event_type_divergence": SHARE, "max_items_per_user_divergence": SHARE,
+    "max_item_popularity_divergence": SHARE,
+    "max_history": Range(1, 10_000), "d_model": Range(8, 4096), "n_layers": Range(1, 48), "n_heads": Range(1, 64),
+    "dropout": Range(0, 1, high_open=True), "epochs": EPOCHS, "patience": EPOCHS, "batch_size": Range(1, 65_536),
+    "learning_rate": Range(0, 1, low_open=True), "warm_start_epochs": EPOCHS, "seed": Range(0, 2**31 - 1),
+    "holdout_days": Range(0, 3650, low_open=True), "gate_min_users": COUNT,
+    "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
+    "gate_champion_tolerance": Range(0, 1, high_open=True), "refit_epochs": Range(0, 1000),
+    "top_k": Range(1, 1000), "similar_k": Range(1, 1000), "popular_k": Range(1, 10_000),
+    "popular_window_days": Range(0, 36_500, low_open=True), "score_batch_size": Range(1, 1_000_000),
+    "score_shards": Range(1, 1024), "keep_versions": Range(1, 1000),
+}
 
 
 @dataclass(frozen=True)
@@ -105,26 +154,20 @@ class PipelineConfig:
         return config
 
     def check(self) -> None:
-        if not self.event_types:
-            raise ConfigError("event_types must name at least one event type")
+        """Every setting within its documented range (SETTING_RANGES), before any work starts."""
+        for name, allowed in SETTING_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not allowed.contains(value):
+                raise ConfigError(f"{name} must be within {allowed}, got {value!r}")
+        if not self.event_types or not all(t.strip() for t in self.event_types):
+            raise ConfigError("event_types must name at least one non-empty event type")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("max_history", "d_model", "n_layers", "n_heads", "epochs", "patience", "batch_size", "top_k",
-                     "similar_k", "popular_k", "score_batch_size", "score_shards", "keep_versions", "volume_history_runs",
-                     "volume_min_history", "drift_min_rows", "gate_min_users"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.holdout_days <= 0:
-            raise ConfigError(f"holdout_days must be > 0, got {self.holdout_days}")
-        if not 0 < self.gate_max_holdout_share < 1:
-            raise ConfigError(f"gate_max_holdout_share must be within (0, 1), got {self.gate_max_holdout_share}")
-        if self.refit_epochs < 0:
-            raise ConfigError(f"refit_epochs must be >= 0, got {self.refit_epochs}")
+        if self.value_min > self.value_max:
+            raise ConfigError(f"value_min ({self.value_min}) must not exceed value_max ({self.value_max})")
+        if self.gate_metric not in GATE_METRICS:
+            raise ConfigError(f"gate_metric must be one of {', '.join(GATE_METRICS)}, got {self.gate_metric!r}")
         self.occurred_at_floor()
-        if self.near_duplicate_seconds < 0:
-            raise ConfigError(f"near_duplicate_seconds must be >= 0, got {self.near_duplicate_seconds}")
-        if not 0 <= self.max_quarantine_share <= 1:
-            raise ConfigError(f"max_quarantine_share must be within [0, 1], got {self.max_quarantine_share}")
 
     def occurred_at_floor(self) -> datetime | None:
         """`min_occurred_at` as a time, or None when no floor is set."""

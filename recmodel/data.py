@@ -205,18 +205,24 @@ def training_windows(sequences: dict[int, np.ndarray], max_history: int) -> tupl
     return inputs, targets
 
 
+def within_training_window(dataset: pd.DataFrame, window_days: float | None) -> pd.DataFrame:
+    """The events a run trains and gates on: those within `window_days` of the newest (all when None)."""
+    if window_days is None or dataset.empty:
+        return dataset
+    newest = dataset["occurred_at"].max()
+    return dataset[dataset["occurred_at"] >= newest - pd.Timedelta(days=window_days)].reset_index(drop=True)
+
+
 DATASET_COLUMNS = ["event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at"]
 
 
-def extend_dataset(base: pd.DataFrame | None, clean_increment: pd.DataFrame, *,
-                   window_days: float | None) -> pd.DataFrame:
-    """The previous snapshot plus this run's clean rows, deduplicated by event_id, cut to the window."""
+def extend_dataset(base: pd.DataFrame | None, clean_increment: pd.DataFrame) -> pd.DataFrame:
+    """The previous snapshot plus this run's clean rows, deduplicated by event_id: all history, always
+    (`within_training_window` cuts what a run trains on, never what later runs extend)."""
     parts = [clean_increment[DATASET_COLUMNS]]
     if base is not None:
         parts.insert(0, base[DATASET_COLUMNS])
     dataset = pd.concat(parts, ignore_index=True).drop_duplicates("event_id", keep="last")
-    if window_days is not None and not dataset.empty:
-        dataset = dataset[dataset["occurred_at"] >= dataset["occurred_at"].max() - pd.Timedelta(days=window_days)]
     for column in ("event_id", "user_id", "item_id"):
         dataset[column] = dataset[column].astype(np.int64)
     return dataset.sort_values(["user_id", "occurred_at", "event_id"], kind="stable").reset_index(drop=True)

@@ -93,7 +93,12 @@ def resolve_url(settings: Settings) -> str:
 
 
 def ensure_database(server_url: str, name: str, *, template: str | None = None) -> None:
-    """Create database `name` unless it exists; as a file-level copy of `template` when given."""
+    """Create database `name` unless it exists; as a file-level copy of `template` when given.
+
+    Postgres lets every role (PUBLIC) connect to a new database and create temporary tables in it;
+    a database created here grants neither: its owner has both, and migration 007 grants the
+    reader role CONNECT to the recsys database only.
+    """
     with connect(server_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
@@ -101,6 +106,7 @@ def ensure_database(server_url: str, name: str, *, template: str | None = None) 
             if template:
                 statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
             conn.execute(statement)
+            conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
             log.info("created database %s%s", name, f" from {template}" if template else "")
 
 

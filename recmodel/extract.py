@@ -94,14 +94,12 @@ SELECT item_id, title, description, array_to_json(tags)::text, created_at, activ
 """
 CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
 
-# What the fresh-data check counts: rows ingested after the newest committed snapshot.
-COUNT_SINCE_LAST_SNAPSHOT = """
+# What the fresh-data check counts: rows ingested after the data the newest judged model (or baseline)
+# learned from. Not after the newest snapshot: a snapshot whose training failed has taught nothing.
+COUNT_SINCE_TRAINED = """
 SELECT count(*) FROM interactions
-WHERE ingested_at > COALESCE((SELECT max(high_watermark) FROM recsys.extract_watermarks), '-infinity')
-"""
-RETRAIN_RUNNING = """
-SELECT count(*) FROM recsys.pipeline_runs
-WHERE kind = 'retrain' AND status = 'running' AND started_at > now() - interval '1 day'
+WHERE ingested_at > COALESCE((SELECT max(watermark) FROM recsys.model_registry
+                              WHERE decision IS NOT NULL OR kind = 'baseline'), '-infinity')
 """
 # The source's column types, checked before reading: a changed type would otherwise surface as an
 # Arrow parse error deep in the COPY, or worse, as silently different values.
@@ -147,17 +145,20 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         low = previous[1] if previous else None
         base_dataset = previous[2] if previous else None
         read_from = (low - lookback) if low else datetime(1970, 1, 1, tzinfo=as_of.tzinfo)
-        used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, as_of)
+        # Never past the database's clock: rows stamped later have not arrived yet, and a watermark
+        # beyond now would hide them from every later run.
+        high = min(as_of, conn.execute("SELECT now()").fetchone()[0])
+        used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, high)
         increment_path = run_dir / INCREMENT_FILE
-        rows, skipped = _stream_increment(conn, url, run_key, read_from, as_of, increment_path, used_ids)
+        rows, skipped = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids)
         catalog_path = run_dir / CATALOG_FILE
         catalog_items = _snapshot_catalog(url, catalog_path)
     if catalog_items == 0:
         raise ExtractError("the items table is empty: load a catalog (seed, import movielens, or your app) first")
     log.info("extracted %d new interactions with ingested_at in (%s, %s] (%d re-read rows already used)",
-             rows, read_from, as_of, skipped)
+             rows, read_from, high, skipped)
     return ExtractResult(increment_path=str(increment_path), catalog_path=str(catalog_path), rows=rows,
-                         rows_already_seen=skipped, low_watermark=low, high_watermark=as_of,
+                         rows_already_seen=skipped, low_watermark=low, high_watermark=high,
                          base_dataset_path=base_dataset, catalog_items=catalog_items)
 
 
@@ -235,9 +236,14 @@ def _snapshot_catalog(url: str, path: Path) -> int:
 
 
 def fresh_interactions(url: str) -> tuple[int, bool]:
-    """(rows ingested since the newest snapshot, whether a retrain is running now): the asset check's input."""
+    """(rows ingested after what the newest judged model learned from, whether a retrain is alive now):
+    the asset check's input. A run counts as alive only while its heartbeat is fresh, so a killed run
+    does not hold retraining back."""
+    from recmodel import registry
+
     with db.connect(url) as conn:
-        return conn.execute(COUNT_SINCE_LAST_SNAPSHOT).fetchone()[0], conn.execute(RETRAIN_RUNNING).fetchone()[0] > 0
+        rows = conn.execute(COUNT_SINCE_TRAINED).fetchone()[0]
+    return rows, bool(registry.live_runs(url))
 
 
 def request_replay(url: str, reason: str, run_key: str | None = None) -> tuple[int, int]:
@@ -260,7 +266,18 @@ def mark_replayed(conn, run_key: str, event_ids: np.ndarray) -> int:
     return conn.execute(MARK_REPLAYED, {"run_key": run_key, "event_ids": [int(i) for i in event_ids]}).rowcount
 
 
+# How an increment is read: ids as nullable Int64 (a NULL id must not turn the column into float64, which
+# cannot hold ids above 2**53 exactly) and value as Arrow float64, which keeps NaN apart from NULL.
+INCREMENT_DTYPES = {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.ArrowDtype(pa.float64())}
+
+
+def read_increment(path: str | Path) -> pd.DataFrame:
+    """An extracted increment, with its NULLs and non-finite values as they are in the source."""
+    return pq.read_table(path).to_pandas(types_mapper=INCREMENT_DTYPES.get)
+
+
 def read_interactions(path: str | Path) -> pd.DataFrame:
+    """A clean dataset snapshot (no NULL ids): plain numpy dtypes."""
     return pq.read_table(path).to_pandas()
 
 

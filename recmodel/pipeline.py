@@ -8,20 +8,20 @@ files and model version instead of adding new ones.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from recmodel import db, registry
-from recmodel.config import PipelineConfig, settings
+from recmodel.config import ConfigError, PipelineConfig, settings
 from recmodel.extract import (ExtractError, ExtractResult, commit_watermark, extract, mark_replayed, read_catalog,
-                              read_interactions)
+                              read_increment, read_interactions)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,21 @@ def make_context(as_of: datetime, overrides: dict[str, Any] | None = None) -> Ru
     if as_of.tzinfo is None:
         raise ValueError(f"as_of must be timezone-aware, got {as_of.isoformat()}")
     as_of = as_of.astimezone(timezone.utc).replace(microsecond=0)
+    config = PipelineConfig.from_overrides(overrides)
+    check_as_of(as_of, config)
     env = settings()
     url = db.resolve_url(env)
     db.require_tables(url)
-    return RunContext(run_key=registry.run_key_for(as_of), as_of=as_of, url=url, home=env.home,
-                      config=PipelineConfig.from_overrides(overrides))
+    return RunContext(run_key=registry.run_key_for(as_of), as_of=as_of, url=url, home=env.home, config=config)
+
+
+def check_as_of(as_of: datetime, config: PipelineConfig, now: datetime | None = None) -> None:
+    """Refuse an as-of time in the future: its watermark would hide every row ingested until then."""
+    latest = (now or datetime.now(timezone.utc)) + timedelta(seconds=config.future_tolerance_seconds)
+    if as_of > latest:
+        raise ConfigError(f"as-of {as_of:%Y-%m-%d %H:%M:%S} UTC is in the future (now + future_tolerance_seconds="
+                          f"{config.future_tolerance_seconds:g} is {latest:%Y-%m-%d %H:%M:%S} UTC): a run can only "
+                          "read data that has arrived")
 
 
 def as_of_from_airflow(context: dict[str, Any]) -> tuple[datetime, dict[str, Any]]:
@@ -91,12 +101,32 @@ def context_from_airflow(context: dict[str, Any]) -> RunContext:
     return make_context(as_of, overrides)
 
 
+Step = TypeVar("Step", bound=Callable[..., Any])
+
+
+def beating(step: Step) -> Step:
+    """Run a step under its run's heartbeat (`registry.heartbeat`), named after the step."""
+    name = step.__name__.removeprefix("step_")
+
+    @functools.wraps(step)
+    def wrapper(ctx: RunContext, *args: Any, **kwargs: Any) -> Any:
+        with registry.heartbeat(ctx.url, ctx.run_key, name):
+            return step(ctx, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _extract_result(payload: dict[str, Any]) -> ExtractResult:
     return ExtractResult(**payload)
 
 
+@beating
 def step_extract(ctx: RunContext, dag_run_id: str | None = None) -> dict[str, Any]:
-    registry.start_run(ctx.url, ctx.run_key, ctx.as_of, dag_run_id)
+    """Claim the run (one at a time, never over a published version), then extract its increment."""
+    dead = registry.claim_run(ctx.url, ctx.run_key, ctx.as_of, dag_run_id,
+                              [ctx.version, baseline_version(ctx.version)])
+    for run_key in dead:
+        log.warning("run %s had stopped without finishing (no heartbeat); marked failed", run_key)
     result = extract(ctx.url, ctx.run_key, ctx.as_of, ctx.run_dir,
                      lookback=timedelta(hours=ctx.config.late_data_lookback_hours))
     registry.update_run(ctx.url, ctx.run_key, stage="extract", rows_extracted=result.rows,
@@ -105,10 +135,12 @@ def step_extract(ctx: RunContext, dag_run_id: str | None = None) -> dict[str, An
     return asdict(result)
 
 
+@beating
 def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
     """Quarantine bad rows, fail on dataset-level problems, fold clean rows into a new dataset snapshot.
 
-    Returns new_rows = 0 (and no dataset) when nothing new arrived; the caller skips the rest.
+    When nothing new arrived, returns the previous snapshot if no model was judged on it yet (a run
+    failed after validating it), else no dataset (`dataset_path` None): the caller skips the rest.
     """
     from recmodel.validate import DataValidationError, Reference, reason_summaries, validate_increment
 
@@ -122,13 +154,25 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
         if result.base_dataset_path is None:
             raise ExtractError(f"no interactions with ingested_at <= {ctx.as_of:%Y-%m-%d %H:%M:%S} UTC: "
                                "the interactions table is empty (load data with seed or import first)")
+        with db.connect(ctx.url) as conn:
+            judged_through = registry.trained_through(conn)
+        if judged_through is None or judged_through < result.low_watermark:
+            # The snapshot was committed but no model was judged on it (training failed or was
+            # killed after validation): train on it now rather than wait for new rows.
+            log.info("no new interactions, but the snapshot up to %s UTC was never trained on (models were judged "
+                     "on data up to %s): training on it", f"{result.low_watermark:%Y-%m-%d %H:%M:%S}",
+                     f"{judged_through:%Y-%m-%d %H:%M:%S} UTC" if judged_through else "nothing yet")
+            registry.update_run(ctx.url, ctx.run_key, stage="validate", rows_quarantined=0,
+                                details={"validate": {"clean": 0, "untrained_snapshot": result.base_dataset_path}})
+            return {"new_rows": 0, "dataset_path": result.base_dataset_path, "catalog_path": result.catalog_path,
+                    "quarantined": 0, "watermark": ctx.as_of.isoformat()}
         message = f"no new interactions since the watermark {result.low_watermark:%Y-%m-%d %H:%M:%S} UTC; nothing to train"
         registry.update_run(ctx.url, ctx.run_key, stage="validate", status="skipped", rows_quarantined=0,
                             message=message)
         log.info(message)
         return {"new_rows": 0, "dataset_path": None, "message": message}
 
-    increment = read_interactions(result.increment_path)
+    increment = read_increment(result.increment_path)
     catalog = read_catalog(result.catalog_path)
     base = read_interactions(result.base_dataset_path) if result.base_dataset_path else None
     with db.connect(ctx.url) as conn:
@@ -152,7 +196,7 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
         if report.passed:
             from recmodel.data import extend_dataset
 
-            dataset = extend_dataset(base, report.clean, window_days=ctx.config.training_window_days)
+            dataset = extend_dataset(base, report.clean)
             dataset_path = ctx.run_dir / DATASET_FILE
             dataset.to_parquet(dataset_path, index=False)
             commit_watermark(conn, ctx.run_key, result, rows_clean=len(report.clean),
@@ -181,28 +225,30 @@ def _write_quarantine(conn, run_key: str, quarantined: pd.DataFrame) -> None:
     conn.execute(DELETE_QUARANTINE, (run_key,))
     if quarantined.empty:
         return
-    payload = quarantined.drop(columns=["reason"]).astype(object).where(quarantined.notna(), None)
+    from recmodel.validate import quarantine_json
+
+    records = quarantined.drop(columns=["reason"]).astype(object).to_dict(orient="records")
     with conn.cursor().copy(COPY_QUARANTINE) as copy:
-        for event_id, reason, record in zip(quarantined["event_id"], quarantined["reason"],
-                                            payload.to_dict(orient="records")):
-            copy.write_row((run_key, int(event_id), reason, json.dumps(record, default=str)))
+        for event_id, reason, record in zip(quarantined["event_id"], quarantined["reason"], records):
+            copy.write_row((run_key, int(event_id), reason, quarantine_json(record)))
+
+
+def _training_events(ctx: RunContext, dataset_path: str) -> pd.DataFrame:
+    """The snapshot as training, export and the gate see it: cut to `training_window_days` when set.
+
+    Scoring reads the whole snapshot, so a user whose events are all older than the window is still served.
+    """
+    from recmodel.data import within_training_window
+
+    return within_training_window(read_interactions(dataset_path), ctx.config.training_window_days)
 
 
 def verified_champion(url: str) -> registry.ModelRecord | None:
     """The serving model, after checking its ONNX files (served and gated) against the sha256 the
     registry recorded."""
-    from recmodel.export import sha256_file
-
     record = registry.champion(url)
-    if record is None:
-        return None
-    for artifact in {record.served, record.gated}:
-        if not artifact.onnx_path.exists():
-            raise FileNotFoundError(f"champion {record.version}: artifact {artifact.onnx_path} is missing")
-        actual = sha256_file(artifact.onnx_path)
-        if actual != artifact.onnx_sha256:
-            raise RuntimeError(f"champion {record.version}: {artifact.onnx_path} has sha256 {actual[:12]}…, "
-                               f"the registry recorded {artifact.onnx_sha256[:12]}…; refusing to use it")
+    if record is not None:
+        registry.check_artifacts(record)
     return record
 
 
@@ -210,6 +256,7 @@ class SupersededRun(Exception):
     """The champion was trained on newer data than this run's interval: training would be wasted."""
 
 
+@beating
 def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
     """Plan the gate's holdout, then fine-tune from the champion on everything else.
 
@@ -231,7 +278,7 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
     champion = verified_champion(ctx.url)
     # A rerun of the run that produced the champion trains the same way again: no parent.
     parent = champion if champion is not None and champion.version != ctx.version else None
-    dataset = read_interactions(validated["dataset_path"])
+    dataset = _training_events(ctx, validated["dataset_path"])
     catalog = read_catalog(validated["catalog_path"])
     plan = plan_holdout(dataset, ctx.config)
     log.info("gate holdout: %s%s", plan.describe(), "" if plan.enough else
@@ -251,13 +298,14 @@ def step_train(ctx: RunContext, validated: dict[str, Any]) -> dict[str, Any]:
             "n_items": result.n_items}
 
 
+@beating
 def step_export(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
     from recmodel.export import export
 
     if trained.get("untrainable"):
         return trained  # nothing to export; the gate serves the baseline
     registry.update_run(ctx.url, ctx.run_key, stage="export")
-    dataset = read_interactions(trained["dataset_path"])
+    dataset = _training_events(ctx, trained["dataset_path"])
     catalog = read_catalog(trained["catalog_path"])
     result = export(Path(trained["model_dir"]), catalog, dataset, top_k=ctx.config.top_k, seed=ctx.config.seed)
     registry.register_candidate(
@@ -274,6 +322,7 @@ def baseline_version(version: str) -> str:
     return version + "-baseline"
 
 
+@beating
 def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     """Candidate vs champion vs popularity on the planned holdout; decides what this run publishes.
 
@@ -287,7 +336,7 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     from recmodel.train import load_vocab
 
     registry.update_run(ctx.url, ctx.run_key, stage="gate")
-    dataset = read_interactions(exported["dataset_path"])
+    dataset = _training_events(ctx, exported["dataset_path"])
     catalog = read_catalog(exported["catalog_path"])
     plan = gate.HoldoutPlan(**exported["holdout"])
     active_ids = catalog.loc[is_active(catalog), "item_id"].to_numpy()
@@ -347,6 +396,7 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
     return gated
 
 
+@beating
 def step_refit(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
     """The accepted model, trained on for `refit_epochs` on the whole snapshot (the holdout included),
     re-exported with its parity check: what serves has learned from every interaction up to as_of.
@@ -360,7 +410,7 @@ def step_refit(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
     if gated["serve"] != "model" or ctx.config.refit_epochs == 0:
         return gated
     registry.update_run(ctx.url, ctx.run_key, stage="refit")
-    dataset = read_interactions(gated["dataset_path"])
+    dataset = _training_events(ctx, gated["dataset_path"])
     catalog = read_catalog(gated["catalog_path"])
     refit_dir = ctx.model_dir / "refit"
     lineage: dict[str, Any] = {"gated": {"artifact_dir": gated["model_dir"], "onnx_path": gated["onnx_path"],
@@ -394,6 +444,7 @@ def shard_of(user_ids: np.ndarray, shards: int) -> np.ndarray:
     return np.asarray(user_ids, dtype=np.int64) % shards
 
 
+@beating
 def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, shards: int = 1) -> dict[str, Any]:
     """Top-K for the users of one shard, written to its own Parquet file (the DAG maps this over shards)."""
     from recmodel import score
@@ -420,6 +471,7 @@ def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, sha
             "rows": int(len(recommendations))}
 
 
+@beating
 def step_score_items(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
     """The item tables, which every user shares: similar items and popular items (the fallback).
 
@@ -471,6 +523,7 @@ def scored_tables(ctx: RunContext, user_shards: list[dict[str, Any]], item_table
             "tables": {view: path for view, path in item_tables.items() if view != "version"}}
 
 
+@beating
 def step_publish(ctx: RunContext, scored: dict[str, Any]) -> dict[str, Any]:
     """Assemble every shard into one versioned table (with the item tables) and switch to it."""
     from recmodel.publish import publish
@@ -490,7 +543,7 @@ def step_publish(ctx: RunContext, scored: dict[str, Any]) -> dict[str, Any]:
 def run_all(ctx: RunContext) -> dict[str, Any]:
     """Every step in order without Airflow (benchmarks and stage tests); the DAG is the real entry point."""
     validated = step_validate(ctx, step_extract(ctx))
-    if not validated["new_rows"]:
+    if validated["dataset_path"] is None:
         return validated
     try:
         trained = step_train(ctx, validated)

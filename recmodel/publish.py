@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Callable
 
 import pandas as pd
 import psycopg
@@ -30,6 +32,12 @@ from recmodel import db, pgbulk, registry
 log = logging.getLogger(__name__)
 
 PUBLISH_LOCK_KEY = 7_319_002  # pg_advisory_xact_lock key shared by publish and rollback
+# Repointing a view waits at most this long for its lock; readers arriving meanwhile queue behind the
+# request, so this is also the longest a reader is held up by a swap. Retried with backoff.
+VIEW_LOCK_TIMEOUT_MS = 50
+RETRY_FIRST_DELAY_SECONDS = 0.05
+RETRY_MAX_DELAY_SECONDS = 2.0
+VIEW_LOCK_PATIENCE_SECONDS = 600.0  # a reader holding a view longer than this fails the publish, naming it
 VERSION_PATTERN = re.compile(r"^v[0-9]{14}(-baseline)?$")  # a run's model, or the baseline it served instead
 
 
@@ -69,6 +77,15 @@ SELECT version, tables FROM recsys.published_versions
 WHERE NOT serving AND pruned_at IS NULL
 ORDER BY published_at DESC OFFSET %s
 """
+SELECT_STAGING_TABLES = r"SELECT tablename FROM pg_tables WHERE schemaname = 'recsys' AND tablename LIKE '%\_\_staging'"
+SELECT_VIEW_LOCK_HOLDERS = """
+SELECT DISTINCT a.pid, a.usename, a.application_name, extract(epoch FROM now() - a.xact_start), a.state
+FROM pg_locks l
+JOIN pg_class c ON c.oid = l.relation
+JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'recsys'
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(%(views)s)
+"""
 MARK_PRUNED = "UPDATE recsys.published_versions SET pruned_at = now() WHERE version = %s"
 SELECT_PUBLISHED = "SELECT version, tables, pruned_at, serving FROM recsys.published_versions WHERE version = %s"
 SELECT_SERVING = "SELECT version FROM recsys.published_versions WHERE serving"
@@ -93,6 +110,7 @@ class PublishResult:
     version: str
     row_counts: dict[str, int]
     swap_seconds: float
+    lock_waits: int  # swap attempts that gave way to a reader holding a view
     pruned: list[str]
 
 
@@ -105,20 +123,38 @@ def table_name(view: str, version: str, staging: bool = False) -> str:
 def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generated_at: datetime,
             keep_versions: int) -> PublishResult:
     """Load `frames` (view name -> rows without model_version/generated_at) and switch to them."""
+    row_counts = load_staging(url, version, frames, generated_at)
+    swap = swap_in(url, version, row_counts)
+    pruned = prune(url, keep_versions)
+    log.info("published %s (%s) in a %.3f s swap (%d lock waits); pruned %s", version,
+             ", ".join(f"{v}: {n} rows" for v, n in row_counts.items()), swap.seconds, swap.lock_waits,
+             pruned or "nothing")
+    return PublishResult(version=version, row_counts=row_counts, swap_seconds=swap.seconds,
+                         lock_waits=swap.lock_waits, pruned=pruned)
+
+
+def load_staging(url: str, version: str, frames: dict[str, pd.DataFrame], generated_at: datetime) -> dict[str, int]:
+    """Step 1: fill and check the version's staging tables (committed; nothing readers use changes)."""
     missing = [t.view for t in SERVING_TABLES if t.view not in frames]
     if missing:
         raise PublishError(f"nothing to publish for {', '.join(missing)}")
-    row_counts = {}
     with db.transaction(url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
         _refuse_older(conn, version)
-        for table in SERVING_TABLES:
-            row_counts[table.view] = _load(conn, table, version, frames[table.view], generated_at)
-    started = datetime.now()
-    with db.transaction(url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        _drop_leftover_staging(conn)
+        return {table.view: _load(conn, table, version, frames[table.view], generated_at) for table in SERVING_TABLES}
+
+
+@dataclass(frozen=True)
+class Swap:
+    seconds: float  # from the first attempt to the commit
+    lock_waits: int  # attempts that gave up on a lock a reader held
+
+
+def swap_in(url: str, version: str, row_counts: dict[str, int]) -> Swap:
+    """Step 2: repoint the views to the staged tables and mark the version serving, in one transaction."""
+    def switch(conn: psycopg.Connection) -> None:
         _refuse_older(conn, version)  # again: the champion may have changed while we loaded
-        conn.execute("SET LOCAL lock_timeout = '10s'")
         served_by = _served_by(conn, version)
         for table in SERVING_TABLES:
             staging = table_name(table.view, version, staging=True)
@@ -127,22 +163,75 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
             conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(final)))
             conn.execute(sql.SQL("ALTER TABLE recsys.{} RENAME TO {}").format(sql.Identifier(staging),
                                                                               sql.Identifier(final)))
+            conn.execute(sql.SQL("ALTER INDEX recsys.{} RENAME TO {}").format(sql.Identifier(_index_name(staging)),
+                                                                              sql.Identifier(_index_name(final))))
         tables = {t.view: table_name(t.view, version) for t in SERVING_TABLES}
         conn.execute(UNMARK_SERVING, {"version": version})
         conn.execute(MARK_SERVING, {"version": version, "tables": json.dumps(tables),
                                     "row_counts": json.dumps(row_counts)})
         _promote(conn, version)
-    swap_seconds = (datetime.now() - started).total_seconds()
-    pruned = prune(url, keep_versions)
-    log.info("published %s (%s) in a %.3f s swap; pruned %s", version,
-             ", ".join(f"{v}: {n} rows" for v, n in row_counts.items()), swap_seconds, pruned or "nothing")
-    return PublishResult(version=version, row_counts=row_counts, swap_seconds=swap_seconds, pruned=pruned)
+
+    started = time.monotonic()
+    lock_waits = _with_view_locks(url, f"publish {version}", switch)
+    return Swap(seconds=time.monotonic() - started, lock_waits=lock_waits)
+
+
+def _with_view_locks(url: str, what: str, work: Callable[[psycopg.Connection], None]) -> int:
+    """Run `work` (which repoints the views) in one transaction holding the publish lock; returns the lock waits.
+
+    Repointing a view needs its exclusive lock, and while that request waits every new reader of the
+    view queues behind it. So the request gives up after VIEW_LOCK_TIMEOUT_MS (readers wait at most
+    that long) and is retried with backoff until a reader holding the view in a long transaction is
+    done, up to VIEW_LOCK_PATIENCE_SECONDS; then a PublishError names the sessions in the way.
+    """
+    deadline = time.monotonic() + VIEW_LOCK_PATIENCE_SECONDS
+    delay = RETRY_FIRST_DELAY_SECONDS
+    waits = 0
+    while True:
+        try:
+            with db.transaction(url) as conn:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{VIEW_LOCK_TIMEOUT_MS}ms")))
+                work(conn)
+            return waits
+        except psycopg.errors.LockNotAvailable:
+            waits += 1
+            holders = view_lock_holders(url)
+            if time.monotonic() + delay > deadline:
+                raise PublishError(f"{what}: the serving views stayed locked for {VIEW_LOCK_PATIENCE_SECONDS:.0f} s "
+                                   f"by {'; '.join(holders) or 'another session'}; serving is unchanged") from None
+            if waits == 1 or waits % 20 == 0:
+                log.warning("%s waits for a reader holding the serving views (%s); retry %d in %.2f s", what,
+                            "; ".join(holders) or "another session", waits, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_SECONDS)
+
+
+def view_lock_holders(url: str) -> list[str]:
+    """Sessions holding a lock on a serving view: pid, user, application, how long their transaction has run."""
+    with db.connect(url) as conn:
+        rows = conn.execute(SELECT_VIEW_LOCK_HOLDERS, {"views": [t.view for t in SERVING_TABLES]}).fetchall()
+    return [f"pid {pid} ({user}{', ' + app if app else ''}, "
+            f"{'transaction open %.0f s' % age if age is not None else 'no transaction'}, {state})"
+            for pid, user, app, age, state in rows]
+
+
+def _index_name(table: str) -> str:
+    return f"{table}_key"
+
+
+def _drop_leftover_staging(conn: psycopg.Connection) -> None:
+    """Staging tables of a publish that died between load and swap (the publish lock is ours: none is live)."""
+    for (name,) in conn.execute(SELECT_STAGING_TABLES).fetchall():
+        conn.execute(sql.SQL("DROP TABLE recsys.{}").format(sql.Identifier(name)))
+        log.warning("dropped %s, left by a publish that was interrupted before its swap", name)
 
 
 def _load(conn: psycopg.Connection, table: ServingTable, version: str, frame: pd.DataFrame,
           generated_at: datetime) -> int:
     """Fill the version's staging table; its NOT NULL columns and unique key refuse bad rows."""
-    staging = sql.Identifier(table_name(table.view, version, staging=True))
+    staging_name = table_name(table.view, version, staging=True)
+    staging = sql.Identifier(staging_name)
     columns = sql.SQL(", ").join(sql.SQL("{} {} NOT NULL").format(sql.Identifier(n), sql.SQL(t))
                                  for n, t in table.columns)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(staging))
@@ -155,8 +244,8 @@ def _load(conn: psycopg.Connection, table: ServingTable, version: str, frame: pd
         with conn.cursor().copy(copy_sql) as copy:
             for chunk in pgbulk.binary_copy_stream(wire, len(frame)):
                 copy.write(chunk)
-        conn.execute(sql.SQL("CREATE UNIQUE INDEX ON recsys.{} ({})").format(
-            staging, sql.SQL(", ").join(map(sql.Identifier, table.key))))
+        conn.execute(sql.SQL("CREATE UNIQUE INDEX {} ON recsys.{} ({})").format(
+            sql.Identifier(_index_name(staging_name)), staging, sql.SQL(", ").join(map(sql.Identifier, table.key))))
     except (pgbulk.BulkCopyError, psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
         detail = getattr(getattr(error, "diag", None), "message_detail", None)
         reason = str(error).strip().splitlines()[0] + (f": {detail}" if detail else "")
@@ -215,38 +304,60 @@ def _promote(conn: psycopg.Connection, version: str) -> None:
 
 
 def prune(url: str, keep_versions: int) -> list[str]:
-    """Drop the tables of published versions older than the newest `keep_versions` (serving is kept)."""
+    """Drop the tables of published versions older than the newest `keep_versions` (serving is kept).
+
+    One transaction per version, each waiting at most VIEW_LOCK_TIMEOUT_MS for its tables: a version a
+    reader still holds is left for the next publish to prune, and nobody queues behind the DROP.
+    """
+    with db.connect(url) as conn:
+        prunable = conn.execute(SELECT_PRUNABLE, (max(keep_versions - 1, 0),)).fetchall()
     pruned = []
-    with db.transaction(url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
-        for version, tables in conn.execute(SELECT_PRUNABLE, (max(keep_versions - 1, 0),)).fetchall():
-            for name in tables.values():
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(name)))
-            conn.execute(MARK_PRUNED, (version,))
-            pruned.append(version)
+    for version, tables in prunable:
+        try:
+            with db.transaction(url) as conn:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{VIEW_LOCK_TIMEOUT_MS}ms")))
+                for name in tables.values():
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(name)))
+                conn.execute(MARK_PRUNED, (version,))
+        except psycopg.errors.LockNotAvailable:
+            log.info("kept %s's tables for now: a reader still holds them; the next publish prunes them", version)
+            continue
+        pruned.append(version)
     return pruned
 
 
 def rollback(url: str, version: str) -> str:
-    """Serve an earlier published version again; returns the version that served before."""
-    with db.transaction(url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+    """Serve an earlier published version again; returns the version that served before.
+
+    A model's ONNX files are checked against the sha256 the registry recorded before anything is
+    repointed: the next retrain warm-starts from and gates against what serves.
+    """
+    with db.connect(url) as conn:
         row = conn.execute(SELECT_PUBLISHED, (version,)).fetchone()
         if row is None:
             why = "it was never published" if registry.exists(conn, version) else "no such version in the registry"
             raise PublishError(f"cannot roll back to {version!r}: {why}")
-        _, tables, pruned_at, serving = row
+    try:
+        registry.verify_artifacts(url, version)
+    except registry.ArtifactError as exc:
+        raise PublishError(f"cannot roll back to {version}: {exc}") from None
+    previous: list[str] = []
+
+    def repoint(conn: psycopg.Connection) -> None:
+        _, tables, pruned_at, serving = conn.execute(SELECT_PUBLISHED, (version,)).fetchone()
         if serving:
             raise PublishError(f"{version} is already serving; nothing to roll back")
         if pruned_at is not None:
             raise PublishError(f"cannot roll back to {version}: its tables were pruned on {pruned_at:%Y-%m-%d %H:%M}")
-        previous = conn.execute(SELECT_SERVING).fetchone()
-        conn.execute("SET LOCAL lock_timeout = '10s'")
+        previous[:] = [row[0] for row in conn.execute(SELECT_SERVING)]
         served_by = _served_by(conn, version)
         for table in SERVING_TABLES:
             _point_view(conn, table, tables[table.view], served_by)
         conn.execute(UNMARK_SERVING, {"version": version})
         conn.execute("UPDATE recsys.published_versions SET serving = true WHERE version = %s", (version,))
         _promote(conn, version)
+
+    _with_view_locks(url, f"rollback to {version}", repoint)
     log.info("rolled back: %s now serves (was %s)", version, previous[0] if previous else "nothing")
     return previous[0] if previous else ""

@@ -13,23 +13,62 @@ and gated against; the first accepted model replaces a serving baseline.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psycopg
 from psycopg.rows import dict_row
 
 from recmodel import db
 
+log = logging.getLogger(__name__)
+
 UPSERT_RUN = """
-INSERT INTO recsys.pipeline_runs (run_key, dag_run_id, as_of, status, stage, message)
-VALUES (%(run_key)s, %(dag_run_id)s, %(as_of)s, 'running', 'extract', NULL)
+INSERT INTO recsys.pipeline_runs (run_key, dag_run_id, as_of, status, stage, message, heartbeat_at, active_step)
+VALUES (%(run_key)s, %(dag_run_id)s, %(as_of)s, 'running', 'extract', NULL, now(), 'extract')
 ON CONFLICT (run_key) DO UPDATE
 SET dag_run_id = EXCLUDED.dag_run_id, started_at = now(), finished_at = NULL, status = 'running',
-    stage = 'extract', message = NULL
+    stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract'
+"""
+# Liveness: a step stamps its run every HEARTBEAT_SECONDS while it executes (active_step names it).
+BEAT = "UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s WHERE run_key = %(run_key)s"
+# Serialises the claim of a new run (check for live runs, then start) across processes.
+RUN_CLAIM_LOCK_KEY = 7_319_003
+# Other retrain runs with a step executing now; what `one run at a time` is checked against.
+SELECT_LIVE_RUNS = """
+SELECT run_key, active_step, started_at, extract(epoch FROM now() - heartbeat_at)
+FROM recsys.pipeline_runs
+WHERE kind = 'retrain' AND status = 'running' AND run_key <> %(run_key)s AND active_step IS NOT NULL
+  AND heartbeat_at >= now() - make_interval(secs => %(stale)s)
+ORDER BY started_at
+"""
+# Runs whose step stopped stamping (killed, worker lost): failed, with the reason, instead of `running`.
+MARK_DEAD_RUNS = """
+UPDATE recsys.pipeline_runs
+SET status = 'failed', finished_at = now(), active_step = NULL,
+    message = format('the run died: no heartbeat from step %%s since %%s UTC (its process was killed or lost its '
+                     'worker); nothing it had not committed was kept, and the next run reads its rows',
+                     COALESCE(active_step, stage), to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
+WHERE kind = 'retrain' AND status = 'running' AND active_step IS NOT NULL
+  AND heartbeat_at < now() - make_interval(secs => %(stale)s)
+RETURNING run_key
+"""
+# The newest data a model was trained and judged on (or a baseline was built from): a retrain is due
+# only when a snapshot is newer than this.
+SELECT_TRAINED_THROUGH = """
+SELECT max(watermark) FROM recsys.model_registry WHERE decision IS NOT NULL OR kind = 'baseline'
+"""
+# Versions a rerun must not overwrite: published once, or serving.
+SELECT_IMMUTABLE = """
+SELECT r.version, r.status, p.published_at FROM recsys.model_registry r
+LEFT JOIN recsys.published_versions p USING (version)
+WHERE r.version = ANY(%(versions)s) AND (p.version IS NOT NULL OR r.status = 'champion')
 """
 
 UPDATE_RUN = """
@@ -110,6 +149,9 @@ APPEND_ALERT = "UPDATE recsys.pipeline_runs SET alerts = alerts || %(alert)s::js
 RUN_KEY_FORMAT = "%Y%m%dT%H%M%SZ"
 SELECT_SERVING_PUBLICATION = "SELECT version, published_at FROM recsys.published_versions WHERE serving"
 MAX_AGE_ENV = "RECSYS_MAX_SERVING_AGE_HOURS"
+HEARTBEAT_SECONDS = 10.0
+# A step silent this long is dead: several missed beats, so a busy machine or a slow query is not mistaken for one.
+STALE_AFTER_SECONDS = 120.0
 DEFAULT_MAX_AGE_HOURS = 36.0  # a daily schedule plus half a day of slack
 
 
@@ -204,9 +246,90 @@ def serving_freshness(url: str, max_age_hours: float | None = None, now: datetim
     return Freshness(version=version, published_at=published_at, age_hours=age, max_age_hours=limit)
 
 
-def start_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None) -> None:
+class RunRefused(RuntimeError):
+    """A run that must not start: another is live on this database, or its version is already published."""
+
+
+def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, versions: list[str]) -> list[str]:
+    """Start (or restart) run `run_key`, one at a time per database; returns the dead runs marked failed.
+
+    Refuses while another retrain has a step executing (its heartbeat is fresh), and when one of
+    `versions` (the run's model and baseline versions) was published or serves: published versions are
+    immutable, and a rerun of their interval would overwrite their files and registry row.
+    """
     with db.transaction(url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (RUN_CLAIM_LOCK_KEY,))
+        dead = [row[0] for row in conn.execute(MARK_DEAD_RUNS, {"stale": STALE_AFTER_SECONDS})]
+        live = conn.execute(SELECT_LIVE_RUNS, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
+        if live is not None:
+            raise RunRefused(_another_run_is_live(*live))
+        published = conn.execute(SELECT_IMMUTABLE, {"versions": versions}).fetchone()
+        if published is not None:
+            version, status, published_at = published
+            when = f"published {published_at:%Y-%m-%d %H:%M} UTC" if published_at else f"the {status}"
+            raise RunRefused(f"{version} ({when}) was built from the interval ending {as_of:%Y-%m-%d %H:%M:%S} UTC; "
+                             "published versions are immutable, so this rerun is refused. Retrain a new interval "
+                             "(retrain without --as-of), or roll back to serve an earlier version")
         conn.execute(UPSERT_RUN, {"run_key": run_key, "as_of": as_of, "dag_run_id": dag_run_id})
+    return dead
+
+
+def live_runs(url: str) -> list[tuple[str, str, datetime, float]]:
+    """Retrain runs with a step executing now: (run_key, step, started_at, seconds since the last heartbeat)."""
+    with db.connect(url) as conn:
+        return conn.execute(SELECT_LIVE_RUNS, {"run_key": "", "stale": STALE_AFTER_SECONDS}).fetchall()
+
+
+def refuse_if_another_run_is_live(url: str) -> None:
+    """The CLI's early check (before starting Airflow); `claim_run` enforces it again, atomically."""
+    live = live_runs(url)
+    if live:
+        raise RunRefused(_another_run_is_live(*live[0]))
+
+
+def _another_run_is_live(run_key: str, step: str, started: datetime, silent: float) -> str:
+    return (f"another retrain is running on this database: run {run_key} (step {step}, started "
+            f"{started:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {silent:.0f} s ago); one run at a time. Wait for it "
+            f"to finish; a run whose process died counts as dead after {STALE_AFTER_SECONDS:.0f} s without a heartbeat")
+
+
+def trained_through(conn: psycopg.Connection) -> datetime | None:
+    """The as-of time of the newest data a model was judged on (or a baseline built from)."""
+    return conn.execute(SELECT_TRAINED_THROUGH).fetchone()[0]
+
+
+@contextmanager
+def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
+    """Stamp the run as alive, executing `step`, every HEARTBEAT_SECONDS until the block ends.
+
+    On the way out the step is cleared, so between steps (and after a failure) the run holds no
+    claim on the database; a killed process simply stops stamping.
+    """
+    stop = threading.Event()
+
+    def beat(step_name: str | None) -> None:
+        with db.transaction(url) as conn:
+            conn.execute(BEAT, {"run_key": run_key, "step": step_name})
+
+    def keep_beating() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                beat(step)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is logged; the step's own work decides
+                log.warning("heartbeat of run %s failed: %s", run_key, exc)
+
+    beat(step)
+    thread = threading.Thread(target=keep_beating, name=f"heartbeat-{run_key}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            beat(None)
+        except Exception as exc:  # noqa: BLE001 - never mask the step's own outcome
+            log.warning("could not clear the heartbeat of run %s: %s", run_key, exc)
 
 
 def update_run(url: str, run_key: str, *, stage: str | None = None, status: str | None = None,
@@ -277,6 +400,31 @@ def _record(row: dict[str, Any]) -> ModelRecord:
     return ModelRecord(version=row["version"], served=served, status=row["status"], watermark=row["watermark"],
                        gated=ArtifactRef(Path(gated["artifact_dir"]), Path(gated["onnx_path"]), gated["onnx_sha256"])
                        if gated else served)
+
+
+class ArtifactError(RuntimeError):
+    """A model's files are missing or differ from what the registry recorded."""
+
+
+def check_artifacts(record: ModelRecord) -> None:
+    """Each ONNX file of `record` (served and gated) exists and has the sha256 recorded at registration."""
+    from recmodel.export import sha256_file
+
+    for artifact in {record.served, record.gated}:
+        if not artifact.onnx_path.exists():
+            raise ArtifactError(f"{record.version}: artifact {artifact.onnx_path} is missing")
+        actual = sha256_file(artifact.onnx_path)
+        if actual != artifact.onnx_sha256:
+            raise ArtifactError(f"{record.version}: {artifact.onnx_path} has sha256 {actual[:12]}…, the registry "
+                                f"recorded {artifact.onnx_sha256[:12]}…; refusing to use it")
+
+
+def verify_artifacts(url: str, version: str) -> None:
+    """`check_artifacts` for a registered version; a baseline has no files to check."""
+    with db.connect(url) as conn:
+        row = conn.cursor(row_factory=dict_row).execute(SELECT_VERSION, (version,)).fetchone()
+    if row is not None and row["kind"] == "model":
+        check_artifacts(_record(row))
 
 
 def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:

@@ -52,7 +52,8 @@ COPY_INTERACTIONS = (
 SELECT_INTERACTION_STATE = """
 SELECT count(*), max(occurred_at), max(ingested_at) FROM interactions
 """
-SELECT_USER_IDS = "SELECT DISTINCT user_id FROM interactions ORDER BY user_id"
+# A NULL id (a source whose column allows it) is no user to continue: the validation quarantines such rows.
+SELECT_USER_IDS = "SELECT DISTINCT user_id FROM interactions WHERE user_id IS NOT NULL ORDER BY user_id"
 SELECT_ITEMS = "SELECT item_id, title, tags, created_at, active FROM items ORDER BY item_id"
 LOCK_SOURCE_TABLES = "LOCK TABLE items, interactions IN SHARE ROW EXCLUSIVE MODE"
 

@@ -18,6 +18,7 @@ assets and checkpoints have fixed names and are replaced on every run, which mak
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +43,8 @@ from great_expectations.expectations import Expectation
 from recmodel.config import PipelineConfig
 
 REASONS = ("null_user_id", "null_item_id", "non_positive_id", "unknown_item", "bad_event_type",
-           "value_out_of_range", "future_timestamp", "timestamp_before_floor", "duplicate", "near_duplicate")
+           "non_finite_value", "value_out_of_range", "null_occurred_at", "future_timestamp",
+           "timestamp_before_floor", "duplicate", "near_duplicate")
 
 EXPECTED_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
 DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
@@ -57,7 +59,9 @@ REASON_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "unknown_item": ("item_id is not in the items table (add the items, then `quarantine replay --reason "
                      "unknown_item`)", ()),
     "bad_event_type": ("event_type is NULL or not one of event_types", ("event_types",)),
+    "non_finite_value": ("value is NaN, Infinity or -Infinity (NULL means no value and is allowed)", ()),
     "value_out_of_range": ("value is outside [value_min, value_max]", ("value_min", "value_max")),
+    "null_occurred_at": ("occurred_at is NULL", ()),
     "future_timestamp": ("occurred_at is later than the run's as-of time plus future_tolerance_seconds",
                          ("future_tolerance_seconds",)),
     "timestamp_before_floor": ("occurred_at is before min_occurred_at", ("min_occurred_at",)),
@@ -150,16 +154,22 @@ def reason_summaries(quarantined: pd.DataFrame, config: PipelineConfig) -> list[
 
 
 def _plain(value: Any) -> Any:
-    """A cell as a JSON-safe value: None for missing, text for times and non-finite numbers."""
-    if value is None or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+    """A cell as a JSON-safe value: None for NULL, text for times and for NaN and infinities (JSON has
+    neither, and Postgres refuses the `NaN`/`Infinity` tokens Python would write)."""
+    if value is None or value is pd.NA or value is pd.NaT:
         return None
-    if hasattr(value, "item"):  # numpy scalar
+    if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return str(value)
     if isinstance(value, (int, float, str, bool)):
         return value
     return str(value)
+
+
+def quarantine_json(row: dict[str, Any]) -> str:
+    """One quarantined row as the `row_data` JSON; any cell is written, whatever it holds."""
+    return json.dumps({key: _plain(value) for key, value in row.items()}, allow_nan=False)
 
 
 def _setting_value(config: PipelineConfig, name: str) -> Any:
@@ -209,7 +219,7 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
                 dataset_failures.append(_failure_message(result))
             bad_ids[reason].update(_unexpected_event_ids(result))
         quarantined = _quarantined(increment, bad_ids)
-        clean = increment[~increment["event_id"].isin(quarantined["event_id"])]
+        clean = _plain_dtypes(increment[~increment["event_id"].isin(quarantined["event_id"])])
     else:
         quarantined = pd.DataFrame(columns=["event_id", "reason", *(c for c in increment.columns if c != "event_id")])
         clean = increment.iloc[:0]
@@ -309,8 +319,10 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
         E.ExpectColumnValuesToNotBeNull(column="event_type", meta={"reason": "bad_event_type"}),
         E.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(config.event_types),
                                       meta={"reason": "bad_event_type"}),
+        E.ExpectColumnValuesToBeNull(column="non_finite_value", meta={"reason": "non_finite_value"}),
         E.ExpectColumnValuesToBeBetween(column="value", min_value=config.value_min, max_value=config.value_max,
                                         meta={"reason": "value_out_of_range"}),
+        E.ExpectColumnValuesToNotBeNull(column="occurred_at", meta={"reason": "null_occurred_at"}),
         E.ExpectColumnValuesToBeBetween(column="occurred_at", max_value=newest_allowed,
                                         meta={"reason": "future_timestamp"}),
         E.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"reason": "duplicate"}),
@@ -324,9 +336,25 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
 
 
 def _row_frame(increment: pd.DataFrame, near_window_seconds: float) -> pd.DataFrame:
-    """The increment as GX sees it for row checks: indexed by `event_id`, plus the duplicate helpers."""
-    return increment.assign(duplicate_of=_duplicate_of(increment),
-                            near_duplicate_of=_near_duplicate_of(increment, near_window_seconds)).set_index("event_id")
+    """The increment as GX sees it for row checks: indexed by `event_id`, plus the helper columns.
+
+    `non_finite_value` is 1 where value is NaN or ±Infinity: pandas (and so GX) would take a NaN for a
+    NULL, which is allowed, so NaN is told apart here, where the increment still keeps them apart
+    (`extract.read_increment`). The value column GX range-checks then holds finite values or NaN.
+    """
+    values = increment["value"].to_numpy(dtype=np.float64, na_value=0.0)  # NULL -> 0.0: finite, not flagged
+    non_finite = ~np.isfinite(values)
+    return increment.assign(
+        value=np.where(non_finite, np.nan, increment["value"].to_numpy(dtype=np.float64, na_value=np.nan)),
+        non_finite_value=pd.arrays.IntegerArray(np.ones(len(values), dtype=np.int64), mask=~non_finite),
+        duplicate_of=_duplicate_of(increment),
+        near_duplicate_of=_near_duplicate_of(increment, near_window_seconds)).set_index("event_id")
+
+
+def _plain_dtypes(clean: pd.DataFrame) -> pd.DataFrame:
+    """Clean rows with numpy dtypes: int64 ids (no NULL is left) and float64 values (NULL as NaN)."""
+    return clean.astype({"event_id": np.int64, "user_id": np.int64, "item_id": np.int64}).assign(
+        value=clean["value"].to_numpy(dtype=np.float64, na_value=np.nan))
 
 
 def _duplicate_of(increment: pd.DataFrame) -> pd.Series:

@@ -85,3 +85,38 @@ def airflow_ready(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) 
         for key, value in previous.items():
             if value is not None:
                 os.environ[key] = value
+
+
+# --- the reliability report: every attack (a test marked `reliability`) and its outcome, plus the figures
+# the attacks measured, printed at the end of the session (`pytest -m reliability` runs only these).
+ATTACKS: list[tuple[str, str]] = []  # (test id, passed | failed | skipped)
+FIGURES: dict[str, str] = {}
+
+
+@pytest.fixture
+def reliability_figure():
+    """Record a measured figure (reader p99, rows lost, …) for the reliability report."""
+    def record(name: str, value: object) -> None:
+        FIGURES[name] = str(value)
+    return record
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "reliability" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        ATTACKS.append((report.nodeid, report.outcome))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not ATTACKS:
+        return
+    counts = {outcome: sum(1 for _, o in ATTACKS if o == outcome) for outcome in ("passed", "failed", "skipped")}
+    terminalreporter.section("reliability report")
+    terminalreporter.write_line(f"{len(ATTACKS)} attacks tried: {counts['passed']} held, {counts['failed']} broke "
+                                f"through, {counts['skipped']} skipped")
+    for name, value in sorted(FIGURES.items()):
+        terminalreporter.write_line(f"  {name}: {value}")
+    if "reliability" in (config.getoption("markexpr") or "") or counts["failed"]:
+        for nodeid, outcome in ATTACKS:
+            terminalreporter.write_line(f"  {'held' if outcome == 'passed' else outcome:8} {nodeid}")

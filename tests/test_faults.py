@@ -64,6 +64,11 @@ def blocked(url: str) -> bool:
         return conn.execute(WAITING_ON_A_LOCK).fetchone()[0] > 0
 
 
+def staged_tables(url: str) -> int:
+    with db.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%\\_\\_staging'").fetchone()[0]
+
+
 def stage_of(url: str, run_key: str) -> str | None:
     with db.connect(url) as conn:
         row = conn.execute("SELECT stage FROM recsys.pipeline_runs WHERE run_key = %s", (run_key,)).fetchone()
@@ -140,16 +145,16 @@ def test_sigkill_during_publish(served_once: tuple) -> None:
     url, first_version, before = served_once
     run_key = pipeline.make_context(LATER, {}).run_key
     with db.connect(url) as holder:
-        # Readers of the view are not blocked by this lock mode's absence of writers; the swap's
-        # CREATE OR REPLACE VIEW is, after the new tables were loaded.
+        # The swap's CREATE OR REPLACE VIEW needs this lock after the new tables were loaded; it gives
+        # way and retries (so readers do not queue behind it) until the kill.
         holder.execute("LOCK TABLE recsys.user_recommendations IN ACCESS EXCLUSIVE MODE")
         run = start_run(LATER)
-        wait_for(lambda: stage_of(url, run_key) == "publish" and blocked(url), run, "publish's swap to wait", 300)
-        with db.connect(url) as conn:
-            staged = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%__staging'").fetchone()[0]
-        assert staged == 3  # loaded, about to switch
+        wait_for(lambda: stage_of(url, run_key) == "publish" and staged_tables(url) == 3, run,
+                 "publish's swap to wait", 300)
         kill(run)
+    assert staged_tables(url) == 3  # loaded and committed, never switched: what a kill here leaves
     assert_recovers(url, before, first_version)
+    assert staged_tables(url) == 0  # the next publish cleared them
 
 
 def test_a_dropped_connection_fails_the_task_and_airflow_retries_it(airflow_ready: dict[str, str], recsys_env: str,

@@ -10,6 +10,7 @@ import pytest
 from conftest import SMALL_MODEL, seed_small
 from recmodel import db, pipeline
 from recmodel.extract import ExtractError
+from recmodel.registry import RunRefused
 from recmodel.validate import DataValidationError
 
 NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
@@ -110,9 +111,14 @@ def test_incremental_runs_warm_start_and_reruns_are_idempotent(recsys_env: str) 
     else:
         assert serving_version(recsys_env) == first.version
 
-    # The same interval again: same snapshot, no duplicate registry rows or recommendations.
+    # The same interval again: refused when it was published (published versions are immutable),
+    # else the same snapshot; either way no duplicate registry rows or recommendations.
     dataset_before = pd.read_parquet(second.run_dir / pipeline.DATASET_FILE)
-    pipeline.run_all(second)
+    if status == "champion":
+        with pytest.raises(RunRefused, match="published versions are immutable"):
+            pipeline.run_all(second)
+    else:
+        pipeline.run_all(second)
     dataset_after = pd.read_parquet(second.run_dir / pipeline.DATASET_FILE)
     pd.testing.assert_frame_equal(dataset_before, dataset_after)
     with db.connect(recsys_env) as conn:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,9 +38,14 @@ def frames(users: int, k: int, seed: int) -> dict[str, pd.DataFrame]:
 
 
 def register(url: str, *versions: str) -> None:
+    """Registry rows of accepted models, each with a small ONNX file and its sha256 (rollback checks them)."""
     with db.transaction(url) as conn:
         for version in versions:
+            onnx = Path(tempfile.mkdtemp(prefix=f"{version}-")) / "model.onnx"
+            onnx.write_bytes(f"the graph of {version}".encode())
             conn.execute(INSERT_MODEL, (version, version))
+            conn.execute("UPDATE recsys.model_registry SET onnx_path = %s, onnx_sha256 = %s WHERE version = %s",
+                         (str(onnx), hashlib.sha256(onnx.read_bytes()).hexdigest(), version))
 
 
 def serving(url: str) -> tuple[str, int]:
@@ -246,7 +254,7 @@ def test_migration_006_labels_what_already_serves(pg_server_url: str) -> None:
             conn.execute("INSERT INTO recsys.published_versions (version, tables, row_counts, serving) "
                          "VALUES (%s, %s, '{}', true)", (version, json.dumps(
                              {t.view: table_name(t.view, version) for t in SERVING_TABLES})))
-        assert db.migrate(url) == ["006_baselines_and_refit"]
+        assert db.migrate(url)[0] == "006_baselines_and_refit"
         with db.connect(url) as conn:
             rows = conn.execute("SELECT user_id, item_id, model_version, served_by "
                                 "FROM recsys.user_recommendations").fetchall()

@@ -13,7 +13,7 @@ from psycopg import errors
 from sqlalchemy.engine import make_url
 
 from conftest import seed_small
-from recmodel import dashboard, db, pipeline
+from recmodel import dashboard, db, pipeline, registry
 from recmodel.publish import publish, table_name
 from test_publish import INSERT_MODEL, frames, register
 
@@ -80,7 +80,7 @@ def test_a_tampered_or_missing_champion_artifact_is_refused(recsys_env: str, tmp
     with pytest.raises(RuntimeError, match="has sha256 .* the registry recorded .*; refusing to use it"):
         pipeline.verified_champion(recsys_env)
     onnx.unlink()
-    with pytest.raises(FileNotFoundError, match="v20261101000000: artifact .* is missing"):
+    with pytest.raises(registry.ArtifactError, match="v20261101000000: artifact .* is missing"):
         pipeline.verified_champion(recsys_env)
 
 

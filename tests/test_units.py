@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from recmodel.config import ConfigError, PipelineConfig
-from recmodel.data import Vocab, extend_dataset, left_pad, length_sorted_batches, training_windows, user_sequences
+from recmodel.data import (Vocab, extend_dataset, left_pad, length_sorted_batches, training_windows, user_sequences,
+                           within_training_window)
 from recmodel.gate import (LAST_PER_USER, TIME_WINDOW, CatalogStats, GateError, HoldoutPlan, bootstrap_interval,
                            build_holdout, catalog_stats, decide, evaluate_lists, held_out_mask, plan_holdout)
 
@@ -187,11 +190,13 @@ def test_gate_uses_paired_intervals() -> None:
     assert not below_floor.accepted and "below the floor" in below_floor.reasons[0]
 
 
-def test_extend_dataset_deduplicates_and_windows() -> None:
+def test_extend_dataset_deduplicates_and_keeps_all_history_while_training_sees_the_window() -> None:
     base = events([(1, 1, 10, "2026-01-01"), (2, 1, 11, "2026-03-01")])
     increment = events([(2, 1, 11, "2026-03-01"), (3, 2, 12, "2026-03-02")])
-    merged = extend_dataset(base, increment, window_days=30)
-    assert merged["event_id"].tolist() == [2, 3]
+    merged = extend_dataset(base, increment)
+    assert merged["event_id"].tolist() == [1, 2, 3]  # a window set once must not drop history for later runs
+    assert within_training_window(merged, 30)["event_id"].tolist() == [2, 3]
+    assert within_training_window(merged, None)["event_id"].tolist() == [1, 2, 3]
 
 
 def test_config_overrides_are_checked() -> None:
@@ -217,3 +222,15 @@ def test_length_sorted_batches_cover_every_sequence_once_with_little_padding() -
             assert not histories[row, :-len(seq)].any()  # left padding only
     fixed = list(length_sorted_batches(sequences, 4, length=4))
     assert all(h.shape[1] == 4 for _, h in fixed)
+
+
+def test_every_setting_and_its_range_is_documented() -> None:
+    from recmodel.config import SETTING_RANGES
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md").read_text()
+    for field in dataclasses.fields(PipelineConfig):
+        assert f"| `{field.name}` |" in guide, f"{field.name} is missing from the settings table"
+    defaults = PipelineConfig()
+    for name, allowed in SETTING_RANGES.items():
+        default = "null" if getattr(defaults, name) is None else getattr(defaults, name)
+        assert f"| `{name}` | {default} | {allowed} |" in guide, f"{name}: the documented range is not {allowed}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from recmodel.config import PipelineConfig
@@ -21,18 +22,24 @@ CATALOG = np.arange(1, 51, dtype=np.int64)
 
 
 def make_increment(n: int = 10) -> pd.DataFrame:
-    """`n` valid, distinct events with the dtypes the loader produces."""
+    """`n` valid, distinct events with the dtypes the loader produces (`extract.read_increment`)."""
     occurred = pd.Timestamp("2024-03-01 10:00", tz="UTC") + pd.to_timedelta(np.arange(n), unit="min")
     return pd.DataFrame({
-        "event_id": np.arange(101, 101 + n, dtype=np.int64),
+        "event_id": pd.array(np.arange(101, 101 + n), dtype="Int64"),
         "user_id": pd.array(np.arange(n) % 7 + 1, dtype="Int64"),
         "item_id": pd.array(np.arange(n) % 50 + 1, dtype="Int64"),
         "event_type": pd.Series(["view", "click", "purchase", "rating", "add_to_cart"] * (n // 5 + 1),
                                 dtype=object)[:n],
-        "value": np.linspace(0.0, 5.0, n),
+        "value": pd.Series(pa.array(np.linspace(0.0, 5.0, n)), dtype=pd.ArrowDtype(pa.float64())),
         "occurred_at": occurred,
         "ingested_at": occurred + pd.Timedelta(seconds=30),
     })
+
+
+def as_clean(increment: pd.DataFrame) -> pd.DataFrame:
+    """The dtypes of clean rows: int64 ids, float64 values."""
+    return increment.astype({"event_id": np.int64, "user_id": np.int64, "item_id": np.int64}).assign(
+        value=increment["value"].to_numpy(dtype=np.float64, na_value=np.nan))
 
 
 def validate(increment: pd.DataFrame, tmp_path: Path, config: PipelineConfig | None = None,
@@ -49,7 +56,7 @@ def test_clean_rows_pass_untouched(tmp_path: Path) -> None:
     increment = make_increment()
     report = validate(increment, tmp_path)
     assert report.passed, report.dataset_failures
-    pd.testing.assert_frame_equal(report.clean, increment)
+    pd.testing.assert_frame_equal(report.clean, as_clean(increment))
     assert report.quarantined.empty
     assert all(o.success for o in report.outcomes)
     assert {o.reason for o in report.outcomes if o.reason} == set(REASONS) - {"timestamp_before_floor"}  # no floor set
@@ -57,7 +64,13 @@ def test_clean_rows_pass_untouched(tmp_path: Path) -> None:
 
 def _set(increment: pd.DataFrame, row: int, **values: object) -> int:
     for column, value in values.items():
-        increment.loc[row, column] = value
+        if column == "value":  # through Arrow: pandas would store a NaN as NULL
+            cells = [None if cell is pd.NA else cell for cell in increment["value"].tolist()]
+            cells[row] = value
+            increment["value"] = pd.Series(pa.array(cells, from_pandas=False, type=pa.float64()),
+                                           dtype=pd.ArrowDtype(pa.float64()), index=increment.index)
+        else:
+            increment.loc[row, column] = value
     return int(increment.loc[row, "event_id"])
 
 
@@ -71,6 +84,10 @@ def _set(increment: pd.DataFrame, row: int, **values: object) -> int:
     ({"event_type": None}, ["bad_event_type"]),
     ({"value": 5.5}, ["value_out_of_range"]),
     ({"value": -0.1}, ["value_out_of_range"]),
+    ({"value": np.nan}, ["non_finite_value"]),
+    ({"value": np.inf}, ["non_finite_value"]),
+    ({"value": -np.inf}, ["non_finite_value"]),
+    ({"occurred_at": pd.NaT}, ["null_occurred_at"]),
     ({"occurred_at": pd.Timestamp(AS_OF) + pd.Timedelta(minutes=6)}, ["future_timestamp"]),
 ])
 def test_each_reason_quarantines_only_its_row(tmp_path: Path, values: dict[str, object], reasons: list[str]) -> None:
@@ -80,16 +97,16 @@ def test_each_reason_quarantines_only_its_row(tmp_path: Path, values: dict[str, 
     assert reasons_by_event(report) == {bad_id: reasons}
     assert bad_id not in set(report.clean["event_id"])
     assert len(report.clean) == len(increment) - 1
-    assert report.clean.dtypes.equals(increment.dtypes)
+    assert report.clean.dtypes.equals(as_clean(make_increment()).dtypes)
     assert list(report.quarantined.columns) == ["event_id", "reason", *increment.columns[1:]]
     failed = [o for o in report.outcomes if not o.success]
     assert sorted({o.reason for o in failed}) == reasons and all(o.unexpected_count == 1 for o in failed)
 
 
 def test_tolerated_values_are_not_quarantined(tmp_path: Path) -> None:
-    """NaN values, bounds, and timestamps within the clock-skew tolerance are fine."""
+    """NULL values (no value), bounds, and timestamps within the clock-skew tolerance are fine."""
     increment = make_increment()
-    _set(increment, 1, value=np.nan)
+    _set(increment, 1, value=None)
     _set(increment, 2, value=5.0)
     _set(increment, 4, occurred_at=pd.Timestamp(AS_OF) + pd.Timedelta(minutes=4))
     report = validate(increment, tmp_path)
