@@ -29,6 +29,9 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("RECSYS_RETRY_DELAY_SECONDS
 # On a Celery deployment the GPU worker listens on this queue (docker-compose.yaml: `gpu`); every
 # other task, the scoring shards included, stays on Airflow's default queue.
 TRAIN_QUEUE = os.environ.get("RECSYS_TRAIN_QUEUE", "default")
+# A scheduled run (or a backfill's) that finds another retrain alive on the database waits this long
+# for it before failing: one run at a time per database, whoever started the other one.
+LIVE_RUN_WAIT = timedelta(minutes=float(os.environ.get("RECSYS_LIVE_RUN_WAIT_MINUTES", "60")))
 
 
 def _context(context: dict[str, Any]):
@@ -57,7 +60,8 @@ def recsys_retrain():
         from recmodel.registry import RunRefused
 
         try:
-            return step_extract(_context(context), dag_run_id=context["run_id"])
+            return step_extract(_context(context), dag_run_id=context["run_id"],
+                                wait_seconds=LIVE_RUN_WAIT.total_seconds())
         except (ExtractError, ConfigError, RunRefused) as exc:
             # a changed schema, an empty catalog, a bad setting or as-of, another live run, a published
             # version: a retry would fail the same way

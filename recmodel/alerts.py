@@ -41,8 +41,10 @@ class Alert:
     message: str
 
 
-def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = None) -> list[str]:
-    """Deliver one alert on every configured channel; returns the channels that took it."""
+def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = None, *,
+         record: bool = True) -> list[str]:
+    """Deliver one alert on every configured channel (and, with `record`, on the run's pipeline_runs row);
+    returns the channels that took it."""
     log.error("RECSYS ALERT [%s] %s: %s", alert.kind, alert.subject, alert.message)
     channels = ["log"]
     recipients = [r.strip() for r in os.environ.get(ALERT_EMAIL_ENV, "").split(",") if r.strip()]
@@ -59,6 +61,9 @@ def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = 
              "message": alert.message, "channels": [*channels, "pipeline_runs"]}
     if email_error:
         entry["email_error"] = email_error
+    if not record:
+        entry["channels"].remove("pipeline_runs")
+        return entry["channels"]
     try:
         if not registry.append_alert(url, run_key, entry):
             log.error("RECSYS ALERT not recorded: no recsys.pipeline_runs row %r", run_key)
@@ -111,13 +116,17 @@ class RecsysNotifier(BaseNotifier):
         run_key, kind = run_key_of(context)
         detail = f"{type(error).__name__}: {error}" if error else "no exception recorded"
         message = f"{ti.task_id} failed: {detail}"
-        if kind == "retrain":
+        # A refused run never claimed its row: the row under its key, if any, is the published run's own.
+        refused = isinstance(error, registry.RunRefused) or isinstance(getattr(error, "__cause__", None),
+                                                                       registry.RunRefused)
+        if kind == "retrain" and not refused:
             registry.update_run(url, run_key, status="failed", stage=ti.task_id, message=message)
-        else:
+        elif kind != "retrain":
             registry.record_event(url, run_key, kind=kind, status="failed", stage=ti.task_id, message=message,
                                   dag_run_id=ti.run_id)
         alert_kind = "serving_stale" if kind == "freshness" and isinstance(error, StaleServingError) else "task_failed"
-        send(url, run_key, Alert(alert_kind, f"{ti.dag_id}.{ti.task_id} failed (run {ti.run_id})", message), context)
+        send(url, run_key, Alert(alert_kind, f"{ti.dag_id}.{ti.task_id} failed (run {ti.run_id})", message), context,
+             record=not refused)
 
 
 def notify_gate_rejection(url: str, run_key: str, version: str, gated: dict[str, Any],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ SELECT rows_extracted FROM recsys.extract_watermarks
 WHERE high_watermark < %(as_of)s AND run_key <> %(run_key)s
 ORDER BY high_watermark DESC LIMIT %(limit)s
 """
+LIVE_RUN_POLL_SECONDS = 10.0
 DATASET_FILE = "dataset.parquet"
 RECOMMENDATIONS_FILE = "user_recommendations.parquet"
 SIMILAR_FILE = "similar_items.parquet"
@@ -121,10 +123,23 @@ def _extract_result(payload: dict[str, Any]) -> ExtractResult:
 
 
 @beating
-def step_extract(ctx: RunContext, dag_run_id: str | None = None) -> dict[str, Any]:
-    """Claim the run (one at a time, never over a published version), then extract its increment."""
-    dead = registry.claim_run(ctx.url, ctx.run_key, ctx.as_of, dag_run_id,
-                              [ctx.version, baseline_version(ctx.version)])
+def step_extract(ctx: RunContext, dag_run_id: str | None = None, *, wait_seconds: float = 0.0) -> dict[str, Any]:
+    """Claim the run (one at a time, never over a published version), then extract its increment.
+
+    While another run is alive, waits up to `wait_seconds` for it (a scheduled run or backfill queues
+    behind the run in progress; the CLI refuses at once), then refuses.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            dead = registry.claim_run(ctx.url, ctx.run_key, ctx.as_of, dag_run_id,
+                                      [ctx.version, baseline_version(ctx.version)])
+            break
+        except registry.AnotherRunIsLive as exc:
+            if time.monotonic() + LIVE_RUN_POLL_SECONDS > deadline:
+                raise
+            log.info("waiting for the run in progress: %s", exc)
+            time.sleep(LIVE_RUN_POLL_SECONDS)
     for run_key in dead:
         log.warning("run %s had stopped without finishing (no heartbeat); marked failed", run_key)
     result = extract(ctx.url, ctx.run_key, ctx.as_of, ctx.run_dir,

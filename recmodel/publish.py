@@ -77,6 +77,11 @@ SELECT version, tables FROM recsys.published_versions
 WHERE NOT serving AND pruned_at IS NULL
 ORDER BY published_at DESC OFFSET %s
 """
+# A session lock per version, held by a publish from its load to its swap (two-int advisory key space).
+STAGING_LOCK_CLASS = 7319
+STAGING_OWNER_LOCK = "SELECT pg_advisory_lock(%s, hashtext(%s))"
+STAGING_OWNER_TRY_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+STAGING_OWNER_UNLOCK = "SELECT pg_advisory_unlock(%s, hashtext(%s))"
 SELECT_STAGING_TABLES = r"SELECT tablename FROM pg_tables WHERE schemaname = 'recsys' AND tablename LIKE '%\_\_staging'"
 SELECT_VIEW_LOCK_HOLDERS = """
 SELECT DISTINCT a.pid, a.usename, a.application_name, extract(epoch FROM now() - a.xact_start), a.state
@@ -122,9 +127,16 @@ def table_name(view: str, version: str, staging: bool = False) -> str:
 
 def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generated_at: datetime,
             keep_versions: int) -> PublishResult:
-    """Load `frames` (view name -> rows without model_version/generated_at) and switch to them."""
-    row_counts = load_staging(url, version, frames, generated_at)
-    swap = swap_in(url, version, row_counts)
+    """Load `frames` (view name -> rows without model_version/generated_at) and switch to them.
+
+    From load to swap this publish holds a session lock on its version (`_staging_owner`): its staging
+    tables are in use, not leftovers, for any other publish that looks. A killed publish's lock goes
+    with its connection.
+    """
+    with db.connect(url, autocommit=True) as owner:
+        owner.execute(STAGING_OWNER_LOCK, (STAGING_LOCK_CLASS, version))
+        row_counts = load_staging(url, version, frames, generated_at)
+        swap = swap_in(url, version, row_counts)
     pruned = prune(url, keep_versions)
     log.info("published %s (%s) in a %.3f s swap (%d lock waits); pruned %s", version,
              ", ".join(f"{v}: {n} rows" for v, n in row_counts.items()), swap.seconds, swap.lock_waits,
@@ -221,8 +233,13 @@ def _index_name(table: str) -> str:
 
 
 def _drop_leftover_staging(conn: psycopg.Connection) -> None:
-    """Staging tables of a publish that died between load and swap (the publish lock is ours: none is live)."""
+    """Staging tables of a publish that died between load and swap: those whose version no live
+    publish holds (between its load and its swap, another publish may be loading)."""
     for (name,) in conn.execute(SELECT_STAGING_TABLES).fetchall():
+        version = name.split("__")[1]
+        if not conn.execute(STAGING_OWNER_TRY_LOCK, (STAGING_LOCK_CLASS, version)).fetchone()[0]:
+            continue  # a live publish is between its load and its swap
+        conn.execute(STAGING_OWNER_UNLOCK, (STAGING_LOCK_CLASS, version))
         conn.execute(sql.SQL("DROP TABLE recsys.{}").format(sql.Identifier(name)))
         log.warning("dropped %s, left by a publish that was interrupted before its swap", name)
 

@@ -37,15 +37,27 @@ SET dag_run_id = EXCLUDED.dag_run_id, started_at = now(), finished_at = NULL, st
     stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract'
 """
 # Liveness: a step stamps its run every HEARTBEAT_SECONDS while it executes (active_step names it).
-BEAT = "UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s WHERE run_key = %(run_key)s"
+# Only a running run's row is stamped: a refused rerun must not touch the row of the run it would repeat.
+BEAT = """
+UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s
+WHERE run_key = %(run_key)s AND status = 'running'
+"""
+CLEAR_STEP = "UPDATE recsys.pipeline_runs SET active_step = NULL WHERE run_key = %s AND active_step IS NOT NULL"
+# A step that raised leaves its run neither alive nor dead: it failed (or waits for Airflow's retry).
+CLEAR_FAILED_STEP = """
+UPDATE recsys.pipeline_runs SET active_step = NULL, heartbeat_at = NULL WHERE run_key = %s AND status = 'running'
+"""
 # Serialises the claim of a new run (check for live runs, then start) across processes.
 RUN_CLAIM_LOCK_KEY = 7_319_003
-# Other retrain runs with a step executing now; what `one run at a time` is checked against.
-SELECT_LIVE_RUNS = """
-SELECT run_key, active_step, started_at, extract(epoch FROM now() - heartbeat_at)
+# Other retrain runs alive now: what `one run at a time` is checked against. Alive is a step executing
+# (fresh heartbeat), or a run between its extract and the end of its validation, whose window is read
+# but not yet committed: another run reading it then would take the same rows.
+LIVE = """kind = 'retrain' AND status = 'running' AND (active_step IS NOT NULL OR stage = 'extract')"""
+SELECT_LIVE_RUNS = f"""
+SELECT run_key, COALESCE(active_step, 'between extract and validate'), started_at,
+       extract(epoch FROM now() - heartbeat_at)
 FROM recsys.pipeline_runs
-WHERE kind = 'retrain' AND status = 'running' AND run_key <> %(run_key)s AND active_step IS NOT NULL
-  AND heartbeat_at >= now() - make_interval(secs => %(stale)s)
+WHERE {LIVE} AND run_key <> %(run_key)s AND heartbeat_at >= now() - make_interval(secs => %(stale)s)
 ORDER BY started_at
 """
 # Runs whose step stopped stamping (killed, worker lost): failed, with the reason, instead of `running`.
@@ -55,7 +67,7 @@ SET status = 'failed', finished_at = now(), active_step = NULL,
     message = format('the run died: no heartbeat from step %%s since %%s UTC (its process was killed or lost its '
                      'worker); nothing it had not committed was kept, and the next run reads its rows',
                      COALESCE(active_step, stage), to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
-WHERE kind = 'retrain' AND status = 'running' AND active_step IS NOT NULL
+WHERE kind = 'retrain' AND status = 'running' AND (active_step IS NOT NULL OR stage = 'extract')
   AND heartbeat_at < now() - make_interval(secs => %(stale)s)
 RETURNING run_key
 """
@@ -250,6 +262,10 @@ class RunRefused(RuntimeError):
     """A run that must not start: another is live on this database, or its version is already published."""
 
 
+class AnotherRunIsLive(RunRefused):
+    """Another retrain is alive on this database; this one may start once it is done."""
+
+
 def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, versions: list[str]) -> list[str]:
     """Start (or restart) run `run_key`, one at a time per database; returns the dead runs marked failed.
 
@@ -262,7 +278,7 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
         dead = [row[0] for row in conn.execute(MARK_DEAD_RUNS, {"stale": STALE_AFTER_SECONDS})]
         live = conn.execute(SELECT_LIVE_RUNS, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
         if live is not None:
-            raise RunRefused(_another_run_is_live(*live))
+            raise AnotherRunIsLive(_another_run_is_live(*live))
         published = conn.execute(SELECT_IMMUTABLE, {"versions": versions}).fetchone()
         if published is not None:
             version, status, published_at = published
@@ -284,7 +300,7 @@ def refuse_if_another_run_is_live(url: str) -> None:
     """The CLI's early check (before starting Airflow); `claim_run` enforces it again, atomically."""
     live = live_runs(url)
     if live:
-        raise RunRefused(_another_run_is_live(*live[0]))
+        raise AnotherRunIsLive(_another_run_is_live(*live[0]))
 
 
 def _another_run_is_live(run_key: str, step: str, started: datetime, silent: float) -> str:
@@ -302,34 +318,38 @@ def trained_through(conn: psycopg.Connection) -> datetime | None:
 def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
     """Stamp the run as alive, executing `step`, every HEARTBEAT_SECONDS until the block ends.
 
-    On the way out the step is cleared, so between steps (and after a failure) the run holds no
-    claim on the database; a killed process simply stops stamping.
+    On the way out the step is cleared: between steps the run holds no claim on the database (except
+    between extract and validation, see LIVE), and after a failure not even its heartbeat. A killed
+    process simply stops stamping, and counts as dead after STALE_AFTER_SECONDS.
     """
     stop = threading.Event()
 
-    def beat(step_name: str | None) -> None:
+    def beat() -> None:
         with db.transaction(url) as conn:
-            conn.execute(BEAT, {"run_key": run_key, "step": step_name})
+            conn.execute(BEAT, {"run_key": run_key, "step": step})
 
     def keep_beating() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
             try:
-                beat(step)
+                beat()
             except Exception as exc:  # noqa: BLE001 - a missed beat is logged; the step's own work decides
                 log.warning("heartbeat of run %s failed: %s", run_key, exc)
 
-    beat(step)
+    beat()
     thread = threading.Thread(target=keep_beating, name=f"heartbeat-{run_key}", daemon=True)
     thread.start()
+    clear = CLEAR_FAILED_STEP
     try:
         yield
+        clear = CLEAR_STEP
     finally:
         stop.set()
         thread.join()
         try:
-            beat(None)
+            with db.transaction(url) as conn:
+                conn.execute(clear, (run_key,))
         except Exception as exc:  # noqa: BLE001 - never mask the step's own outcome
-            log.warning("could not clear the heartbeat of run %s: %s", run_key, exc)
+            log.warning("could not clear the active step of run %s: %s", run_key, exc)
 
 
 def update_run(url: str, run_key: str, *, stage: str | None = None, status: str | None = None,

@@ -321,7 +321,7 @@ def test_every_setting_is_range_checked_before_any_work(db_url: str, tmp_path: P
             ({"gate_metric": "bogus"}, "gate_metric must be one of"),
             ({"training_window_days": -1}, "training_window_days must be within"),
             ({"epochs": 1e12}, "epochs must be within [1, 1000]"),
-            ({"gate_champion_tolerance": 5}, "gate_champion_tolerance must be within [0, 1)")):
+            ({"gate_champion_tolerance": 5}, "gate_champion_tolerance must be within [0, 1]")):
         with pytest.raises(ConfigError) as refused:
             pipeline.PipelineConfig.from_overrides(bad)
         assert message in str(refused.value)

@@ -58,7 +58,10 @@ def test_an_alert_survives_a_dead_mail_server(airflow_ready: dict[str, str], rec
                                               monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from recmodel import alerts
 
-    registry.start_run(recsys_env, "20261101T120000Z", NOW, "manual__x")
+    registry.claim_run(recsys_env, "20261101T120000Z", NOW, "manual__x", [])
+    # Airflow's logging setup may have replaced the root handlers (pytest's capture among them) earlier
+    # in the session, depending on which tests ran first: listen on the logger itself.
+    monkeypatch.setattr(logging.getLogger("recmodel.alerts"), "handlers", [caplog.handler])
     monkeypatch.setenv(alerts.ALERT_EMAIL_ENV, "ops@example.com, oncall@example.com")
     monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT",
                        f"smtp://127.0.0.1:{free_port()}?disable_ssl=true&disable_tls=true&retry_limit=1&timeout=5")

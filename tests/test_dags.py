@@ -105,6 +105,19 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
     assert status == "skipped" and message.startswith(f"superseded: {second_version}, which serves,")
     assert serving(recsys_env) == second_version
 
+    # Rerunning the interval of the version that serves is refused without retry; its run and model rows stay.
+    with db.connect(recsys_env) as conn:
+        before = conn.execute("SELECT r.status, r.message, m.status, m.onnx_sha256 FROM recsys.pipeline_runs r "
+                              "JOIN recsys.model_registry m ON m.version = r.model_version WHERE m.version = %s",
+                              (second_version,)).fetchone()
+    rerun = run_dag("recsys_retrain", conf=lenient, logical_date=later + timedelta(minutes=30))
+    assert not rerun.succeeded and rerun.task_states["extract"] == "failed"
+    with db.connect(recsys_env) as conn:
+        after = conn.execute("SELECT r.status, r.message, m.status, m.onnx_sha256 FROM recsys.pipeline_runs r "
+                             "JOIN recsys.model_registry m ON m.version = r.model_version WHERE m.version = %s",
+                             (second_version,)).fetchone()
+    assert after == before and before[0] == "success"
+
     # The rollback DAG serves the first version again; asking again is refused and changes nothing.
     rollback = run_dag("recsys_rollback", conf={"version": first_version}, logical_date=later + timedelta(hours=1))
     assert rollback.succeeded, rollback.task_states
