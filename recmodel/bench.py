@@ -477,14 +477,15 @@ def publish_past_a_long_reader(url: str, ctx: pipeline.RunContext, scored: dict[
     with ExitStack() as stack:
         readers = [stack.enter_context(ReaderLoad(url)) for _ in range(READER_THREADS)]
         time.sleep(0.5)  # the readers' latency before the publish is part of the sample
-        with LongTransaction(url, LONG_READER_HOLD_SECONDS):
+        with LongTransaction(url, LONG_READER_HOLD_SECONDS), PeakRss() as rss:
             started = time.perf_counter()
             result = publish(url, version, frames, generated_at=ctx.as_of, keep_versions=ctx.config.keep_versions)
             seconds = time.perf_counter() - started
         time.sleep(0.5)
     merged = ReaderLoad(url)
     merged.latencies = [latency for reader in readers for latency in reader.latencies]
-    return {"seconds": round(seconds, 3), "hold_seconds": LONG_READER_HOLD_SECONDS, "readers": READER_THREADS,
+    return {"seconds": round(seconds, 3), "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.growth_mb,
+            "hold_seconds": LONG_READER_HOLD_SECONDS, "readers": READER_THREADS,
             "reader_queries": merged.queries, "reader_errors": sum(r.errors for r in readers),
             "reader_p50_ms": merged.percentile_ms(50), "reader_p99_ms": merged.percentile_ms(99),
             "reader_max_ms": round(merged.max_latency * 1000, 2), "lock_waits": result.lock_waits,
