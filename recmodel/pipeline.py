@@ -3,7 +3,9 @@
 Steps pass small JSON-able dicts (paths, counts, versions) to each other, never data: snapshots,
 models and score tables live under ``$RECSYS_HOME/runs/<run_key>`` and ``$RECSYS_HOME/models``.
 A run is keyed by its as-of time, so rerunning the same interval rewrites the same rows,
-files and model version instead of adding new ones.
+files and model version instead of adding new ones; once that version was published it is
+immutable and the rerun is refused. Each step runs under its run's heartbeat (`beating`), and
+`step_extract` claims the run: one at a time per database.
 """
 
 from __future__ import annotations
