@@ -116,9 +116,10 @@ class RecsysNotifier(BaseNotifier):
         run_key, kind = run_key_of(context)
         detail = f"{type(error).__name__}: {error}" if error else "no exception recorded"
         message = f"{ti.task_id} failed: {detail}"
-        # A refused run never claimed its row: the row under its key, if any, is the published run's own.
-        refused = isinstance(error, registry.RunRefused) or isinstance(getattr(error, "__cause__", None),
-                                                                       registry.RunRefused)
+        # A rerun refused because its version was published never claimed its row: the row under its
+        # key is the published run's own, and stays as it is.
+        refused = isinstance(error, registry.VersionIsPublished) or isinstance(getattr(error, "__cause__", None),
+                                                                               registry.VersionIsPublished)
         if kind == "retrain" and not refused:
             registry.update_run(url, run_key, status="failed", stage=ti.task_id, message=message)
         elif kind != "retrain":

@@ -61,7 +61,7 @@ SETTING_RANGES: dict[str, Range] = {
     "learning_rate": Range(0, 1, low_open=True), "warm_start_epochs": EPOCHS, "seed": Range(0, 2**31 - 1),
     "holdout_days": Range(0, 3650, low_open=True), "gate_min_users": COUNT,
     "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
-    "gate_champion_tolerance": SHARE,  # 1: the champion's score does not matter "refit_epochs": Range(0, 1000),
+    "gate_champion_tolerance": SHARE, "refit_epochs": Range(0, 1000),
     "top_k": Range(1, 1000), "similar_k": Range(1, 1000), "popular_k": Range(1, 10_000),
     "popular_window_days": Range(0, 36_500, low_open=True), "score_batch_size": Range(1, 1_000_000),
     "score_shards": Range(1, 1024), "keep_versions": Range(1, 1000),

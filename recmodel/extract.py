@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg import sql
 
-from recmodel import db, pgbulk
+from recmodel import db, pgbulk, registry
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,8 @@ CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"),
 
 # What the fresh-data check counts: rows ingested after the data the newest judged model (or baseline)
 # learned from. Not after the newest snapshot: a snapshot whose training failed has taught nothing.
-COUNT_SINCE_TRAINED = """
-SELECT count(*) FROM interactions
-WHERE ingested_at > COALESCE((SELECT max(watermark) FROM recsys.model_registry
-                              WHERE decision IS NOT NULL OR kind = 'baseline'), '-infinity')
+COUNT_SINCE_TRAINED = f"""
+SELECT count(*) FROM interactions WHERE ingested_at > COALESCE(({registry.SELECT_TRAINED_THROUGH}), '-infinity')
 """
 # The source's column types, checked before reading: a changed type would otherwise surface as an
 # Arrow parse error deep in the COPY, or worse, as silently different values.
@@ -147,7 +145,7 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         read_from = (low - lookback) if low else datetime(1970, 1, 1, tzinfo=as_of.tzinfo)
         # Never past the database's clock: rows stamped later have not arrived yet, and a watermark
         # beyond now would hide them from every later run.
-        high = min(as_of, conn.execute("SELECT now()").fetchone()[0])
+        high = min(as_of, conn.execute("SELECT now()").fetchone()[0].astimezone(timezone.utc))
         used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, high)
         increment_path = run_dir / INCREMENT_FILE
         rows, skipped = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids)
@@ -239,8 +237,6 @@ def fresh_interactions(url: str) -> tuple[int, bool]:
     """(rows ingested after what the newest judged model learned from, whether a retrain is alive now):
     the asset check's input. A run counts as alive only while its heartbeat is fresh, so a killed run
     does not hold retraining back."""
-    from recmodel import registry
-
     with db.connect(url) as conn:
         rows = conn.execute(COUNT_SINCE_TRAINED).fetchone()[0]
     return rows, bool(registry.live_runs(url))

@@ -124,12 +124,12 @@ def _extract_result(payload: dict[str, Any]) -> ExtractResult:
     return ExtractResult(**payload)
 
 
-@beating
 def step_extract(ctx: RunContext, dag_run_id: str | None = None, *, wait_seconds: float = 0.0) -> dict[str, Any]:
     """Claim the run (one at a time, never over a published version), then extract its increment.
 
     While another run is alive, waits up to `wait_seconds` for it (a scheduled run or backfill queues
-    behind the run in progress; the CLI refuses at once), then refuses.
+    behind the run in progress; the CLI refuses at once), then refuses. The heartbeat starts once the
+    run is claimed: a run waiting for its turn holds nothing.
     """
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -144,6 +144,11 @@ def step_extract(ctx: RunContext, dag_run_id: str | None = None, *, wait_seconds
             time.sleep(LIVE_RUN_POLL_SECONDS)
     for run_key in dead:
         log.warning("run %s had stopped without finishing (no heartbeat); marked failed", run_key)
+    with registry.heartbeat(ctx.url, ctx.run_key, "extract"):
+        return _extract_claimed(ctx)
+
+
+def _extract_claimed(ctx: RunContext) -> dict[str, Any]:
     result = extract(ctx.url, ctx.run_key, ctx.as_of, ctx.run_dir,
                      lookback=timedelta(hours=ctx.config.late_data_lookback_hours))
     registry.update_run(ctx.url, ctx.run_key, stage="extract", rows_extracted=result.rows,
@@ -415,7 +420,8 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
 
 @beating
 def step_refit(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
-    """The accepted model, trained on for `refit_epochs` on the whole snapshot (the holdout included),
+    """The accepted model, trained on for `refit_epochs` on the whole snapshot (within `training_window_days`;
+    the holdout included),
     re-exported with its parity check: what serves has learned from every interaction up to as_of.
 
     Leaves `gated` as it is when nothing is accepted or `refit_epochs` is 0. A refit whose ONNX

@@ -91,6 +91,10 @@ JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'recsys'
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(%(views)s)
 """
+# Still prunable, checked again under the publish lock: a rollback may have made it serve meanwhile.
+LOCK_PRUNABLE = """
+SELECT version FROM recsys.published_versions WHERE version = %s AND NOT serving AND pruned_at IS NULL FOR UPDATE
+"""
 MARK_PRUNED = "UPDATE recsys.published_versions SET pruned_at = now() WHERE version = %s"
 SELECT_PUBLISHED = "SELECT version, tables, pruned_at, serving FROM recsys.published_versions WHERE version = %s"
 SELECT_SERVING = "SELECT version FROM recsys.published_versions WHERE serving"
@@ -333,6 +337,8 @@ def prune(url: str, keep_versions: int) -> list[str]:
         try:
             with db.transaction(url) as conn:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+                if conn.execute(LOCK_PRUNABLE, (version,)).fetchone() is None:
+                    continue  # rolled back to (or pruned) since it was listed
                 conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{VIEW_LOCK_TIMEOUT_MS}ms")))
                 for name in tables.values():
                     conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(name)))

@@ -43,10 +43,6 @@ UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s
 WHERE run_key = %(run_key)s AND status = 'running'
 """
 CLEAR_STEP = "UPDATE recsys.pipeline_runs SET active_step = NULL WHERE run_key = %s AND active_step IS NOT NULL"
-# A step that raised leaves its run neither alive nor dead: it failed (or waits for Airflow's retry).
-CLEAR_FAILED_STEP = """
-UPDATE recsys.pipeline_runs SET active_step = NULL, heartbeat_at = NULL WHERE run_key = %s AND status = 'running'
-"""
 # Serialises the claim of a new run (check for live runs, then start) across processes.
 RUN_CLAIM_LOCK_KEY = 7_319_003
 # Other retrain runs alive now: what `one run at a time` is checked against. Alive is a step executing
@@ -60,15 +56,17 @@ FROM recsys.pipeline_runs
 WHERE {LIVE} AND run_key <> %(run_key)s AND heartbeat_at >= now() - make_interval(secs => %(stale)s)
 ORDER BY started_at
 """
-# Runs whose step stopped stamping (killed, worker lost): failed, with the reason, instead of `running`.
-MARK_DEAD_RUNS = """
+# Runs whose step stopped stamping (killed, worker lost), or that have not moved for a day: failed, with
+# the reason, instead of `running` forever.
+MARK_DEAD_RUNS = f"""
 UPDATE recsys.pipeline_runs
 SET status = 'failed', finished_at = now(), active_step = NULL,
     message = format('the run died: no heartbeat from step %%s since %%s UTC (its process was killed or lost its '
                      'worker); nothing it had not committed was kept, and the next run reads its rows',
                      COALESCE(active_step, stage), to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
-WHERE kind = 'retrain' AND status = 'running' AND (active_step IS NOT NULL OR stage = 'extract')
-  AND heartbeat_at < now() - make_interval(secs => %(stale)s)
+WHERE kind = 'retrain' AND status = 'running'
+  AND (({LIVE} AND heartbeat_at < now() - make_interval(secs => %(stale)s))
+       OR COALESCE(heartbeat_at, started_at) < now() - interval '1 day')
 RETURNING run_key
 """
 # The newest data a model was trained and judged on (or a baseline was built from): a retrain is due
@@ -162,8 +160,9 @@ RUN_KEY_FORMAT = "%Y%m%dT%H%M%SZ"
 SELECT_SERVING_PUBLICATION = "SELECT version, published_at FROM recsys.published_versions WHERE serving"
 MAX_AGE_ENV = "RECSYS_MAX_SERVING_AGE_HOURS"
 HEARTBEAT_SECONDS = 10.0
-# A step silent this long is dead: several missed beats, so a busy machine or a slow query is not mistaken for one.
-STALE_AFTER_SECONDS = 120.0
+# A step silent this long is dead: many missed beats, so a busy machine, a slow query or a task queued for
+# a worker between extract and validate is not mistaken for one.
+STALE_AFTER_SECONDS = 300.0
 DEFAULT_MAX_AGE_HOURS = 36.0  # a daily schedule plus half a day of slack
 
 
@@ -266,6 +265,10 @@ class AnotherRunIsLive(RunRefused):
     """Another retrain is alive on this database; this one may start once it is done."""
 
 
+class VersionIsPublished(RunRefused):
+    """The run's version was published: a rerun would overwrite an immutable version."""
+
+
 def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, versions: list[str]) -> list[str]:
     """Start (or restart) run `run_key`, one at a time per database; returns the dead runs marked failed.
 
@@ -283,7 +286,7 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
         if published is not None:
             version, status, published_at = published
             when = f"published {published_at:%Y-%m-%d %H:%M} UTC" if published_at else f"the {status}"
-            raise RunRefused(f"{version} ({when}) was built from the interval ending {as_of:%Y-%m-%d %H:%M:%S} UTC; "
+            raise VersionIsPublished(f"{version} ({when}) was built from the interval ending {as_of:%Y-%m-%d %H:%M:%S} UTC; "
                              "published versions are immutable, so this rerun is refused. Retrain a new interval "
                              "(retrain without --as-of), or roll back to serve an earlier version")
         conn.execute(UPSERT_RUN, {"run_key": run_key, "as_of": as_of, "dag_run_id": dag_run_id})
@@ -291,7 +294,8 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
 
 
 def live_runs(url: str) -> list[tuple[str, str, datetime, float]]:
-    """Retrain runs with a step executing now: (run_key, step, started_at, seconds since the last heartbeat)."""
+    """Retrain runs alive now (a step executing, or between extract and validation; see LIVE):
+    (run_key, step, started_at, seconds since the last heartbeat)."""
     with db.connect(url) as conn:
         return conn.execute(SELECT_LIVE_RUNS, {"run_key": "", "stale": STALE_AFTER_SECONDS}).fetchall()
 
@@ -318,9 +322,9 @@ def trained_through(conn: psycopg.Connection) -> datetime | None:
 def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
     """Stamp the run as alive, executing `step`, every HEARTBEAT_SECONDS until the block ends.
 
-    On the way out the step is cleared: between steps the run holds no claim on the database (except
-    between extract and validation, see LIVE), and after a failure not even its heartbeat. A killed
-    process simply stops stamping, and counts as dead after STALE_AFTER_SECONDS.
+    On the way out the step is cleared: between steps the run holds no claim on the database, except
+    between extract and validation (see LIVE), which lasts until its heartbeat is STALE_AFTER_SECONDS
+    old (covering Airflow's retry delay). A killed process simply stops stamping and counts as dead.
     """
     stop = threading.Event()
 
@@ -338,16 +342,14 @@ def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
     beat()
     thread = threading.Thread(target=keep_beating, name=f"heartbeat-{run_key}", daemon=True)
     thread.start()
-    clear = CLEAR_FAILED_STEP
     try:
         yield
-        clear = CLEAR_STEP
     finally:
         stop.set()
         thread.join()
         try:
             with db.transaction(url) as conn:
-                conn.execute(clear, (run_key,))
+                conn.execute(CLEAR_STEP, (run_key,))
         except Exception as exc:  # noqa: BLE001 - never mask the step's own outcome
             log.warning("could not clear the active step of run %s: %s", run_key, exc)
 

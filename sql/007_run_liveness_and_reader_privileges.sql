@@ -22,17 +22,22 @@ END
 $$;
 
 -- Postgres grants PUBLIC the right to connect to a new database and to create temporary tables in
--- it, so recsys_reader could do both. Revoke them from PUBLIC here; the login roles that exist now
--- keep both through explicit grants (an app's roles are not locked out), recsys_reader gets CONNECT
--- only, and roles created later get what is granted to them, nothing by default.
+-- it, so recsys_reader could do both. Revoke them from PUBLIC here. Where PUBLIC still had them (a
+-- database this project did not create), the login roles that exist now keep both through explicit
+-- grants, so an app's roles are not locked out. recsys_reader gets CONNECT only, and roles created
+-- later get what is granted to them, nothing by default.
 DO $$
 DECLARE
     existing record;
+    public_could_connect boolean;
 BEGIN
+    SELECT datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(datacl) a
+                                     WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT')
+    INTO public_could_connect FROM pg_database WHERE datname = current_database();
     EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
     FOR existing IN
         SELECT rolname FROM pg_roles
-        WHERE rolcanlogin AND rolname <> current_user
+        WHERE public_could_connect AND rolcanlogin AND rolname <> current_user
           AND NOT (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'recsys_reader')
                    AND pg_has_role(oid, 'recsys_reader', 'MEMBER'))
     LOOP

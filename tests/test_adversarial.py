@@ -185,7 +185,7 @@ def test_one_run_at_a_time_and_a_killed_one_is_taken_as_dead(recsys_env: str, tm
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
-    monkeypatch.setattr(registry, "STALE_AFTER_SECONDS", 1.0)  # instead of waiting two minutes
+    monkeypatch.setattr(registry, "STALE_AFTER_SECONDS", 1.0)  # instead of waiting five minutes
     time.sleep(1.5)
     pipeline.step_extract(second)  # the killed run no longer holds the database
     with db.connect(recsys_env) as conn:
@@ -300,6 +300,30 @@ def test_the_reader_role_cannot_create_temp_tables_or_reach_other_databases(pg_s
             with db.connect(db_url, autocommit=True) as owner:
                 owner.execute(f"DROP OWNED BY {login}")
             conn.execute(f"DROP ROLE IF EXISTS {login}")
+
+
+def test_migration_007_keeps_existing_login_roles_connected(pg_server_url: str) -> None:
+    """A database PUBLIC could connect to (not created by this project): its existing roles keep access."""
+    import uuid
+
+    name, role = f"t_{uuid.uuid4().hex[:12]}", f"app_{uuid.uuid4().hex[:8]}"
+    with db.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # Postgres's defaults: PUBLIC may connect
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    url = db.with_database(pg_server_url, name)
+    try:
+        db.migrate(url)
+        parsed = psycopg.conninfo.conninfo_to_dict(db.libpq_url(url))
+        with psycopg.connect(**{**parsed, "user": role, "password": "pw"}) as conn:
+            conn.execute("CREATE TEMP TABLE scratch (x int)")  # what it could do before, it still can
+        with db.connect(url) as conn:
+            public = conn.execute("SELECT has_database_privilege('recsys_reader', current_database(), 'TEMPORARY'), "
+                                  "has_database_privilege('recsys_reader', current_database(), 'CONNECT')").fetchone()
+        assert public == (False, True)
+    finally:
+        with db.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
 
 
 def test_seed_appends_beside_a_null_id(recsys_env: str) -> None:

@@ -227,6 +227,8 @@ def test_length_sorted_batches_cover_every_sequence_once_with_little_padding() -
 def test_every_setting_and_its_range_is_documented() -> None:
     from recmodel.config import SETTING_RANGES
 
+    numeric = {f.name for f in dataclasses.fields(PipelineConfig) if f.type in ("int", "float", "float | None")}
+    assert numeric == set(SETTING_RANGES), "every numeric setting has a range"
     guide = (Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md").read_text()
     for field in dataclasses.fields(PipelineConfig):
         assert f"| `{field.name}` |" in guide, f"{field.name} is missing from the settings table"
