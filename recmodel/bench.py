@@ -421,8 +421,6 @@ class ReaderLoad(BackgroundLoop):
     def max_latency(self) -> float:
         return max(self.latencies, default=0.0)
 
-    def percentile_ms(self, q: float) -> float:
-        return round(float(np.percentile(self.latencies, q)) * 1000, 2) if self.latencies else 0.0
 
     def _loop(self) -> None:
         with db.connect(self.url, autocommit=True) as conn:
@@ -458,6 +456,10 @@ class LongTransaction(BackgroundLoop):
         return self
 
 
+def percentile_ms(latencies: list[float], q: float) -> float:
+    return round(float(np.percentile(latencies, q)) * 1000, 2) if latencies else 0.0
+
+
 LONG_READER_HOLD_SECONDS = 3.0
 READER_THREADS = 4
 
@@ -482,13 +484,12 @@ def publish_past_a_long_reader(url: str, ctx: pipeline.RunContext, scored: dict[
             result = publish(url, version, frames, generated_at=ctx.as_of, keep_versions=ctx.config.keep_versions)
             seconds = time.perf_counter() - started
         time.sleep(0.5)
-    merged = ReaderLoad(url)
-    merged.latencies = [latency for reader in readers for latency in reader.latencies]
+    latencies = [latency for reader in readers for latency in reader.latencies]
     return {"seconds": round(seconds, 3), "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.growth_mb,
             "hold_seconds": LONG_READER_HOLD_SECONDS, "readers": READER_THREADS,
-            "reader_queries": merged.queries, "reader_errors": sum(r.errors for r in readers),
-            "reader_p50_ms": merged.percentile_ms(50), "reader_p99_ms": merged.percentile_ms(99),
-            "reader_max_ms": round(merged.max_latency * 1000, 2), "lock_waits": result.lock_waits,
+            "reader_queries": len(latencies), "reader_errors": sum(r.errors for r in readers),
+            "reader_p50_ms": percentile_ms(latencies, 50), "reader_p99_ms": percentile_ms(latencies, 99),
+            "reader_max_ms": round(max(latencies, default=0.0) * 1000, 2), "lock_waits": result.lock_waits,
             "swap_seconds": round(result.swap_seconds, 3)}
 
 

@@ -120,10 +120,9 @@ def _parse_as_of(text: str | None) -> datetime:
 def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
     """One run of recsys_retrain through Airflow, then the summary. Exit 0 only on success."""
     from recmodel.config import PipelineConfig
-    from recmodel.runner import prepare_airflow, run_dag
-
     from recmodel.pipeline import check_as_of
     from recmodel.registry import refuse_if_another_run_is_live
+    from recmodel.runner import prepare_airflow, run_dag
 
     overrides = {k: v for k, v in conf.items() if k != "as_of"}
     config = PipelineConfig.from_overrides(overrides)  # fail here, not inside a task, on a bad setting

@@ -133,7 +133,7 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
             keep_versions: int) -> PublishResult:
     """Load `frames` (view name -> rows without model_version/generated_at) and switch to them.
 
-    From load to swap this publish holds a session lock on its version (`_staging_owner`): its staging
+    From load to swap this publish holds a session lock on its version (STAGING_OWNER_LOCK): its staging
     tables are in use, not leftovers, for any other publish that looks. A killed publish's lock goes
     with its connection.
     """
@@ -207,7 +207,7 @@ def _with_view_locks(url: str, what: str, work: Callable[[psycopg.Connection], N
         try:
             with db.transaction(url) as conn:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
-                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{VIEW_LOCK_TIMEOUT_MS}ms")))
+                _give_way_to_readers(conn)
                 work(conn)
             return waits
         except psycopg.errors.LockNotAvailable:
@@ -230,6 +230,11 @@ def view_lock_holders(url: str) -> list[str]:
     return [f"pid {pid} ({user}{', ' + app if app else ''}, "
             f"{'transaction open %.0f s' % age if age is not None else 'no transaction'}, {state})"
             for pid, user, app, age, state in rows]
+
+
+def _give_way_to_readers(conn: psycopg.Connection) -> None:
+    """In this transaction, wait at most VIEW_LOCK_TIMEOUT_MS for any lock (LockNotAvailable after that)."""
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{VIEW_LOCK_TIMEOUT_MS}ms")))
 
 
 def _index_name(table: str) -> str:
@@ -339,7 +344,7 @@ def prune(url: str, keep_versions: int) -> list[str]:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
                 if conn.execute(LOCK_PRUNABLE, (version,)).fetchone() is None:
                     continue  # rolled back to (or pruned) since it was listed
-                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{VIEW_LOCK_TIMEOUT_MS}ms")))
+                _give_way_to_readers(conn)
                 for name in tables.values():
                     conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(sql.Identifier(name)))
                 conn.execute(MARK_PRUNED, (version,))

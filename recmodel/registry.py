@@ -272,7 +272,7 @@ class VersionIsPublished(RunRefused):
 def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, versions: list[str]) -> list[str]:
     """Start (or restart) run `run_key`, one at a time per database; returns the dead runs marked failed.
 
-    Refuses while another retrain has a step executing (its heartbeat is fresh), and when one of
+    Refuses while another retrain is alive (see LIVE; its heartbeat is fresh), and when one of
     `versions` (the run's model and baseline versions) was published or serves: published versions are
     immutable, and a rerun of their interval would overwrite their files and registry row.
     """
@@ -286,9 +286,10 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
         if published is not None:
             version, status, published_at = published
             when = f"published {published_at:%Y-%m-%d %H:%M} UTC" if published_at else f"the {status}"
-            raise VersionIsPublished(f"{version} ({when}) was built from the interval ending {as_of:%Y-%m-%d %H:%M:%S} UTC; "
-                             "published versions are immutable, so this rerun is refused. Retrain a new interval "
-                             "(retrain without --as-of), or roll back to serve an earlier version")
+            raise VersionIsPublished(f"{version} ({when}) was built from the interval ending "
+                                     f"{as_of:%Y-%m-%d %H:%M:%S} UTC; published versions are immutable, so this "
+                                     "rerun is refused. Retrain a new interval (retrain without --as-of), or roll "
+                                     "back to serve an earlier version")
         conn.execute(UPSERT_RUN, {"run_key": run_key, "as_of": as_of, "dag_run_id": dag_run_id})
     return dead
 

@@ -342,10 +342,10 @@ def _row_frame(increment: pd.DataFrame, near_window_seconds: float) -> pd.DataFr
     NULL, which is allowed, so NaN is told apart here, where the increment still keeps them apart
     (`extract.read_increment`). The value column GX range-checks then holds finite values or NaN.
     """
-    values = increment["value"].to_numpy(dtype=np.float64, na_value=0.0)  # NULL -> 0.0: finite, not flagged
-    non_finite = ~np.isfinite(values)
+    values = increment["value"].to_numpy(dtype=np.float64, na_value=np.nan)
+    non_finite = ~np.isfinite(values) & increment["value"].notna().to_numpy()  # a NULL is no value, not a NaN
     return increment.assign(
-        value=np.where(non_finite, np.nan, increment["value"].to_numpy(dtype=np.float64, na_value=np.nan)),
+        value=np.where(non_finite, np.nan, values),
         non_finite_value=pd.arrays.IntegerArray(np.ones(len(values), dtype=np.int64), mask=~non_finite),
         duplicate_of=_duplicate_of(increment),
         near_duplicate_of=_near_duplicate_of(increment, near_window_seconds)).set_index("event_id")
