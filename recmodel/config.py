@@ -43,6 +43,8 @@ class Range:
         return f"{'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}{')' if self.high_open else ']'}"
 
 
+LOSSES = ("auto", "softmax", "sampled")
+LR_SCHEDULES = ("warmup_cosine", "constant")
 GATE_METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")  # per-user metrics the gate can compare (gate.K = 10)
 EPOCHS = Range(1, 1000)
 COUNT = Range(1, 1_000_000_000)
@@ -59,6 +61,8 @@ SETTING_RANGES: dict[str, Range] = {
     "max_history": Range(1, 10_000), "d_model": Range(8, 4096), "n_layers": Range(1, 48), "n_heads": Range(1, 64),
     "dropout": Range(0, 1, high_open=True), "epochs": EPOCHS, "patience": EPOCHS, "batch_size": Range(1, 65_536),
     "learning_rate": Range(0, 1, low_open=True), "warm_start_epochs": EPOCHS, "seed": Range(0, 2**31 - 1),
+    "min_epochs": EPOCHS, "train_time_budget_seconds": Range(0, 604_800, low_open=True),
+    "sampled_loss_min_items": COUNT, "negatives": Range(1, 1_000_000),
     "holdout_days": Range(0, 3650, low_open=True), "gate_min_users": COUNT,
     "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
     "gate_champion_tolerance": SHARE, "refit_epochs": Range(0, 1000),
@@ -115,9 +119,22 @@ class PipelineConfig:
     # Epochs without a better validation NDCG before stopping: on ml-latest-small, 3 stopped at
     # epoch 17 (test NDCG@10 0.054) and 6 at epoch 28, keeping epoch 22 (0.059); 8 kept the same.
     patience: int = 6
+    min_epochs: int = 1  # early stopping never ends training before this epoch
     batch_size: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 2e-3  # the peak, with lr_schedule "warmup_cosine"
+    # "warmup_cosine": linear warm-up over 5% of the planned steps, cosine decay to 10% of the peak at
+    # the last planned step (shortened to end with the time budget); "constant": learning_rate throughout.
+    lr_schedule: str = "warmup_cosine"
     warm_start_epochs: int = 10
+    # Training (validation included) ends by this many seconds, at an epoch's end, or mid-epoch when a
+    # single epoch would overrun; the learning-rate schedule is shortened to end with it.
+    train_time_budget_seconds: float = 900.0
+    # "softmax" (exact, every item a negative), "sampled" (shared negatives with logQ correction) or
+    # "auto": exact below sampled_loss_min_items catalog items, sampled from there on.
+    loss: str = "auto"
+    sampled_loss_min_items: int = 20_000
+    negatives: int = 1024  # sampled items per batch, shared by every position in it
+    item_text: bool = True  # item vectors include the text embedding (False: ids only, an ablation)
     seed: int = 13
     # --- gate -------------------------------------------------------------------------------
     holdout_days: float = 7.0  # the gate's first time window; it grows back until gate_min_users are held out
@@ -165,6 +182,10 @@ class PipelineConfig:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.value_min > self.value_max:
             raise ConfigError(f"value_min ({self.value_min}) must not exceed value_max ({self.value_max})")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.gate_metric not in GATE_METRICS:
             raise ConfigError(f"gate_metric must be one of {', '.join(GATE_METRICS)}, got {self.gate_metric!r}")
         self.occurred_at_floor()

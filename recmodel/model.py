@@ -8,8 +8,9 @@ Id embeddings start at zero, so an item nobody has interacted with yet (or that 
 catalog after the last training run) is represented by its text alone and can still be
 recommended; interactions then learn a residual on top. After training, items with few
 positives borrow the id embedding of their text neighbours (`fill_cold_ids`). Scores are dot products between the
-transformer's hidden state at the last history position and every item vector, trained with
-full-catalog softmax cross-entropy on the next item.
+transformer's hidden state at the last history position and every item vector, trained on the
+next item with softmax cross-entropy: exact over the catalog, or sampled for large catalogs
+(`recmodel.train`). With `item_text=False` (an ablation) an item is its id embedding alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2Model
+from transformers import AttentionInterface, GPT2Config, GPT2Model
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from recmodel.data import PAD, TEXT_DIM
 
@@ -32,9 +34,51 @@ class ModelConfig:
     n_heads: int = 2
     dropout: float = 0.2
     text_dim: int = TEXT_DIM
+    item_text: bool = True  # False: id embeddings only, as in a plain SASRec
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ByteDropout(nn.Dropout):
+    """Dropout whose CPU mask comes from random bytes: 8 per draw of the generator, not one.
+
+    On CPU, drawing one Bernoulli sample per activation took a fifth of a training step; here
+    the keep-probability is rounded to 1/256 (0.2 drops 51/256 = 19.9%) and the scale matches
+    the rounded rate, so activations keep their expected value. On CUDA it is nn.Dropout.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.dropped_bytes = min(round(p * 256), 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropped_bytes == 0 or x.is_cuda:
+            return super().forward(x)
+        draws = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64, device=x.device)
+        kept = draws.view(torch.uint8)[:x.numel()].view(x.shape) >= self.dropped_bytes
+        return x * kept.to(x.dtype) * (256 / (256 - self.dropped_bytes))
+
+
+def _byte_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-2's eager attention, with the attention-weight dropout drawn as ByteDropout draws it.
+
+    SDPA drops attention weights with one Bernoulli draw per (batch, head, query, key): on a
+    CPU at 200-item windows that was the largest single cost of a training step.
+    """
+    weights = torch.matmul(query, key.transpose(-1, -2)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = ByteDropout(dropout)(nn.functional.softmax(weights, dim=-1).type(value.dtype)) if module.training \
+        else nn.functional.softmax(weights, dim=-1).type(value.dtype)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+CPU_TRAINING_ATTENTION = "recsys_byte_dropout"
+AttentionInterface.register(CPU_TRAINING_ATTENTION, _byte_dropout_attention)
+AttentionMaskInterface.register(CPU_TRAINING_ATTENTION, eager_mask)
 
 
 class SequentialRecommender(nn.Module):
@@ -42,7 +86,11 @@ class SequentialRecommender(nn.Module):
         super().__init__()
         self.config = config
         self.id_embedding = nn.Embedding(config.n_items, config.d_model, padding_idx=PAD)
-        nn.init.zeros_(self.id_embedding.weight)
+        if config.item_text:
+            nn.init.zeros_(self.id_embedding.weight)  # an item starts as its text
+        else:
+            nn.init.normal_(self.id_embedding.weight, std=0.02)  # GPT-2's own initialisation
+            self.id_embedding.weight.data[PAD] = 0.0
         self.text_projection = nn.Linear(config.text_dim, config.d_model, bias=False)
         # Frozen MiniLM embeddings in vocabulary order, (n_items, text_dim); saved with the weights.
         self.register_buffer("text_matrix", text_matrix.float())
@@ -57,16 +105,25 @@ class SequentialRecommender(nn.Module):
             attn_pdrop=config.dropout,
             bos_token_id=None,
             eos_token_id=None,
+            # GPT-2's tanh-approximated GELU as one fused kernel; "gelu_new" computes the same
+            # formula in six elementwise ops, which cost 5-10% of a CPU training step.
+            activation_function="gelu_pytorch_tanh",
         ))
+        for parent in self.encoder.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Dropout):
+                    setattr(parent, name, ByteDropout(child.p))
 
-    def item_vectors(self) -> torch.Tensor:
-        """(n_items, d_model) representation of every item; row 0 (padding) is zero."""
-        vectors = self.id_embedding.weight + self.text_projection(self.text_matrix)
-        return vectors.masked_fill(self._pad_row_mask(vectors), 0.0)
-
-    def _pad_row_mask(self, vectors: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(vectors.shape[0], device=vectors.device).unsqueeze(1)  # (n_items, 1)
-        return rows == PAD
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(n_items, d_model) representation of every item, or (len(rows), d_model) of `rows` only
+        (what a sampled loss needs); the padding item's vector is zero."""
+        if rows is None:
+            ids, text = self.id_embedding.weight, self.text_matrix
+            rows = torch.arange(len(ids), device=ids.device)
+        else:
+            ids, text = self.id_embedding(rows), self.text_matrix[rows]
+        vectors = ids + self.text_projection(text) if self.config.item_text else ids
+        return vectors.masked_fill((rows == PAD).unsqueeze(1), 0.0)
 
     def forward(self, history: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """history: (B, L) item indices, left-padded with 0 -> hidden states (B, L, d_model).

@@ -1,4 +1,5 @@
-"""Training: next-item prediction with full-catalog softmax, warm-started from the champion.
+"""Training: next-item prediction with softmax cross-entropy (exact, or sampled for large catalogs),
+warm-started from the champion.
 
 Inputs are the events to learn from (the snapshot minus the gate's holdout, or the whole
 snapshot for the refit) and the catalog. Output is a model folder (weights, config, vocabulary)
@@ -10,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from tqdm import tqdm
 
 from recmodel.config import PipelineConfig
 from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
-from recmodel.model import ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
+from recmodel.model import CPU_TRAINING_ATTENTION, ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class ChunkedSoftmaxLoss(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, hidden: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        hidden, vectors = hidden.float(), vectors.float()  # CPU autocast has no custom_fwd cast
         lse = torch.empty(len(hidden), device=hidden.device)
         total = torch.zeros((), device=hidden.device)
         for start in range(0, len(hidden), chunk):
@@ -83,6 +87,101 @@ def next_item_loss(hidden: torch.Tensor, vectors: torch.Tensor, targets: torch.T
     return ChunkedSoftmaxLoss.apply(hidden, vectors, targets, chunk)
 
 
+class ExactSoftmax:
+    """Next-item cross-entropy over the whole catalog: every item is a negative at every position.
+
+    Its cost grows with the catalog (a (positions x items) matmul forward and two backward), so
+    it is the loss for small catalogs, where it is also the most accurate. The padding item is
+    not a class.
+    """
+
+    name = "softmax"
+
+    def __call__(self, model: SequentialRecommender, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        vectors = model.item_vectors()
+        hidden = model(history, vectors)  # (B, T, d)
+        positions = targets != PAD
+        return next_item_loss(hidden[positions], vectors[PAD + 1:], targets[positions] - (PAD + 1))
+
+
+class SampledSoftmax:
+    """Softmax cross-entropy against the target and `negatives` items shared by the whole batch.
+
+    The softmax's denominator, sum_j exp(s_j) over the catalog, is estimated by importance
+    sampling: the target's own exp(s_t) plus, for each of K negatives drawn from q,
+    exp(s_j) / (K q_j), i.e. each negative's logit corrected by -log(K q_j) (the logQ
+    correction). The estimate is unbiased, so popular items, drawn often, are not over-penalised.
+    q mixes uniform and popularity (half each): popular items are the hard negatives, uniform
+    ones keep the tail ranked. A negative that is the row's own target is removed (it is in the
+    denominator already). Only the item vectors the batch touches are computed.
+    """
+
+    name = "sampled"
+
+    def __init__(self, positives: torch.Tensor, negatives: int, generator: torch.Generator,
+                 popularity_share: float = 0.5) -> None:
+        counts = positives.double().clone()
+        counts[PAD] = 0.0
+        uniform = torch.ones_like(counts)
+        uniform[PAD] = 0.0
+        q = (1 - popularity_share) * uniform / uniform.sum()
+        if counts.sum() > 0:
+            q += popularity_share * counts / counts.sum()
+        else:
+            q = uniform / uniform.sum()
+        self.q = q.float()
+        self.cdf = torch.cumsum(q, dim=0)  # float64: inverse-CDF draws work at any catalog size
+        self.log_expected = torch.log(negatives * self.q).clamp(min=-80.0)  # (n_items,); PAD is never drawn
+        self.negatives = negatives
+        self.generator = generator
+
+    def draw(self, device: torch.device) -> torch.Tensor:
+        """K items from q. PAD (q = 0, cdf[0] = 0) is never drawn: a draw u picks the first cdf > u."""
+        u = torch.rand(self.negatives, generator=self.generator, dtype=torch.float64) * self.cdf[-1]
+        drawn = torch.searchsorted(self.cdf, u, right=True).clamp(max=len(self.cdf) - 1)
+        return drawn.to(device)
+
+    def __call__(self, model: SequentialRecommender, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(model, history, targets, self.draw(history.device))
+
+    def loss(self, model: SequentialRecommender, history: torch.Tensor, targets: torch.Tensor,
+             sampled: torch.Tensor) -> torch.Tensor:
+        """The loss against the negatives `sampled` (K,), drawn from `self.q`."""
+        device = history.device
+        if self.log_expected.device != device:
+            self.log_expected = self.log_expected.to(device)
+        positions = targets != PAD
+        wanted = targets[positions]  # (N,)
+        # Every item the batch touches, PAD first (unique sorts), so local index 0 stays padding.
+        rows = torch.cat([torch.zeros(1, dtype=history.dtype, device=device), history.flatten(), wanted,
+                          sampled]).unique()
+        vectors = model.item_vectors(rows)  # (U, d)
+        hidden = model(torch.searchsorted(rows, history), vectors)[positions]  # (N, d)
+        # Logits in float32 even under autocast: target and negatives are compared at one precision.
+        with torch.autocast(device_type=device.type, enabled=False):
+            hidden, vectors = hidden.float(), vectors.float()
+            target_logits = (hidden * vectors[torch.searchsorted(rows, wanted)]).sum(-1)  # (N,)
+            negative_logits = hidden @ vectors[torch.searchsorted(rows, sampled)].T  # (N, K)
+            negative_logits.sub_(self.log_expected[sampled]).masked_fill_(
+                sampled.unsqueeze(0) == wanted.unsqueeze(1), float("-inf"))
+            # log(exp(s_t) + estimated sum over the other items) - s_t
+            return (torch.logaddexp(target_logits, torch.logsumexp(negative_logits, dim=1)) - target_logits).mean()
+
+
+Loss = ExactSoftmax | SampledSoftmax
+
+
+def choose_loss(config: PipelineConfig, positives: torch.Tensor, generator: torch.Generator) -> Loss:
+    """`config.loss`, with "auto" meaning exact up to `sampled_loss_min_items` items and sampled above."""
+    n_items = len(positives) - 1
+    kind = config.loss
+    if kind == "auto":
+        kind = "sampled" if n_items >= config.sampled_loss_min_items else "softmax"
+    if kind == "sampled" and config.negatives < n_items:
+        return SampledSoftmax(positives, config.negatives, generator)
+    return ExactSoftmax()  # sampling as many negatives as there are items would only add noise
+
+
 class TrainingError(RuntimeError):
     """Training cannot produce a model from this data."""
 
@@ -111,12 +210,28 @@ class LoopStats:
 
 
 @dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of the loop, as the registry and `bench accuracy`'s curves show it."""
+
+    epoch: int
+    loss: float
+    validation_ndcg: float | None  # None without a validation set (the refit)
+    seconds: float  # cumulative, training and validation
+    learning_rate: float  # at the epoch's end
+
+
+@dataclass(frozen=True)
 class TrainResult:
     model_dir: str
     device: str
-    epochs: int  # epochs run (early stopping may end before config.epochs)
+    loss: str  # "softmax" (exact) or "sampled"
+    precision: str  # "bfloat16" (autocast) or "float32"
+    epochs: int  # epochs run (early stopping or the time budget may end before the planned epochs)
     best_epoch: int
+    stopped_by: str  # "early_stopping", "time_budget" or "epochs" (ran every planned epoch)
+    still_improving: bool  # the last epoch was the best: more epochs would likely have helped
     validation_ndcg: float  # NDCG@10 of the kept weights on each user's last training item
+    curve: list[EpochRecord]
     train_events: int
     train_windows: int
     n_items: int
@@ -140,17 +255,55 @@ class Validation:
 
 @dataclass(frozen=True)
 class FitResult:
+    loss: str
+    precision: str
     epochs: int
     best_epoch: int
+    stopped_by: str
     validation_ndcg: float
+    curve: list[EpochRecord]
     final_loss: float
     windows: int
     warm_started_items: int
     loop: LoopStats
 
+    @property
+    def still_improving(self) -> bool:
+        return self.stopped_by != "early_stopping" and self.best_epoch == self.epochs and self.validation_ndcg > 0
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_threads(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may really use: its CPU affinity, capped by a cgroup v2 CPU quota.
+
+    A container limited to 2 CPUs on a 64-core host still sees 64 cores; PyTorch would start 32+
+    threads that then queue for the quota. The quota comes from /sys/fs/cgroup/cpu.max ("max" or
+    "<quota> <period>").
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(math.ceil(int(quota) / int(period)), 1))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast on CUDA; none on CPU.
+
+    On this project's CPU worker (AMX and AVX512-BF16) CPU autocast measured 29.5k tokens/s
+    against float32's 28.0k at 1M interactions / 50k items, within run-to-run noise, for more
+    memory and coarser logits (docs/PERFORMANCE.md): the model's matmuls are too small to win.
+    """
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def hold_out_last(sequences: dict[int, np.ndarray], min_length: int = 3,
@@ -167,37 +320,42 @@ def hold_out_last(sequences: dict[int, np.ndarray], min_length: int = 3,
 
 def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: torch.Tensor, config: PipelineConfig,
                   validation: Validation | None, *, parent_dir: Path | None = None,
-                  device: torch.device | None = None) -> tuple[SequentialRecommender, FitResult]:
+                  device: torch.device | None = None, epochs: int | None = None,
+                  time_budget_seconds: float | None = None) -> tuple[SequentialRecommender, FitResult]:
     """Build the model (warm-started from `parent_dir` when compatible) and train it.
 
-    With a validation set, training stops once NDCG@10 on it has not improved for
-    `config.patience` epochs, and the best epoch's weights are kept.
+    Trains for `epochs` (default: `config.epochs` from scratch, `config.warm_start_epochs` from
+    a parent) or until `time_budget_seconds` (default: `config.train_time_budget_seconds`) is
+    spent. With a validation set, training also stops once NDCG@10 on it has not improved for
+    `config.patience` epochs (never before `config.min_epochs`), and the best epoch's weights are kept.
     """
     torch.manual_seed(config.seed)
     windows_in, windows_out = training_windows(sequences, config.max_history)
     if len(windows_in) == 0:
         raise TrainingError("no user has two or more interactions to learn from")
     model_config = ModelConfig(n_items=len(vocab), max_history=config.max_history, d_model=config.d_model,
-                               n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout)
+                               n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout,
+                               item_text=config.item_text)
     model = SequentialRecommender(model_config, text_matrix)
-    warm_items, epochs = 0, config.epochs
+    warm_items, planned = 0, config.epochs
     if parent_dir is not None:
         parent_config, parent_state, parent_vocab = load_weights(parent_dir)
         if _same_architecture(parent_config, model_config):
             warm_items = warm_start(model, parent_state, torch.from_numpy(parent_vocab.item_ids),
                                     torch.from_numpy(vocab.item_ids))
-            epochs = config.warm_start_epochs
+            planned = config.warm_start_epochs
             log.info("warm start from %s: %d of %d items carried over", parent_dir.name, warm_items, len(vocab) - 1)
         else:
             log.warning("champion %s has a different architecture; training from scratch", parent_dir.name)
-    result = _fit(model, windows_in, windows_out, config, epochs, device or pick_device(), validation)
-    model.cpu()
     positives = torch.bincount(torch.from_numpy(windows_out[windows_out != PAD]), minlength=len(vocab))
-    filled = fill_cold_ids(model, positives)
-    log.info("%d rarely-seen items took their text neighbours' id embeddings", filled)
-    return model.eval(), FitResult(epochs=result[0], best_epoch=result[1], validation_ndcg=result[2],
-                                   final_loss=result[3], windows=len(windows_in), warm_started_items=warm_items,
-                                   loop=result[4])
+    budget = config.train_time_budget_seconds if time_budget_seconds is None else time_budget_seconds
+    result = _fit(model, windows_in, windows_out, config, positives, device or pick_device(), validation,
+                  epochs=planned if epochs is None else epochs, budget_seconds=budget)
+    model.cpu()
+    if config.item_text:
+        filled = fill_cold_ids(model, positives)
+        log.info("%d rarely-seen items took their text neighbours' id embeddings", filled)
+    return model.eval(), dataclasses.replace(result, windows=len(windows_in), warm_started_items=warm_items)
 
 
 def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: PipelineConfig, out_dir: Path,
@@ -216,19 +374,21 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
     if refit:
         if parent_dir is None:
             raise ValueError("a refit continues from the gated model: parent_dir is required")
-        train_sequences, validation = sequences, None
-        config = dataclasses.replace(config, warm_start_epochs=config.refit_epochs)
+        train_sequences, validation, epochs = sequences, None, config.refit_epochs
     else:
         train_sequences, validation = hold_out_last(sequences, seed=config.seed)
+        epochs = None
     text_started = time.perf_counter()
     text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
     text_seconds = time.perf_counter() - text_started
     device = pick_device()
     model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
-                               device=device)
+                               device=device, epochs=epochs)
     save_model(model, vocab, out_dir)
-    result = TrainResult(model_dir=str(out_dir), device=str(device), epochs=fit.epochs, best_epoch=fit.best_epoch,
-                         validation_ndcg=fit.validation_ndcg, train_events=len(train_events), train_windows=fit.windows,
+    result = TrainResult(model_dir=str(out_dir), device=str(device), loss=fit.loss, precision=fit.precision,
+                         epochs=fit.epochs, best_epoch=fit.best_epoch, stopped_by=fit.stopped_by,
+                         still_improving=fit.still_improving, validation_ndcg=fit.validation_ndcg, curve=fit.curve,
+                         train_events=len(train_events), train_windows=fit.windows,
                          n_items=len(vocab) - 1, final_loss=fit.final_loss, warm_started_items=fit.warm_started_items,
                          seconds=round(time.perf_counter() - started, 2), text_seconds=round(text_seconds, 2),
                          loop_seconds=round(fit.loop.seconds, 2),
@@ -246,7 +406,7 @@ def save_model(model: SequentialRecommender, vocab: Vocab, out_dir: Path) -> Non
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    fields = ("max_history", "d_model", "n_layers", "n_heads", "text_dim")
+    fields = ("max_history", "d_model", "n_layers", "n_heads", "text_dim", "item_text")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
@@ -258,10 +418,11 @@ def validation_ndcg(model: SequentialRecommender, validation: Validation, device
     model.eval()
     gains = []
     with torch.inference_mode():
+        vectors = model.item_vectors()
         for start in range(0, len(validation.targets), batch_size):
             histories = torch.from_numpy(pad_batch(validation.histories[start:start + batch_size])).to(device)
             targets = torch.from_numpy(validation.targets[start:start + batch_size]).to(device)
-            scores = model.next_item_logits(histories).float()  # (B, n_items)
+            scores = model.next_item_logits(histories, vectors).float()  # (B, n_items)
             scores = scores.scatter(1, histories, float("-inf"))  # seen items and PAD out
             target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
             rank = (scores > target_scores).sum(dim=1)  # 0-based rank of the target
@@ -287,26 +448,80 @@ def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: 
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+WARMUP_SHARE = 0.05  # of the steps, with the learning rate rising linearly from zero
+FINAL_LR_SHARE = 0.1  # cosine decay ends at this share of the peak learning rate
+SCHEDULE_REFRESH_STEPS = 25  # how often the schedule is re-fitted to the time budget
+
+
+class WarmupCosine:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to FINAL_LR_SHARE at `total_steps`.
+
+    `fit_to` moves the end (never past the planned steps) to where the time budget will end the
+    run, so a run cut by the budget still finishes its decay instead of stopping near the peak.
+    """
+
+    def __init__(self, planned_steps: int) -> None:
+        self.planned_steps = max(planned_steps, 2)
+        self.total_steps = self.warmup_steps = 0
+        self.fit_to(self.planned_steps)
+
+    def fit_to(self, total_steps: int) -> None:
+        self.total_steps = min(max(total_steps, 2), self.planned_steps)
+        self.warmup_steps = max(int(WARMUP_SHARE * self.total_steps), 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        return FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
-         epochs: int, device: torch.device, validation: Validation | None
-         ) -> tuple[int, int, float, float, LoopStats]:
-    """The training loop; returns (epochs run, best epoch, best validation NDCG@10, last epoch's loss, stats)."""
+         positives: torch.Tensor, device: torch.device, validation: Validation | None, *, epochs: int,
+         budget_seconds: float) -> FitResult:
+    """The training loop, with CPU training's thread count and attention set for its duration only."""
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    attention, threads = model.encoder.config._attn_implementation, torch.get_num_threads()
+    try:
+        if device.type == "cpu":
+            model.encoder.set_attn_implementation(CPU_TRAINING_ATTENTION)
+            torch.set_num_threads(min(threads, cpu_threads()))
+        return _train_loop(model, inputs, targets, config, positives, device, validation, epochs=epochs,
+                           budget_seconds=budget_seconds)
+    finally:
+        model.encoder.set_attn_implementation(attention)
+        torch.set_num_threads(threads)
+
+
+def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
+                positives: torch.Tensor, device: torch.device, validation: Validation | None, *, epochs: int,
+                budget_seconds: float) -> FitResult:
+    """Stops after `epochs`, early (patience, with validation), or when the time budget is spent:
+    then mid-epoch, after one last validation so the partial epoch can still be the one kept."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01, fused=True)
     generator = torch.Generator().manual_seed(config.seed)
+    loss_fn = choose_loss(config, positives, generator)
     x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
     lengths = (x_all != PAD).sum(dim=1)
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    steps_per_epoch = (len(x_all) + config.batch_size - 1) // config.batch_size
+    schedule = WarmupCosine(epochs * steps_per_epoch) if config.lr_schedule == "warmup_cosine" else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda step: 1.0))
+    precision = autocast_dtype(device)
+    autocast = torch.autocast(device_type=device.type, dtype=precision or torch.float32, enabled=precision is not None)
     best_ndcg, best_epoch, best_state = -1.0, 0, None
+    curve: list[EpochRecord] = []
     loss_value = float("nan")
-    epoch = 0
+    stopped_by, epoch, global_step = "epochs", 0, 0
+    started = time.perf_counter()
     loop_seconds = input_seconds = 0.0
     sequences = tokens = 0
-    steps_per_epoch = (len(x_all) + config.batch_size - 1) // config.batch_size
-    with tqdm(total=epochs * steps_per_epoch, desc=f"train ({device.type})", unit="step", leave=False,
-              disable=None) as bar:
+    log.info("training on %s (%d threads): %s loss over %d items, %s, up to %d epochs of %d steps, budget %.0f s",
+             device.type, torch.get_num_threads(), loss_fn.name, len(positives) - 1, precision or "float32", epochs,
+             steps_per_epoch, budget_seconds)
+    with tqdm(total=epochs * steps_per_epoch, desc=f"train ({device.type}, {loss_fn.name})", unit="step",
+              leave=False, disable=None) as bar:
         for epoch in range(1, epochs + 1):
-            running = 0.0
+            running, steps, out_of_time = 0.0, 0, False
             epoch_started = time.perf_counter()
             for batch in _length_bucketed_batches(lengths, config.batch_size, generator):
                 batch_started = time.perf_counter()
@@ -315,35 +530,50 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
                 x, y = x[:, keep].to(device), y[:, keep].to(device)
                 input_seconds += time.perf_counter() - batch_started
                 with autocast:
-                    hidden = model(x)  # (B, T, d)
-                    positions = y != PAD  # (B, T): only real next items are targets
-                    loss = next_item_loss(hidden[positions], model.item_vectors(), y[positions])
+                    loss = loss_fn(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
+                scheduler.step()
                 running += loss.item()  # also waits for the device, so the timings above are honest
+                steps, global_step = steps + 1, global_step + 1
                 sequences += len(batch)
-                tokens += int(positions.sum())
+                tokens += int((y != PAD).sum())
                 bar.update(1)
+                elapsed = time.perf_counter() - started
+                if elapsed > budget_seconds:
+                    out_of_time = True
+                    break
+                if schedule is not None and global_step % SCHEDULE_REFRESH_STEPS == 0:
+                    # At this pace (validation included), the budget ends the run after this many steps.
+                    schedule.fit_to(global_step + int((budget_seconds - elapsed) / (elapsed / global_step)))
             loop_seconds += time.perf_counter() - epoch_started
-            loss_value = round(running / steps_per_epoch, 4)
-            if validation is None:
-                log.info("epoch %d/%d: loss %.4f", epoch, epochs, loss_value)
-                continue
-            ndcg = validation_ndcg(model, validation, device)
-            log.info("epoch %d/%d: loss %.4f, validation NDCG@10 %.4f", epoch, epochs, loss_value, ndcg)
-            if ndcg > best_ndcg:
+            loss_value = round(running / max(steps, 1), 4)
+            ndcg = validation_ndcg(model, validation, device) if validation is not None else None
+            elapsed = time.perf_counter() - started
+            curve.append(EpochRecord(epoch=epoch, loss=loss_value, validation_ndcg=None if ndcg is None else round(ndcg, 5),
+                                     seconds=round(elapsed, 2), learning_rate=scheduler.get_last_lr()[0]))
+            log.info("epoch %d/%d: loss %.4f%s, %.0f s", epoch, epochs, loss_value,
+                     "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f}", elapsed)
+            if ndcg is not None and ndcg > best_ndcg:
                 best_ndcg, best_epoch = ndcg, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch - best_epoch >= config.patience:
+            if out_of_time and (epoch < epochs or steps < steps_per_epoch):
+                stopped_by = "time_budget"
+                log.info("time budget: %.0f of %.0f s spent in epoch %d", elapsed, budget_seconds, epoch)
+                break
+            if ndcg is not None and epoch >= config.min_epochs and epoch - best_epoch >= config.patience:
+                stopped_by = "early_stopping"
                 log.info("early stop: no improvement for %d epochs; keeping epoch %d", config.patience, best_epoch)
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     stats = LoopStats(seconds=loop_seconds, input_seconds=input_seconds, sequences=sequences, tokens=tokens)
-    return epoch, best_epoch or epoch, max(best_ndcg, 0.0), loss_value, stats
+    return FitResult(loss=loss_fn.name, precision=str(precision or torch.float32).removeprefix("torch."), epochs=epoch,
+                     best_epoch=best_epoch or epoch, stopped_by=stopped_by, validation_ndcg=max(best_ndcg, 0.0),
+                     curve=curve, final_loss=loss_value, windows=len(inputs), warm_started_items=0, loop=stats)
 
 
 def load_weights(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Vocab]:

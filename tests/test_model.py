@@ -147,3 +147,172 @@ def test_chunked_softmax_loss_matches_the_plain_loss_and_its_gradients() -> None
     torch.testing.assert_close(chunked, plain)
     for got, expected in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(got, expected)
+
+
+def _batch(n_items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, n_items, (6, 5), generator=generator)
+    history[:2, :2] = 0  # left padding
+    targets = torch.randint(1, n_items, (6, 5), generator=generator)
+    targets[:2, :1] = 0
+    return history, targets
+
+
+def test_sampled_softmax_over_every_item_is_the_exact_softmax() -> None:
+    """With each item drawn once, the target among them removed as an accidental hit and put back as the
+    class, the sampled softmax is the exact one: the logQ correction of a uniform q cancels."""
+    from recmodel.train import ExactSoftmax, SampledSoftmax
+
+    model = tiny_model(n_items=30, max_history=8)  # eval: no dropout, both losses see the same hidden states
+    history, targets = _batch(30)
+    uniform = SampledSoftmax(torch.ones(30), negatives=29, generator=torch.Generator(), popularity_share=0.0)
+    sampled = uniform.loss(model, history, targets, torch.arange(1, 30))
+    torch.testing.assert_close(sampled, ExactSoftmax()(model, history, targets), rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_softmax_corrects_for_popularity_sampling() -> None:
+    """Negatives drawn by popularity, with logQ, estimate the exact loss; without it they overshoot."""
+    from recmodel.train import ExactSoftmax, SampledSoftmax
+
+    model = tiny_model(n_items=200, max_history=8)
+    with torch.no_grad():  # logits of a trained model's scale (a few units), not tiny_model's dozens
+        torch.nn.init.normal_(model.id_embedding.weight, std=0.05)
+        model.text_matrix.mul_(0.05)
+    history, targets = _batch(200)
+    counts = torch.arange(200, dtype=torch.float) ** 2
+    loss = SampledSoftmax(counts, negatives=400, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float(ExactSoftmax()(model, history, targets))
+        estimates = [float(loss(model, history, targets)) for _ in range(40)]
+        loss.log_expected = torch.zeros_like(loss.log_expected)  # no correction: popular items counted K q times
+        uncorrected = [float(loss(model, history, targets)) for _ in range(40)]
+    assert abs(np.mean(estimates) - exact) < 0.01 * exact, (np.mean(estimates), exact)
+    assert np.mean(uncorrected) > 1.1 * exact, (np.mean(uncorrected), exact)
+    assert 0.0 < float(loss.q[1:].min()) and float(loss.q[0]) == 0.0  # every item can be drawn, padding never
+    drawn = torch.cat([loss.draw(torch.device("cpu")) for _ in range(50)])
+    assert int(drawn.min()) >= 1 and torch.bincount(drawn, minlength=200)[150:].sum() > drawn.numel() // 4
+
+
+def test_sampled_softmax_trains_only_the_rows_it_touches() -> None:
+    from recmodel.train import SampledSoftmax
+
+    model = tiny_model(n_items=50, max_history=8).train()
+    history, targets = _batch(50)
+    negatives = torch.tensor([7, 9])
+    SampledSoftmax(torch.ones(50), negatives=2, generator=torch.Generator()).loss(model, history, targets,
+                                                                                   negatives).backward()
+    touched = set(torch.cat([history.flatten(), targets.flatten(), negatives]).tolist()) - {0}
+    rows_with_gradient = set(torch.nonzero(model.id_embedding.weight.grad.abs().sum(1)).flatten().tolist())
+    assert rows_with_gradient == touched
+
+
+def test_auto_loss_is_exact_for_small_catalogs_and_sampled_for_large() -> None:
+    from recmodel.config import PipelineConfig
+    from recmodel.train import ExactSoftmax, SampledSoftmax, choose_loss
+
+    config = PipelineConfig(sampled_loss_min_items=100, negatives=10)
+    assert isinstance(choose_loss(config, torch.ones(100), torch.Generator()), ExactSoftmax)  # 99 items
+    assert isinstance(choose_loss(config, torch.ones(101), torch.Generator()), SampledSoftmax)
+    forced = PipelineConfig(loss="sampled", negatives=10)
+    assert isinstance(choose_loss(forced, torch.ones(11), torch.Generator()), ExactSoftmax)  # 10 items: no sampling
+    assert isinstance(choose_loss(PipelineConfig(loss="softmax"), torch.ones(10**5), torch.Generator()), ExactSoftmax)
+
+
+def test_byte_dropout_drops_at_its_rate_and_keeps_the_expected_value() -> None:
+    from recmodel.model import ByteDropout
+
+    torch.manual_seed(0)
+    dropout = ByteDropout(0.2).train()
+    x = torch.ones(200_000)
+    out = dropout(x)
+    assert abs(float((out == 0).float().mean()) - 51 / 256) < 0.005
+    assert abs(float(out.mean()) - 1.0) < 0.01
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(ByteDropout(0.0).train()(x), x)
+
+
+def test_cpu_training_attention_computes_what_sdpa_computes() -> None:
+    from recmodel.model import CPU_TRAINING_ATTENTION
+
+    model = tiny_model()
+    history = torch.tensor([[0, 0, 3, 4], [1, 2, 3, 4]])
+    with torch.inference_mode():
+        reference = model(history)
+        model.encoder.set_attn_implementation(CPU_TRAINING_ATTENTION)
+        real = history != 0  # a padding position's output is never read (no target, never the last)
+        torch.testing.assert_close(model(history)[real], reference[real])
+    # In training mode too (its own dropout path), with dropout off so the two can be compared.
+    undropped = SequentialRecommender(ModelConfig(n_items=30, max_history=4, d_model=16, n_heads=2, dropout=0.0),
+                                      torch.randn(30, 384)).train()
+    torch.nn.init.normal_(undropped.id_embedding.weight, std=0.5)
+    with torch.no_grad():
+        reference = undropped(history)
+        undropped.encoder.set_attn_implementation(CPU_TRAINING_ATTENTION)
+        torch.testing.assert_close(undropped(history)[real], reference[real])
+
+
+def test_item_vectors_of_some_rows_are_those_rows_of_all() -> None:
+    model = tiny_model()
+    rows = torch.tensor([0, 5, 2, 29])
+    with torch.no_grad():
+        torch.testing.assert_close(model.item_vectors(rows), model.item_vectors()[rows])
+        assert float(model.item_vectors(rows)[0].abs().sum()) == 0.0
+    text_free = SequentialRecommender(ModelConfig(n_items=30, d_model=16, item_text=False), torch.randn(30, 384))
+    with torch.no_grad():
+        torch.testing.assert_close(text_free.item_vectors()[1:], text_free.id_embedding.weight[1:])
+
+
+def test_warmup_cosine_rises_peaks_and_decays_to_a_tenth() -> None:
+    from recmodel.train import FINAL_LR_SHARE, WarmupCosine
+
+    schedule = WarmupCosine(1000)
+    assert schedule(0) < 0.05 and schedule(schedule.warmup_steps) == pytest.approx(1.0)
+    assert schedule(999) == pytest.approx(FINAL_LR_SHARE, abs=1e-3) and schedule(5000) == pytest.approx(FINAL_LR_SHARE)
+    values = [schedule(step) for step in range(schedule.warmup_steps, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never rises after the peak
+    schedule.fit_to(500)  # the time budget will end the run at step 500: the decay ends there
+    assert schedule(499) == pytest.approx(FINAL_LR_SHARE, abs=1e-2) and schedule.warmup_steps == 25
+    schedule.fit_to(5000)  # a faster pace never plans past the planned steps
+    assert schedule.total_steps == 1000
+
+
+def _fit_tiny(**overrides):
+    from recmodel.config import PipelineConfig
+    from recmodel.train import fit_sequences, hold_out_last
+
+    rng = np.random.default_rng(0)
+    sequences = {user: rng.integers(1, 21, size=8) for user in range(60)}
+    train_sequences, validation = hold_out_last(sequences)
+    config = PipelineConfig.from_overrides({"d_model": 16, "n_heads": 2, "max_history": 8, "batch_size": 16,
+                                            **overrides})
+    return fit_sequences(train_sequences, Vocab(np.arange(-1, 21)), torch.randn(22, 384), config, validation,
+                         device=torch.device("cpu"))[1]
+
+
+def test_the_time_budget_ends_training_mid_epoch_and_says_so() -> None:
+    fit = _fit_tiny(epochs=50, train_time_budget_seconds=0.001)  # spent by the first step
+    assert (fit.epochs, fit.stopped_by, len(fit.curve)) == (1, "time_budget", 1)
+    assert fit.loop.sequences < 60  # one batch, not the whole epoch of 60 windows
+    assert fit.still_improving is (fit.validation_ndcg > 0)  # stopped by the budget on its best (only) epoch
+
+
+def test_early_stopping_waits_for_min_epochs_then_patience() -> None:
+    # A learning rate this small leaves the ranking unchanged: the best epoch stays the first.
+    fit = _fit_tiny(epochs=20, learning_rate=1e-12, patience=1, min_epochs=4)
+    assert (fit.epochs, fit.best_epoch, fit.stopped_by, fit.still_improving) == (4, 1, "early_stopping", False)
+    assert [point.epoch for point in fit.curve] == [1, 2, 3, 4]
+    assert all(point.validation_ndcg == fit.curve[0].validation_ndcg for point in fit.curve)
+
+
+def test_training_threads_follow_the_cgroup_cpu_quota(tmp_path: Path) -> None:
+    import os
+
+    from recmodel.train import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # a container allowed 1.5 CPUs
+    assert cpu_threads(cpu_max) == min(cores, 2)
+    cpu_max.write_text("max 100000\n")
+    assert cpu_threads(cpu_max) == cores
+    assert cpu_threads(tmp_path / "absent") == cores  # cgroup v1 or no cgroup: the affinity decides

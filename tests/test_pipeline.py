@@ -104,6 +104,14 @@ def test_incremental_runs_warm_start_and_reruns_are_idempotent(recsys_env: str) 
         dataset_rows = conn.execute("SELECT dataset_rows FROM recsys.extract_watermarks WHERE run_key = %s",
                                     (second.run_key,)).fetchone()[0]
     assert parent == first.version  # warm-started from the champion
+    with db.connect(recsys_env) as conn:
+        trained = conn.execute("SELECT details -> 'train' FROM recsys.pipeline_runs WHERE run_key = %s",
+                               (second.run_key,)).fetchone()[0]
+    # The record says how training went: epochs, the kept epoch, what stopped it, and its curve.
+    assert trained["warm_started_items"] > 0 and trained["loss"] == "softmax"
+    assert trained["stopped_by"] in ("early_stopping", "time_budget", "epochs")
+    assert 1 <= trained["best_epoch"] <= trained["epochs"] == len(trained["curve"])
+    assert isinstance(trained["still_improving"], bool)
     assert dataset_rows == 8000 + appended.events_added
     assert status in ("champion", "rejected")
     if status == "champion":
