@@ -16,6 +16,10 @@ model (trained without the gate's holdout) and the refit that serves (trained on
 `refit_epochs` on the whole snapshot). Each removed item comes after everything its user did in
 the snapshot: the time split "train through T, evaluate on what users did after T", with T each
 user's own last imported interaction.
+
+With `--ablations`, the train stage is also run on the same snapshot once per ablation (the default
+recipe, then one part taken away or swapped at a time; see ABLATIONS), each model exported to
+ONNX and scored like the others, with its per-epoch validation curve (`--curves` draws them).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +124,100 @@ def remove_last_interactions(interactions: pd.DataFrame) -> tuple[pd.DataFrame, 
     return ordered.drop(last.index).sort_values("occurred_at", kind="stable"), last
 
 
-def run_accuracy(folder: Path, *, output: Path | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    change: str  # what differs from the default recipe
+    overrides: dict[str, Any]
+    warm_start: bool = False  # from a champion trained on the snapshot without its newest events
+
+
+# A plain SASRec (Kang & McAuley, 2018) in this code: id embeddings only, full-softmax cross-entropy
+# (as in SASRec+, Klenitskiy & Vasilev 2023), a constant learning rate, trained until 10 epochs pass
+# without a better validation NDCG@10.
+PLAIN_SASREC = {"item_text": False, "loss": "softmax", "lr_schedule": "constant", "patience": 10, "epochs": 400,
+                "train_time_budget_seconds": 604_800.0}
+WARM_START_NEW_SHARE = 0.1  # the champion of the warm-start ablation has not seen the newest 10% of events
+
+
+def ablations(n_items: int, config: PipelineConfig) -> list[Ablation]:
+    chosen = "sampled" if n_items >= config.sampled_loss_min_items else "softmax"
+    other = "softmax" if chosen == "sampled" else "sampled"
+    swapped_loss = [Ablation(f"{other} loss", f"loss={other} instead of {chosen}", {"loss": other})]
+    if other == "sampled":  # the same training time: a sampled epoch costs about a third of an exact one
+        swapped_loss.append(Ablation("sampled loss, 3x epochs", "loss=sampled, up to 3x the epochs",
+                                     {"loss": "sampled", "epochs": 3 * config.epochs}))
+    return [
+        Ablation("default recipe", f"the default settings ({chosen} loss at {n_items:,} items)", {}),
+        Ablation("no item text", "item vectors are id embeddings only", {"item_text": False}),
+        *swapped_loss,
+        Ablation("constant LR", "no warm-up or cosine decay", {"lr_schedule": "constant"}),
+        Ablation("plain SASRec", "no text, exact softmax, constant LR, patience 10", PLAIN_SASREC),
+        Ablation("warm start", f"warm-started from a champion trained without the newest "
+                 f"{WARM_START_NEW_SHARE:.0%} of events", {}, warm_start=True),
+    ]
+
+
+def run_ablations(snapshot: pd.DataFrame, catalog: pd.DataFrame, holdout: gate.Holdout, home: Path
+                  ) -> tuple[dict[str, dict[int, np.ndarray]], list[dict[str, Any]]]:
+    """Train, export and score each ablation on `snapshot`: (top-10 lists by name, training records)."""
+    from recmodel.export import export
+    from recmodel.score import open_session
+    from recmodel.train import load_vocab, train
+
+    cache = home / "cache"
+    champion_dir = None
+    recommended, records = {}, []
+    for ablation in ablations(int(catalog["item_id"].nunique()), PipelineConfig()):
+        config = PipelineConfig.from_overrides(ablation.overrides)
+        if ablation.warm_start:
+            champion_dir = home / "ablation-champion"
+            cutoff = snapshot["occurred_at"].quantile(1 - WARM_START_NEW_SHARE)
+            train(snapshot[snapshot["occurred_at"] < cutoff], catalog, config=config, out_dir=champion_dir,
+                  cache_dir=cache)
+        console.print(f"ablation [bold]{ablation.name}[/bold]: {ablation.change}")
+        model_dir = home / f"ablation-{len(records)}"
+        trained = train(snapshot, catalog, config=config, out_dir=model_dir, cache_dir=cache,
+                        parent_dir=champion_dir if ablation.warm_start else None)
+        exported = export(model_dir, catalog, snapshot, top_k=K)
+        session, _ = open_session(Path(exported.onnx_path))
+        recommended[ablation.name] = gate.onnx_recommendations(session, load_vocab(model_dir), holdout)
+        records.append({"name": ablation.name, "change": ablation.change, "overrides": ablation.overrides,
+                        **{key: getattr(trained, key) for key in (
+                            "loss", "epochs", "best_epoch", "stopped_by", "still_improving", "validation_ndcg",
+                            "seconds", "loop_seconds", "tokens_per_s", "warm_started_items")},
+                        "curve": [asdict(epoch) for epoch in trained.curve]})
+    return recommended, records
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Validation NDCG@10 per epoch and per second of training, one line per ablation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for record in records:
+        epochs = [point["epoch"] for point in record["curve"]]
+        ndcg = [point["validation_ndcg"] for point in record["curve"]]
+        seconds = [point["seconds"] for point in record["curve"]]
+        line, = by_epoch.plot(epochs, ndcg, label=record["name"], linewidth=1.5)
+        by_time.plot(seconds, ndcg, color=line.get_color(), linewidth=1.5)
+        by_epoch.plot([record["best_epoch"]], [record["validation_ndcg"]], "o", color=line.get_color())
+    by_epoch.set(xlabel="epoch", ylabel="validation NDCG@10 (each user's last training item)")
+    by_time.set(xlabel="seconds of training (validation included)")
+    by_epoch.legend(fontsize=8)
+    for axis in (by_epoch, by_time):
+        axis.grid(alpha=0.3)
+    figure.suptitle("ablations on the same snapshot; a dot marks the epoch whose weights are kept")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = False,
+                 curves: Path | None = None) -> dict[str, Any]:
     """Import `folder` minus each user's last rating, run one default retrain, score what it published."""
     from recmodel.bench import retrain_through_airflow, scratch_database
     from recmodel.importers import import_frames, read_movielens
@@ -149,6 +246,13 @@ def run_accuracy(folder: Path, *, output: Path | None) -> dict[str, Any]:
         view = {int(u): g.to_numpy(np.int64) for u, g in served.groupby("user_id")["item_id"]}  # in rank order
         recommended = {"published view": view}
         recommended.update(_lineage_models(serving, snapshot, targets))
+        published_training = _gated_training(serving)
+        ablation_records: list[dict[str, Any]] = []
+        if with_ablations:
+            catalog = items.assign(active=items["active"].fillna(True))
+            by_ablation, ablation_records = run_ablations(snapshot, catalog, _holdout(snapshot, targets),
+                                                          Path(scratch) / "home")
+            recommended.update({f"ablation: {name}": recs for name, recs in by_ablation.items()})
     history_matrix = _matrix(split, True)
     padding = _padding_mask(vocab)
     fitted = tune_baselines(split)
@@ -159,7 +263,13 @@ def run_accuracy(folder: Path, *, output: Path | None) -> dict[str, Any]:
     evaluations = {name: gate.evaluate_lists(recs, targets, stats, K) for name, recs in recommended.items()}
     result = _summarise(evaluations, fitted, split, removed, served, serving, outcome.task_seconds,
                         retrain_seconds, time.perf_counter() - started)
+    if ablation_records:
+        result["ablations"] = ablation_records
+    result["published_training"] = published_training
     _print(result)
+    if curves and ablation_records:
+        plot_curves(ablation_records, curves)
+        console.print(f"wrote {curves}")
     if output:
         from recmodel.bench import device_name
 
@@ -175,9 +285,7 @@ def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
     from recmodel.train import load_vocab
 
     lineage = serving["lineage"] or {}
-    ordered = snapshot.sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
-    histories = {int(u): g.to_numpy(np.int64) for u, g in ordered.groupby("user_id", sort=False)["item_id"]}
-    holdout = gate.Holdout(histories=histories, targets=targets)
+    holdout = _holdout(snapshot, targets)
     out = {}
     for name in ("gated", "refit"):
         if name in lineage:
@@ -185,6 +293,25 @@ def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
             out[f"{name} model"] = gate.onnx_recommendations(session, load_vocab(Path(lineage[name]["artifact_dir"])),
                                                              holdout)
     return out
+
+
+def _gated_training(serving: dict[str, Any]) -> dict[str, Any] | None:
+    """How the published run's gated model trained (epochs, stop reason, curve), from its training.json."""
+    from recmodel.train import SUMMARY_FILE
+
+    gated = (serving["lineage"] or {}).get("gated")
+    if gated is None:
+        return None
+    summary = json.loads((Path(gated["artifact_dir"]) / SUMMARY_FILE).read_text())
+    return {key: summary[key] for key in ("loss", "epochs", "best_epoch", "stopped_by", "still_improving",
+                                          "validation_ndcg", "seconds", "loop_seconds", "tokens_per_s", "curve")}
+
+
+def _holdout(snapshot: pd.DataFrame, targets: dict[int, set[int]]) -> gate.Holdout:
+    """Each evaluated user's whole snapshot history (time order) and removed item."""
+    ordered = snapshot.sort_values(["user_id", "occurred_at", "event_id"], kind="stable")
+    histories = {int(u): g.to_numpy(np.int64) for u, g in ordered.groupby("user_id", sort=False)["item_id"]}
+    return gate.Holdout(histories=histories, targets=targets)
 
 
 def _summarise(evaluations: dict[str, dict[str, Any]], fitted: dict[str, baselines.FittedBaseline],

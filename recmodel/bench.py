@@ -90,6 +90,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         if options.end_to_end:
             with scratch_database(server_url, AIRFLOW_BENCH_DB, migrate=False) as airflow_url:
                 stages["end_to_end"] = end_to_end(dag_url, airflow_url, home, options.epochs)
+                stages["daily_warm_retrain"] = daily_warm_retrain(dag_url, airflow_url, home, options.events)
         result["stages"] = stages
         result["scaling"] = {str(options.events): _scaling_row(stages)}
         for size in sorted(set(options.sizes) - {options.events}):
@@ -251,7 +252,7 @@ def _train_figures(model_dir: Path) -> dict[str, Any]:
     from recmodel.train import SUMMARY_FILE
 
     summary = json.loads((model_dir / SUMMARY_FILE).read_text())
-    keys = ("device", "epochs", "train_events", "train_windows", "n_items", "text_seconds", "loop_seconds",
+    keys = ("device", "loss", "epochs", "train_events", "train_windows", "n_items", "text_seconds", "loop_seconds",
             "sequences_per_s", "tokens_per_s", "input_wait_share")
     return {key: summary[key] for key in keys}
 
@@ -546,6 +547,27 @@ def end_to_end(url: str, airflow_url: str, home: Path, epochs: int) -> dict[str,
             "airflow_overhead_share": round((wall - in_tasks) / wall, 3)}
 
 
+DAILY_SHARE = 1 / 90  # the synthetic history spans 90 days: a day's new events
+
+
+def daily_warm_retrain(url: str, airflow_url: str, home: Path, events: int) -> dict[str, Any]:
+    """The next day's run: a day's events appended after `end_to_end`'s run, then one `recsys_retrain`
+    with default settings through Airflow, warm-started from that run's model (text cache warm)."""
+    from recmodel.synth import seed_database
+
+    day = max(int(events * DAILY_SHARE), 100)
+    seed_database(url, users=max(day // 10, 10), items=max(day // 200, 1), events=day, seed=1)
+    with PeakRss() as rss:  # the DAG's tasks run in this process under DAG.test
+        outcome, wall = retrain_through_airflow(url, airflow_url, home, {})
+    with db.connect(url) as conn:
+        details = conn.execute("SELECT details -> 'train' FROM recsys.pipeline_runs ORDER BY started_at DESC LIMIT 1"
+                               ).fetchone()[0] or {}
+    keys = ("epochs", "best_epoch", "stopped_by", "still_improving", "warm_started_items", "n_items",
+            "train_events", "text_seconds", "loop_seconds", "tokens_per_s")
+    return {"seconds": round(wall, 2), "peak_rss_mb": rss.peak_mb, "new_events": day, "tasks": {k: round(v, 2) for k, v in outcome.task_seconds.items()},
+            "train": {key: details.get(key) for key in keys}}
+
+
 def retrain_through_airflow(url: str, airflow_url: str, home: Path, conf: dict[str, Any]) -> tuple[Any, float]:
     """One `recsys_retrain` run as of now through Airflow (DAG.test), as `retrain` does; returns the
     outcome and its wall time. Airflow's metadata goes to a scratch database too, so the
@@ -575,7 +597,8 @@ def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
                 f"COPY alone {figures['limit_rows_per_s']:,} rows/s")
     if stage == "train":
         return (f"{figures['sequences_per_s']:,.0f} seq/s, {figures['tokens_per_s']:,.0f} tokens/s",
-                f"input wait {figures['input_wait_share']:.1%}", "", f"{figures['epochs']} epochs on {figures['device']}")
+                f"input wait {figures['input_wait_share']:.1%}", "",
+                f"{figures['epochs']} epochs on {figures['device']}, {figures['loss']} loss")
     if stage == "score" and "users_per_s" in figures:
         return (f"{figures['users_per_s']:,} users/s ({figures['bench_users']:,} x {figures['bench_items']:,} "
                 f"in {figures['seconds_for_bench_users']} s)",
@@ -593,6 +616,12 @@ def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
     if stage == "end_to_end":
         return (f"DAG run {figures['seconds']} s, tasks {sum(figures['tasks'].values()):.2f} s", "", "",
                 f"Airflow {figures['airflow_overhead_share']:.1%} of wall")
+    if stage == "daily_warm_retrain":
+        train = figures["train"]
+        return (f"DAG run {figures['seconds']} s after {figures['new_events']:,} new events",
+                f"train {figures['tasks'].get('train', 0):.0f} s", "",
+                f"{train.get('epochs')} epochs ({train.get('stopped_by')}), {train.get('warm_started_items') or 0:,} "
+                "items warm-started")
     return ("", "", "", "")
 
 

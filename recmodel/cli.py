@@ -364,7 +364,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not args.movielens:
             raise UsageError("bench accuracy needs --movielens DIR (a folder with ratings.csv + movies.csv)")
-        run_accuracy(Path(args.movielens), output=output)
+        if args.curves and not args.ablations:
+            raise UsageError("--curves draws the ablations' validation curves: add --ablations")
+        run_accuracy(Path(args.movielens), output=output, with_ablations=args.ablations,
+                     curves=Path(args.curves) if args.curves else None)
         return 0
     from recmodel.bench import BenchOptions, run_bench
 
@@ -448,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-dag", action="store_true", help="perf: skip the end-to-end run through Airflow")
     bench.add_argument("--plot", help="perf: write a PNG of stage time vs data size here")
     bench.add_argument("--movielens", help="accuracy: a MovieLens folder (e.g. ml-latest-small from GroupLens)")
+    bench.add_argument("--ablations", action="store_true",
+                       help="accuracy: also train each ablation (no text, other loss, constant LR, plain SASRec, "
+                            "warm start) on the same snapshot and score it")
+    bench.add_argument("--curves", help="accuracy, with --ablations: write a PNG of the validation curves here")
     bench.set_defaults(func=cmd_bench)
     return parser
 

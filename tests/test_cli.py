@@ -110,7 +110,7 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     result = json.loads(output.read_text())
     stages = result["stages"]
     assert set(stages) == {"extract", "validate", "train", "export", "gate", "refit", "score", "publish",
-                           "publish_past_long_reader", "end_to_end"}
+                           "publish_past_long_reader", "end_to_end", "daily_warm_retrain"}
     assert all(stage["seconds"] > 0 for stage in stages.values())
     assert all(stages[name]["peak_rss_mb"] > 0 for name in stages if name != "end_to_end")
     assert stages["extract"]["rows"] == 4000
@@ -123,6 +123,8 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "refit",
                                                   "plan_scoring", "score_users[0]", "score_items", "publish"}
     assert 0 <= stages["end_to_end"]["airflow_overhead_share"] < 1
+    daily = stages["daily_warm_retrain"]  # the next day's default run after a day's events
+    assert daily["new_events"] == 100 and daily["train"]["stopped_by"] in ("early_stopping", "time_budget", "epochs")
     assert set(result["scaling"]) == {"2000", "4000"}
     assert plot.read_bytes().startswith(b"\x89PNG")
     with psycopg.connect(db_url) as conn:  # the user's database is untouched, the scratch ones are gone
