@@ -316,3 +316,17 @@ def test_training_threads_follow_the_cgroup_cpu_quota(tmp_path: Path) -> None:
     cpu_max.write_text("max 100000\n")
     assert cpu_threads(cpu_max) == cores
     assert cpu_threads(tmp_path / "absent") == cores  # cgroup v1 or no cgroup: the affinity decides
+
+
+def test_the_ablations_swap_one_part_each_and_are_valid_settings() -> None:
+    from recmodel.accuracy import ablations
+    from recmodel.config import PipelineConfig
+
+    small, large = ablations(9_742, PipelineConfig()), ablations(50_000, PipelineConfig())
+    assert [a.name for a in small][:4] == ["default recipe", "no item text", "sampled loss", "sampled loss, 3x epochs"]
+    assert "softmax loss" in [a.name for a in large] and not any("3x" in a.name for a in large)
+    for ablation in small + large:
+        PipelineConfig.from_overrides(ablation.overrides)  # every override is a checked setting
+    plain = next(a for a in small if a.name == "plain SASRec").overrides
+    assert (plain["item_text"], plain["loss"], plain["lr_schedule"], plain["patience"]) == (False, "softmax", "constant", 10)
+    assert [a.warm_start for a in small].count(True) == 1
