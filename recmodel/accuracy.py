@@ -137,6 +137,9 @@ class Ablation:
 # without a better validation NDCG@10.
 PLAIN_SASREC = {"item_text": False, "loss": "softmax", "lr_schedule": "constant", "patience": 10, "epochs": 400,
                 "train_time_budget_seconds": 604_800.0}
+# What a training.json (TrainResult) says about how training went, as the accuracy report shows it.
+TRAINING_FIELDS = ("loss", "epochs", "best_epoch", "stopped_by", "still_improving", "validation_ndcg", "seconds",
+                   "loop_seconds", "tokens_per_s", "warm_started_items")
 WARM_START_NEW_SHARE = 0.1  # the champion of the warm-start ablation has not seen the newest 10% of events
 
 
@@ -183,9 +186,7 @@ def run_ablations(snapshot: pd.DataFrame, catalog: pd.DataFrame, holdout: gate.H
         session, _ = open_session(Path(exported.onnx_path))
         recommended[ablation.name] = gate.onnx_recommendations(session, load_vocab(model_dir), holdout)
         records.append({"name": ablation.name, "change": ablation.change, "overrides": ablation.overrides,
-                        **{key: getattr(trained, key) for key in (
-                            "loss", "epochs", "best_epoch", "stopped_by", "still_improving", "validation_ndcg",
-                            "seconds", "loop_seconds", "tokens_per_s", "warm_started_items")},
+                        **{key: getattr(trained, key) for key in TRAINING_FIELDS},
                         "curve": [asdict(epoch) for epoch in trained.curve]})
     return recommended, records
 
@@ -303,8 +304,7 @@ def _gated_training(serving: dict[str, Any]) -> dict[str, Any] | None:
     if gated is None:
         return None
     summary = json.loads((Path(gated["artifact_dir"]) / SUMMARY_FILE).read_text())
-    return {key: summary[key] for key in ("loss", "epochs", "best_epoch", "stopped_by", "still_improving",
-                                          "validation_ndcg", "seconds", "loop_seconds", "tokens_per_s", "curve")}
+    return {key: summary[key] for key in (*TRAINING_FIELDS, "curve")}
 
 
 def _holdout(snapshot: pd.DataFrame, targets: dict[int, set[int]]) -> gate.Holdout:

@@ -41,7 +41,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
-from recmodel import db, pipeline
+from recmodel import db, pipeline, registry
 from recmodel.config import settings
 
 BENCH_DB = "recsys_bench"
@@ -422,7 +422,6 @@ class ReaderLoad(BackgroundLoop):
     def max_latency(self) -> float:
         return max(self.latencies, default=0.0)
 
-
     def _loop(self) -> None:
         with db.connect(self.url, autocommit=True) as conn:
             while not self._stop.is_set():
@@ -559,9 +558,7 @@ def daily_warm_retrain(url: str, airflow_url: str, home: Path, events: int) -> d
     seed_database(url, users=max(day // 10, 10), items=max(day // 200, 1), events=day, seed=1)
     with PeakRss() as rss:  # the DAG's tasks run in this process under DAG.test
         outcome, wall = retrain_through_airflow(url, airflow_url, home, {})
-    with db.connect(url) as conn:
-        details = conn.execute("SELECT details -> 'train' FROM recsys.pipeline_runs ORDER BY started_at DESC LIMIT 1"
-                               ).fetchone()[0] or {}
+    details = (registry.overview(url, limit=1)["runs"][0]["details"] or {}).get("train") or {}
     keys = ("epochs", "best_epoch", "stopped_by", "still_improving", "warm_started_items", "n_items",
             "train_events", "text_seconds", "loop_seconds", "tokens_per_s")
     return {"seconds": round(wall, 2), "peak_rss_mb": rss.peak_mb, "new_events": day, "tasks": {k: round(v, 2) for k, v in outcome.task_seconds.items()},

@@ -126,8 +126,8 @@ class PipelineConfig:
     # the last planned step (shortened to end with the time budget); "constant": learning_rate throughout.
     lr_schedule: str = "warmup_cosine"
     warm_start_epochs: int = 10
-    # Training (validation included) ends by this many seconds, at an epoch's end, or mid-epoch when a
-    # single epoch would overrun; the learning-rate schedule is shortened to end with it.
+    # Training stops once this many seconds (validation included) are spent, mid-epoch if need be, after
+    # one last validation; the learning-rate schedule is shortened to end with it.
     train_time_budget_seconds: float = 900.0
     # "softmax" (exact, every item a negative), "sampled" (shared negatives with logQ correction) or
     # "auto": exact below sampled_loss_min_items catalog items, sampled from there on.

@@ -40,24 +40,26 @@ class ModelConfig:
         return asdict(self)
 
 
-class ByteDropout(nn.Dropout):
-    """Dropout whose CPU mask comes from random bytes: 8 per draw of the generator, not one.
+def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout whose CPU mask comes from random bytes: 8 per draw of the generator, not one.
 
     On CPU, drawing one Bernoulli sample per activation took a fifth of a training step; here
-    the keep-probability is rounded to 1/256 (0.2 drops 51/256 = 19.9%) and the scale matches
-    the rounded rate, so activations keep their expected value. On CUDA it is nn.Dropout.
+    the drop rate is rounded to 1/256 (0.2 drops 51/256 = 19.9%) and the scale matches the
+    rounded rate, so activations keep their expected value. On CUDA it is PyTorch's dropout.
     """
+    dropped_bytes = min(round(p * 256), 255)
+    if dropped_bytes == 0 or x.is_cuda:
+        return nn.functional.dropout(x, p, training=True)
+    draws = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64, device=x.device)
+    kept = draws.view(torch.uint8)[:x.numel()].view(x.shape) >= dropped_bytes
+    return x * kept.to(x.dtype) * (256 / (256 - dropped_bytes))
 
-    def __init__(self, p: float) -> None:
-        super().__init__(p)
-        self.dropped_bytes = min(round(p * 256), 255)
+
+class ByteDropout(nn.Dropout):
+    """nn.Dropout drawn as `byte_dropout` draws it; what GPT-2's dropout modules are replaced with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.dropped_bytes == 0 or x.is_cuda:
-            return super().forward(x)
-        draws = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64, device=x.device)
-        kept = draws.view(torch.uint8)[:x.numel()].view(x.shape) >= self.dropped_bytes
-        return x * kept.to(x.dtype) * (256 / (256 - self.dropped_bytes))
+        return byte_dropout(x, self.p) if self.training else x
 
 
 def _byte_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -71,8 +73,9 @@ def _byte_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     weights = torch.matmul(query, key.transpose(-1, -2)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
     if attention_mask is not None:
         weights = weights + attention_mask
-    weights = ByteDropout(dropout)(nn.functional.softmax(weights, dim=-1).type(value.dtype)) if module.training \
-        else nn.functional.softmax(weights, dim=-1).type(value.dtype)
+    weights = nn.functional.softmax(weights, dim=-1).type(value.dtype)
+    if module.training:
+        weights = byte_dropout(weights, dropout)
     return torch.matmul(weights, value).transpose(1, 2), weights
 
 

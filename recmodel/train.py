@@ -49,7 +49,6 @@ class ChunkedSoftmaxLoss(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, hidden: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        hidden, vectors = hidden.float(), vectors.float()  # CPU autocast has no custom_fwd cast
         lse = torch.empty(len(hidden), device=hidden.device)
         total = torch.zeros((), device=hidden.device)
         for start in range(0, len(hidden), chunk):
@@ -120,15 +119,12 @@ class SampledSoftmax:
 
     def __init__(self, positives: torch.Tensor, negatives: int, generator: torch.Generator,
                  popularity_share: float = 0.5) -> None:
-        counts = positives.double().clone()
-        counts[PAD] = 0.0
-        uniform = torch.ones_like(counts)
-        uniform[PAD] = 0.0
-        q = (1 - popularity_share) * uniform / uniform.sum()
-        if counts.sum() > 0:
-            q += popularity_share * counts / counts.sum()
-        else:
-            q = uniform / uniform.sum()
+        real = torch.ones(len(positives), dtype=torch.float64)
+        real[PAD] = 0.0
+        uniform = real / real.sum()
+        counts = positives.double() * real
+        popularity = counts / counts.sum() if counts.sum() > 0 else uniform
+        q = (1 - popularity_share) * uniform + popularity_share * popularity
         self.q = q.float()
         self.cdf = torch.cumsum(q, dim=0)  # float64: inverse-CDF draws work at any catalog size
         self.log_expected = torch.log(negatives * self.q).clamp(min=-80.0)  # (n_items,); PAD is never drawn
@@ -320,13 +316,12 @@ def hold_out_last(sequences: dict[int, np.ndarray], min_length: int = 3,
 
 def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: torch.Tensor, config: PipelineConfig,
                   validation: Validation | None, *, parent_dir: Path | None = None,
-                  device: torch.device | None = None, epochs: int | None = None,
-                  time_budget_seconds: float | None = None) -> tuple[SequentialRecommender, FitResult]:
+                  device: torch.device | None = None, epochs: int | None = None
+                  ) -> tuple[SequentialRecommender, FitResult]:
     """Build the model (warm-started from `parent_dir` when compatible) and train it.
 
     Trains for `epochs` (default: `config.epochs` from scratch, `config.warm_start_epochs` from
-    a parent) or until `time_budget_seconds` (default: `config.train_time_budget_seconds`) is
-    spent. With a validation set, training also stops once NDCG@10 on it has not improved for
+    a parent) or until `config.train_time_budget_seconds` is spent. With a validation set, training also stops once NDCG@10 on it has not improved for
     `config.patience` epochs (never before `config.min_epochs`), and the best epoch's weights are kept.
     """
     torch.manual_seed(config.seed)
@@ -348,14 +343,13 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
         else:
             log.warning("champion %s has a different architecture; training from scratch", parent_dir.name)
     positives = torch.bincount(torch.from_numpy(windows_out[windows_out != PAD]), minlength=len(vocab))
-    budget = config.train_time_budget_seconds if time_budget_seconds is None else time_budget_seconds
     result = _fit(model, windows_in, windows_out, config, positives, device or pick_device(), validation,
-                  epochs=planned if epochs is None else epochs, budget_seconds=budget)
+                  epochs=planned if epochs is None else epochs, budget_seconds=config.train_time_budget_seconds)
     model.cpu()
     if config.item_text:
         filled = fill_cold_ids(model, positives)
         log.info("%d rarely-seen items took their text neighbours' id embeddings", filled)
-    return model.eval(), dataclasses.replace(result, windows=len(windows_in), warm_started_items=warm_items)
+    return model.eval(), dataclasses.replace(result, warm_started_items=warm_items)
 
 
 def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: PipelineConfig, out_dir: Path,
