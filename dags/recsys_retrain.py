@@ -118,7 +118,7 @@ def recsys_retrain():
     def plan_scoring(gated: dict, **context) -> list[int]:
         """One mapped `score_users` task per user shard (`score_shards` in the run's conf)."""
         if gated["serve"] is None:
-            raise AirflowSkipException(f"gate {gated['decision']}; the champion keeps serving: "
+            raise AirflowSkipException(f"gate {gated['decision']}; nothing new to publish: "
                                        + "; ".join(gated["reasons"]))
         return list(range(_context(context).config.score_shards))
 
@@ -142,7 +142,9 @@ def recsys_retrain():
         from recmodel.pipeline import scored_tables, step_publish
 
         ctx = _context(context)
-        return step_publish(ctx, scored_tables(ctx, list(user_shards), item_tables))
+        # One slice request: iterating the lazy sequence probes one index past its end, which Airflow
+        # logs as an "XCom not found" error in every successful run.
+        return step_publish(ctx, scored_tables(ctx, user_shards[:], item_tables))
 
     gated = refit(gate(export(train(validate(extract())))))
     user_shards = score_users.partial(gated=gated).expand(shard=plan_scoring(gated))

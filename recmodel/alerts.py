@@ -45,7 +45,9 @@ def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = 
          record: bool = True) -> list[str]:
     """Deliver one alert on every configured channel (and, with `record`, on the run's pipeline_runs row);
     returns the channels that took it."""
-    log.error("RECSYS ALERT [%s] %s: %s", alert.kind, alert.subject, alert.message)
+    # A rejected candidate is a run that succeeded at its job (nothing worse serves): a warning, not an error.
+    log.log(logging.WARNING if alert.kind == "gate_rejected" else logging.ERROR, "RECSYS ALERT [%s] %s: %s",
+            alert.kind, alert.subject, alert.message)
     channels = ["log"]
     recipients = [r.strip() for r in os.environ.get(ALERT_EMAIL_ENV, "").split(",") if r.strip()]
     email_error = None
@@ -133,8 +135,11 @@ class RecsysNotifier(BaseNotifier):
 def notify_gate_rejection(url: str, run_key: str, version: str, gated: dict[str, Any],
                           context: dict[str, Any] | None = None) -> list[str]:
     """A candidate that was not accepted (rejected, or undecided on too little evidence)."""
-    serving = ("the popularity baseline " + gated["publish_version"] + " will serve"
-               if gated["serve"] == "baseline" else "the champion keeps serving")
+    if gated["serve"] == "baseline":
+        serving = f"the popularity baseline {gated['publish_version']} will serve"
+    else:
+        current = registry.serving_watermark(url)
+        serving = f"{current[0]} keeps serving" if current else "nothing is published yet"
     message = f"gate {gated['decision']} {version}; {serving}: " + "; ".join(gated["reasons"])
     return send(url, run_key, Alert("gate_rejected", f"candidate {version} {gated['decision']} by the gate", message),
                 context)

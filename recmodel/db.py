@@ -83,6 +83,59 @@ def start_embedded(home: Path) -> str:
     return server.get_uri("postgres")
 
 
+def stop_embedded(home: Path, timeout: float = 60.0) -> bool:
+    """Stop the embedded Postgres under home/pg (a fast shutdown: clients are disconnected).
+
+    Returns False when none is running there. The next command that needs it starts it again.
+    """
+    import os
+    import signal
+    import time
+
+    pid_file = home / "pg" / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.kill(pid, signal.SIGINT)  # SIGINT = "fast" shutdown: roll back open transactions, then stop
+    except ProcessLookupError:
+        return False  # a stale postmaster.pid left by a crash; Postgres removes it on its next start
+    deadline = time.monotonic() + timeout
+    while pid_file.exists() or _alive(pid):
+        if time.monotonic() > deadline:
+            raise DatabaseError(f"the embedded Postgres (pid {pid}) did not stop within {timeout:.0f} s")
+        time.sleep(0.2)
+    return True
+
+
+def reader_login(url: str, role: str, password: str) -> str:
+    """A login role in `recsys_reader` (the serving views and the item catalog, nothing else), as an app uses.
+
+    Creates the role, or sets a new password if it exists; returns the URL an app connects with.
+    """
+    with connect(url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        conn.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+            sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(role), sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT recsys_reader TO {}").format(sql.Identifier(role)))
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(libpq_url(url))
+    host = parts.netloc.rsplit("@", 1)[-1]  # host:port, or empty for a Unix socket given as ?host=
+    return urlunsplit(parts._replace(netloc=f"{quote(role, safe='')}:{quote(password, safe='')}@{host}"))
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped has stopped)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def resolve_url(settings: Settings) -> str:
     """The libpq URL of the recsys database, starting the embedded server when none is configured."""
     if settings.database_url:

@@ -173,7 +173,7 @@ def check_source_schema(conn) -> None:
                 problems.append(f"{table}.{column} is {actual}, expected {' or '.join(sorted(allowed))}")
     if problems:
         raise ExtractError("the source tables changed schema: " + "; ".join(problems)
-                           + " (DESIGN.md lists the columns the pipeline reads)")
+                           + " (docs/ARCHITECTURE.md lists the columns the pipeline reads)")
 
 
 def _already_used_ids(conn, run_key: str, base_dataset: str | None, low: datetime, high: datetime) -> np.ndarray:

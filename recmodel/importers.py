@@ -51,6 +51,10 @@ class ImportSummary:
     last_event_at: datetime
     format: str  # "latest" or "100k"
 
+    def describe(self) -> str:
+        return (f"{self.interactions:,} ratings by {self.users:,} users on {self.items:,} items, "
+                f"{self.first_event_at:%Y-%m-%d} to {self.last_event_at:%Y-%m-%d}")
+
 
 @dataclass(frozen=True)
 class _Ratings:
@@ -67,7 +71,7 @@ def import_movielens(url: str, folder: Path) -> ImportSummary:
     dataset = dataset_format(folder)
     items, interactions = read_movielens(folder)
     summary = import_frames(url, items, interactions, dataset)
-    log.info("imported MovieLens %s from %s: %s", summary.format, folder, summary)
+    log.info("imported MovieLens %s from %s: %s", summary.format, folder, summary.describe())
     return summary
 
 

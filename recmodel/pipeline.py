@@ -236,8 +236,9 @@ def step_validate(ctx: RunContext, extracted: dict[str, Any]) -> dict[str, Any]:
             message += f" (Data Docs: {report.docs_path})"
         registry.update_run(ctx.url, ctx.run_key, status="failed", message=message)
         raise DataValidationError(message)
-    log.info("validated %d rows: %d clean, %d quarantined %s; dataset now %d rows",
-             result.rows, summary["clean"], summary["quarantined_rows"], summary["by_reason"] or "", len(dataset))
+    log.info("validated %s rows: %s clean, %s quarantined%s; dataset now %s rows", f"{result.rows:,}",
+             f"{summary['clean']:,}", f"{summary['quarantined_rows']:,}",
+             f" {summary['by_reason']}" if summary["by_reason"] else "", f"{len(dataset):,}")
     return {"new_rows": summary["clean"], "dataset_path": str(dataset_path), "catalog_path": result.catalog_path,
             "quarantined": summary["quarantined_rows"], "watermark": ctx.as_of.isoformat()}
 

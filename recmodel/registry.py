@@ -36,6 +36,11 @@ ON CONFLICT (run_key) DO UPDATE
 SET dag_run_id = EXCLUDED.dag_run_id, started_at = now(), finished_at = NULL, status = 'running',
     stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract'
 """
+SELECT_RECENT_ALERTS = """
+SELECT r.run_key, r.kind, a.alert
+FROM recsys.pipeline_runs r CROSS JOIN LATERAL jsonb_array_elements(r.alerts) AS a(alert)
+ORDER BY (a.alert ->> 'at')::timestamptz DESC LIMIT %(limit)s
+"""
 # Liveness: a step stamps its run every HEARTBEAT_SECONDS while it executes (active_step names it).
 # Only a running run's row is stamped: a refused rerun must not touch the row of the run it would repeat.
 BEAT = """
@@ -203,6 +208,27 @@ def record_event(url: str, run_key: str, *, kind: str, status: str, stage: str, 
     with db.transaction(url) as conn:
         conn.execute(UPSERT_EVENT, {"run_key": run_key, "kind": kind, "dag_run_id": dag_run_id, "status": status,
                                     "stage": stage, "model_version": model_version, "message": message})
+
+
+@dataclass(frozen=True)
+class RecordedAlert:
+    at: datetime
+    kind: str  # task_failed | gate_rejected | serving_stale
+    subject: str
+    message: str
+    channels: list[str]
+    run_key: str
+    run_kind: str  # retrain | rollback | freshness | fresh_data
+
+
+def recent_alerts(url: str, limit: int = 10) -> list[RecordedAlert]:
+    """The newest alerts of every run, newest first: what `status` and the Recommender page list."""
+    with db.connect(url) as conn:
+        rows = conn.execute(SELECT_RECENT_ALERTS, {"limit": limit}).fetchall()
+    return [RecordedAlert(at=datetime.fromisoformat(alert["at"]), kind=alert["kind"], subject=alert.get("subject", ""),
+                          message=alert["message"], channels=alert.get("channels", []), run_key=run_key,
+                          run_kind=run_kind)
+            for run_key, run_kind, alert in rows]
 
 
 def append_alert(url: str, run_key: str, alert: dict[str, Any]) -> bool:

@@ -9,12 +9,14 @@ in this process against the migrated metadata DB, so they show up in the Airflow
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ def airflow_environment(env: Settings, recsys_url: str) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING"),
+        # Airflow's own chatter stays at WARNING, but the stages' progress (epochs, rows, shards) reaches the
+        # terminal of `retrain` and every task log.
+        "AIRFLOW__LOGGING__NAMESPACE_LEVELS": os.environ.get("AIRFLOW__LOGGING__NAMESPACE_LEVELS", "recmodel=INFO"),
         "AIRFLOW_CONN_RECSYS_DB": db.sqlalchemy_url(recsys_url, "psycopg2").replace("postgresql+psycopg2", "postgresql"),
         "RECSYS_DATABASE_URL": recsys_url,
         "RECSYS_HOME": str(env.home),
@@ -78,8 +83,46 @@ def prepare_airflow(env: Settings, recsys_url: str) -> dict[str, str]:
     return variables
 
 
+class TaskLogFiles(logging.Handler):
+    """Writes each record logged while a task runs to that task instance's log file, as a worker would.
+
+    `DAG.test()` runs the tasks in this process and writes no task logs, so the Airflow UI would show
+    nothing for a run started from the command line. This handler appends the stages' records, as the
+    JSON lines Airflow's log reader parses, to the file the UI reads for the running task instance.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from airflow.configuration import conf
+        from jinja2 import Template
+
+        self.folder = Path(conf.get("logging", "base_log_folder"))
+        self.template = Template(conf.get("logging", "log_filename_template"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from airflow.sdk import get_current_context
+
+        try:
+            ti = get_current_context()["ti"]
+        except Exception:  # noqa: BLE001 - not inside a task (DAG parsing, the run's bookkeeping)
+            return
+        try:
+            path = self.folder / self.template.render(ti=ti, try_number=ti.try_number)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            line = {"timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                    "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
+            with path.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(line) + "\n")
+        except Exception:  # noqa: BLE001 - a log file must never fail the task
+            self.handleError(record)
+
+
 def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> DagRunOutcome:
-    """One run of `dag_id` through `DAG.test()`; the environment must be prepared first."""
+    """One run of `dag_id` through `DAG.test()`; the environment must be prepared first.
+
+    The stages' log records also go to each task instance's log file (`TaskLogFiles`), so the
+    run's task logs in the Airflow UI fill as it goes.
+    """
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(str(REPO_ROOT / "dags"))
@@ -88,7 +131,12 @@ def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> Dag
     dag = bag.get_dag(dag_id)
     if dag is None:
         raise AirflowRunError(f"DAG {dag_id!r} not found in {REPO_ROOT / 'dags'}")
-    dag_run = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
+    task_logs, ours = TaskLogFiles(), logging.getLogger("recmodel")
+    ours.addHandler(task_logs)
+    try:
+        dag_run = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
+    finally:
+        ours.removeHandler(task_logs)
     instances = dag_run.get_task_instances()
     task_states = {_task_name(ti): str(ti.state.value if hasattr(ti.state, "value") else ti.state) for ti in instances}
     task_seconds = {_task_name(ti): (ti.end_date - ti.start_date).total_seconds()
@@ -118,15 +166,28 @@ class AirflowStack:
     log_dir: Path
 
     def stop(self) -> None:
+        """Stop each component with everything it started (the scheduler's log server and executor workers).
+
+        Each component leads its own process group (`start_new_session`), so a signal to the group
+        reaches the children that the component itself would leave behind if it died first.
+        """
         for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
+            _signal_group(process, signal.SIGTERM)
         for process in self.processes.values():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
+        for process in self.processes.values():  # children that outlived their leader
+            _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone
 
 
 def free_port() -> int:
@@ -158,8 +219,6 @@ def stack_environment(variables: dict[str, str], port: int) -> dict[str, str]:
 def start_stack(variables: dict[str, str], port: int, log_dir: Path, *,
                 components: tuple[str, ...] = UI_COMPONENTS, timeout: float = 180.0) -> AirflowStack:
     """Start Airflow's components as subprocesses and wait until the API server answers."""
-    import json
-
     env = {**os.environ, **stack_environment(variables, port)}
     log_dir.mkdir(parents=True, exist_ok=True)
     processes: dict[str, subprocess.Popen] = {}
@@ -205,6 +264,22 @@ def _wait_healthy(stack: AirflowStack, timeout: float) -> None:
             raise AirflowRunError(f"the Airflow API server did not answer on {stack.base_url} within {timeout:.0f} s "
                                   f"(logs in {stack.log_dir})")
         time.sleep(1)
+
+
+def register_dags() -> None:
+    """Put this checkout's DAGs into the metadata DB, as the dag-processor would on its first pass."""
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        known = {dag_id for dag_id in DEMO_DAGS if session.get(DagModel, dag_id) is not None}
+    if known == set(DEMO_DAGS):
+        return
+    done = subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], env=os.environ.copy(),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise AirflowRunError(f"`airflow dags reserialize` failed:\n{tail}")
 
 
 def set_paused(dag_ids: tuple[str, ...], paused: bool) -> None:

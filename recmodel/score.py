@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from recmodel.data import PAD, Vocab, is_active, length_sorted_batches, user_sequences
+from recmodel.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,11 @@ def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: in
     session, provider = open_session(onnx_path)
     frames = []
     batches = length_sorted_batches(list(sequences.values()), batch_size)  # whole histories, (B, T)
-    for positions, histories in tqdm(batches, total=-(-len(user_ids) // batch_size), desc=f"score ({provider})",
-                                     unit="batch", leave=False, disable=None):
+    progress = Progress(log, f"score ({provider})", len(user_ids), "users")
+    for positions, histories in batches:
         item_index, scores = session.run(None, {"history": histories})  # (B, K) each
         frames.append(_ranked(user_ids[positions], vocab.item_ids[item_index][:, :top_k], scores[:, :top_k]))
+        progress.advance(len(positions))
     if not frames:
         return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []}), provider
     return pd.concat(frames, ignore_index=True), provider

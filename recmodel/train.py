@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from recmodel.config import PipelineConfig
 from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
 from recmodel.model import CPU_TRAINING_ATTENTION, ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
+from recmodel.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -512,55 +512,54 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
     log.info("training on %s (%d threads): %s loss over %d items, %s, up to %d epochs of %d steps, budget %.0f s",
              device.type, torch.get_num_threads(), loss_fn.name, len(positives) - 1, precision or "float32", epochs,
              steps_per_epoch, budget_seconds)
-    with tqdm(total=epochs * steps_per_epoch, desc=f"train ({device.type}, {loss_fn.name})", unit="step",
-              leave=False, disable=None) as bar:
-        for epoch in range(1, epochs + 1):
-            running, steps, out_of_time = 0.0, 0, False
-            epoch_started = time.perf_counter()
-            for batch in _length_bucketed_batches(lengths, config.batch_size, generator):
-                batch_started = time.perf_counter()
-                x, y = x_all[batch], y_all[batch]
-                keep = (x != PAD).any(dim=0) | (y != PAD).any(dim=0)  # drop columns that are padding in every row
-                x, y = x[:, keep].to(device), y[:, keep].to(device)
-                input_seconds += time.perf_counter() - batch_started
-                with autocast:
-                    loss = loss_fn(model, x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                running += loss.item()  # also waits for the device, so the timings above are honest
-                steps, global_step = steps + 1, global_step + 1
-                sequences += len(batch)
-                tokens += int((y != PAD).sum())
-                bar.update(1)
-                elapsed = time.perf_counter() - started
-                if elapsed > budget_seconds:
-                    out_of_time = True
-                    break
-                if schedule is not None and global_step % SCHEDULE_REFRESH_STEPS == 0:
-                    # At this pace (validation included), the budget ends the run after this many steps.
-                    schedule.fit_to(global_step + int((budget_seconds - elapsed) / (elapsed / global_step)))
-            loop_seconds += time.perf_counter() - epoch_started
-            loss_value = round(running / max(steps, 1), 4)
-            ndcg = validation_ndcg(model, validation, device) if validation is not None else None
+    progress = Progress(log, "train", epochs * steps_per_epoch, "steps", limit_seconds=budget_seconds)
+    for epoch in range(1, epochs + 1):
+        running, steps, out_of_time = 0.0, 0, False
+        epoch_started = time.perf_counter()
+        for batch in _length_bucketed_batches(lengths, config.batch_size, generator):
+            batch_started = time.perf_counter()
+            x, y = x_all[batch], y_all[batch]
+            keep = (x != PAD).any(dim=0) | (y != PAD).any(dim=0)  # drop columns that are padding in every row
+            x, y = x[:, keep].to(device), y[:, keep].to(device)
+            input_seconds += time.perf_counter() - batch_started
+            with autocast:
+                loss = loss_fn(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += loss.item()  # also waits for the device, so the timings above are honest
+            steps, global_step = steps + 1, global_step + 1
+            sequences += len(batch)
+            tokens += int((y != PAD).sum())
+            progress.advance(1, f"epoch {epoch}/{epochs}, loss {running / steps:.4f}")
             elapsed = time.perf_counter() - started
-            curve.append(EpochRecord(epoch=epoch, loss=loss_value, validation_ndcg=None if ndcg is None else round(ndcg, 5),
-                                     seconds=round(elapsed, 2), learning_rate=scheduler.get_last_lr()[0]))
-            log.info("epoch %d/%d: loss %.4f%s, %.0f s", epoch, epochs, loss_value,
-                     "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f}", elapsed)
-            if ndcg is not None and ndcg > best_ndcg:
-                best_ndcg, best_epoch = ndcg, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if out_of_time and (epoch < epochs or steps < steps_per_epoch):
-                stopped_by = "time_budget"
-                log.info("time budget: %.0f of %.0f s spent in epoch %d", elapsed, budget_seconds, epoch)
+            if elapsed > budget_seconds:
+                out_of_time = True
                 break
-            if ndcg is not None and epoch >= config.min_epochs and epoch - best_epoch >= config.patience:
-                stopped_by = "early_stopping"
-                log.info("early stop: no improvement for %d epochs; keeping epoch %d", config.patience, best_epoch)
-                break
+            if schedule is not None and global_step % SCHEDULE_REFRESH_STEPS == 0:
+                # At this pace (validation included), the budget ends the run after this many steps.
+                schedule.fit_to(global_step + int((budget_seconds - elapsed) / (elapsed / global_step)))
+        loop_seconds += time.perf_counter() - epoch_started
+        loss_value = round(running / max(steps, 1), 4)
+        ndcg = validation_ndcg(model, validation, device) if validation is not None else None
+        elapsed = time.perf_counter() - started
+        curve.append(EpochRecord(epoch=epoch, loss=loss_value, validation_ndcg=None if ndcg is None else round(ndcg, 5),
+                                 seconds=round(elapsed, 2), learning_rate=scheduler.get_last_lr()[0]))
+        log.info("epoch %d/%d: loss %.4f%s, %.0f s", epoch, epochs, loss_value,
+                 "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f}", elapsed)
+        if ndcg is not None and ndcg > best_ndcg:
+            best_ndcg, best_epoch = ndcg, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out_of_time and (epoch < epochs or steps < steps_per_epoch):
+            stopped_by = "time_budget"
+            log.info("time budget: %.0f of %.0f s spent in epoch %d", elapsed, budget_seconds, epoch)
+            break
+        if ndcg is not None and epoch >= config.min_epochs and epoch - best_epoch >= config.patience:
+            stopped_by = "early_stopping"
+            log.info("early stop: no improvement for %d epochs; keeping epoch %d", config.patience, best_epoch)
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -17,6 +17,34 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MOVIELENS_DIR = REPO_ROOT.parent / "shared" / "data" / "ml-latest-small"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After every other fixture is torn down, nothing this session started may still run.
+
+    What a test starts (Airflow components and what they spawn, embedded servers, CLI subprocesses)
+    works under the session's temporary folder, which appears in its command line or environment;
+    a process that does and is still alive was left behind. It is killed and the session fails.
+    """
+    import psutil
+
+    yield
+    base = str(tmp_path_factory.getbasetemp()) + os.sep  # with the separator: pytest-5 is not pytest-50
+    left = []
+    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+        if process.pid == os.getpid():
+            continue
+        words = [*(process.info["cmdline"] or []), *(process.info["environ"] or {}).values()]
+        if any(base in word for word in words):
+            left.append(process)
+    for process in left:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    assert not left, "processes left running by the tests (now killed): " + "; ".join(
+        f"{p.pid} {' '.join((p.info['cmdline'] or [])[:4])}" for p in left)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a Postgres server's maintenance database, started for this test session."""

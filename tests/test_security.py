@@ -7,9 +7,11 @@ import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import uuid
+
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import errors, sql
 from sqlalchemy.engine import make_url
 
 from conftest import seed_small
@@ -31,6 +33,7 @@ def test_reader_role_reads_the_serving_views_and_nothing_else(db_url: str) -> No
         conn.execute("SET ROLE recsys_reader")
         for view in ("user_recommendations", "similar_items", "popular_items"):
             assert conn.execute(f"SELECT count(*) FROM recsys.{view}").fetchone()[0] > 0
+        assert conn.execute("SELECT count(*) FROM recsys.item_catalog").fetchone()[0] == 0  # readable (no items here)
         refused = [
             "SELECT * FROM interactions LIMIT 1", "SELECT * FROM items LIMIT 1",
             "SELECT * FROM recsys.model_registry", "SELECT * FROM recsys.pipeline_runs",
@@ -42,6 +45,35 @@ def test_reader_role_reads_the_serving_views_and_nothing_else(db_url: str) -> No
         for statement in refused:
             with pytest.raises(errors.InsufficientPrivilege):
                 conn.execute(statement)
+
+
+def test_an_app_login_reads_recommendations_with_titles_and_nothing_else(db_url: str) -> None:
+    """The login the demo prints (and the README's one statement creates) is all an app needs."""
+    register(db_url, "v20261101000000")
+    publish(db_url, "v20261101000000", frames(5, 3, seed=1), generated_at=NOW, keep_versions=3)
+    with db.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO items (item_id, title, description) SELECT item_id, 'title ' || item_id, 'secret' "
+                     "FROM recsys.popular_items")
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    app_url = db.reader_login(db_url, role, "first password")
+    again = db.reader_login(db_url, role, "new password")  # a second call sets a new password
+    assert make_url(again).username == role and make_url(again).password == "new password"
+    try:
+        with psycopg.connect(again) as app:
+            assert app.execute("SELECT current_user").fetchone()[0] == role
+            titled = app.execute("SELECT p.item_id, c.title FROM recsys.popular_items p "
+                                 "JOIN recsys.item_catalog c USING (item_id) ORDER BY p.rank").fetchall()
+            assert titled and all(title == f"title {item_id}" for item_id, title in titled)
+            columns = app.execute("SELECT * FROM recsys.item_catalog LIMIT 0").description
+            assert [c.name for c in columns] == ["item_id", "title"]  # not the description an app should not see
+            for statement in ("SELECT * FROM items", "SELECT * FROM recsys.model_registry"):
+                with pytest.raises(errors.InsufficientPrivilege):
+                    app.execute(statement)
+                app.rollback()
+    finally:
+        with db.connect(db_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    assert app_url != again
 
 
 def test_hostile_strings_are_data_everywhere(recsys_env: str) -> None:

@@ -236,3 +236,41 @@ def test_every_setting_and_its_range_is_documented() -> None:
     for name, allowed in SETTING_RANGES.items():
         default = "null" if getattr(defaults, name) is None else getattr(defaults, name)
         assert f"| `{name}` | {default} | {allowed} |" in guide, f"{name}: the documented range is not {allowed}"
+
+
+def test_progress_logs_only_when_due_with_an_estimate_capped_by_the_budget(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from recmodel.progress import Progress
+
+    now = [0.0]
+    progress = Progress(logging.getLogger("recmodel.test"), "train", 100, "steps", limit_seconds=30.0, every=8.0,
+                        clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="recmodel"):
+        for step in range(1, 101):
+            now[0] = step * 0.5  # 0.5 s a step: 50 s for all of them
+            progress.advance(1, f"epoch {1 + step // 50}/2")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6  # at 8, 16, 24, 32, 40 and 48 s: one line per 8 s, none in between
+    assert lines[0] == "train: 16/100 steps (16%), epoch 1/2, 8 s, ~22 s left"  # 42 s at this pace, 22 s of budget
+    assert lines[-1].startswith("train: 96/100 steps (96%), epoch 2/2, 48 s, ~0 s left")
+
+
+def test_the_cli_heartbeat_speaks_only_when_the_terminal_was_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    from recmodel.cli import heartbeat, quiet_watch
+
+    with caplog.at_level(logging.INFO, logger="recmodel"):
+        with heartbeat(lambda: "train is running", every=1.5):
+            time.sleep(3.6)  # quiet: the heartbeat fills the silence
+        quiet = [r.getMessage() for r in caplog.records if r.getMessage().startswith("…")]
+        caplog.clear()
+        with heartbeat(lambda: "train is running", every=1.5):
+            for _ in range(12):  # a stage logging every 0.3 s keeps it silent
+                quiet_watch.filter(logging.makeLogRecord({"msg": "epoch"}))
+                time.sleep(0.3)
+        busy = [r.getMessage() for r in caplog.records if r.getMessage().startswith("…")]
+    assert 1 <= len(quiet) <= 2 and quiet[0].startswith("… train is running (")
+    assert busy == []
