@@ -115,6 +115,13 @@ def runs(user: CanRead, limit: int = Query(30, ge=1, le=500)) -> JSONResponse:
     return _json({"runs": dashboard.runs(_url(), limit)})
 
 
+@app.get("/api/alerts")
+def alerts(user: CanRead, limit: int = Query(10, ge=1, le=500)) -> JSONResponse:
+    from recmodel import dashboard
+
+    return _json({"alerts": dashboard.alerts(_url(), limit)})
+
+
 @app.get("/api/quality")
 def quality(user: CanRead, runs_back: int = Query(20, ge=1, le=500)) -> JSONResponse:
     from recmodel import dashboard

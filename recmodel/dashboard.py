@@ -6,6 +6,7 @@ function here takes a database URL and can be called from a test or a notebook.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,11 @@ def _ratio(candidate: dict[str, Any], versus: str) -> dict[str, Any] | None:
         if key.endswith("_" + versus):
             return {"metric": key.removesuffix("_" + versus), "ratio": value[0], "ci": value[1:]}
     return None
+
+
+def alerts(url: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest alerts of every run (the same list `python -m recmodel status` prints)."""
+    return [asdict(alert) for alert in model_registry.recent_alerts(url, limit)]
 
 
 def runs(url: str, limit: int = 30) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ def login(client, user: str = "admin") -> dict[str, str]:
     return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
-READ_ENDPOINTS = ["/recommender/", "/recommender/api/registry", "/recommender/api/runs",
+READ_ENDPOINTS = ["/recommender/", "/recommender/api/registry", "/recommender/api/runs", "/recommender/api/alerts",
                   "/recommender/api/quality", "/recommender/api/serving", "/recommender/api/users/1",
                   "/recommender/datadocs/index.html"]
 ACTIONS = [("/recommender/api/actions/retrain", {}), ("/recommender/api/actions/rollback", {"version": "v20261101120000"})]
@@ -195,6 +195,23 @@ def test_runs_carry_the_gate_rejection_alert_and_the_email_arrived(client, world
     [mail] = [m for m in world.mail if world.versions[2] in m.content.decode(errors="replace")]
     assert mail.rcpt_tos == [ALERT_TO]
     assert "rejected by the gate" in mail.content.decode(errors="replace")
+
+
+def test_the_page_and_status_list_the_same_recent_alerts(client, world: World) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    alerts = client.get("/recommender/api/alerts", headers=login(client)).json()["alerts"]
+    [rejection] = [a for a in alerts if a["kind"] == "gate_rejected"]
+    assert world.versions[2] in rejection["message"] and rejection["run_kind"] == "retrain"
+    assert "champion keeps serving" not in rejection["message"]  # it names what serves: the second version
+    assert f"{world.versions[1]} keeps serving" in rejection["message"]
+    status = subprocess.run([sys.executable, "-m", "recmodel", "status"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT, env={**os.environ, **world.env, "PYTHONPATH": str(REPO_ROOT)})
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "recent alerts" in status.stdout and "gate_rejected" in status.stdout
 
 
 def test_quality_reports_each_expectation_quarantine_by_reason_and_data_docs(client, world: World) -> None:
@@ -322,9 +339,10 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
             expect(ui.locator("body[data-loaded=true]")).to_be_attached(timeout=60_000)
             expect(ui.locator("#registry-table tbody tr")).to_have_count(3)
             expect(ui.locator(f"#registry-table tr[data-version={second}]")).to_contain_text("serving")
-            expect(ui.locator("#metrics-chart circle.point")).to_have_count(2 * 3)  # 2 published versions x 3 panels
+            # vs the champion: the second version only (the first had none); vs popularity and own NDCG: both
+            expect(ui.locator("#metrics-chart circle.point")).to_have_count(1 + 2 + 2)
             expect(ui.locator("#metrics-chart path.point.rejected")).to_have_count(3)
-            page.screenshot(path=str(screenshots / "ui-recommender-in-airflow.png"))
+            expect(ui.locator("#alerts-list")).to_contain_text("gate rejected")
             with db.connect(world.url) as conn:
                 user_id, title = conn.execute(
                     "SELECT r.user_id, i.title FROM recsys.user_recommendations r JOIN items i USING (item_id) "
@@ -344,18 +362,44 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
             expect(ui.locator("#serving-badge")).to_have_text(f"serving {first}", timeout=30_000)
             expect(ui.locator("#runs-table")).to_contain_text(f"{first} now serves (was {second})")
 
-            full = browser.new_page(viewport={"width": 1400, "height": 900})
-            full.context.add_cookies(page.context.cookies())
-            full.goto(f"{stack.base_url}/recommender/")
-            expect(full.locator("body[data-loaded=true]")).to_be_attached(timeout=30_000)
-            full.locator("#lookup-user").fill(str(user_id))
-            full.get_by_role("button", name="Look up").click()
-            expect(full.locator("#recommendations-table tbody tr").first).to_be_visible()
-            full.screenshot(path=str(screenshots / "ui-recommender-page.png"), full_page=True)
+            for width in (1280, 1920):  # inside Airflow's frame and on its own: nothing cut off
+                page.set_viewport_size({"width": width, "height": 1000})
+                page.reload()
+                frame = page.frame_locator("iframe")
+                expect(frame.locator("body[data-loaded=true]")).to_be_attached(timeout=60_000)
+                [inner] = [f for f in page.frames if f != page.main_frame]
+                assert inner.evaluate(CLIPPED) == [], f"clipped in Airflow at {width} px"
+                page.screenshot(path=str(screenshots / f"ui-recommender-in-airflow-{width}.png"))
+                full = browser.new_page(viewport={"width": width, "height": 900})
+                full.context.add_cookies(page.context.cookies())
+                full.goto(f"{stack.base_url}/recommender/")
+                expect(full.locator("body[data-loaded=true]")).to_be_attached(timeout=30_000)
+                full.locator("#lookup-user").fill(str(user_id))
+                full.get_by_role("button", name="Look up").click()
+                expect(full.locator("#recommendations-table tbody tr").first).to_be_visible()
+                assert full.evaluate(CLIPPED) == [], f"clipped at {width} px"
+                full.screenshot(path=str(screenshots / f"ui-recommender-page-{width}.png"), full_page=True)
+                full.close()
             browser.close()
     finally:
         stack.stop()
         set_paused(("recsys_rollback",), True)
+
+
+# Every element that hides part of its content behind a scroll bar or a clip (the page itself included),
+# except the cells that cut long text with an ellipsis on purpose and show it whole on hover.
+CLIPPED = """() => {
+  const clipped = [];
+  if (document.documentElement.scrollWidth > window.innerWidth + 1) clipped.push("the page scrolls sideways");
+  for (const node of document.querySelectorAll("body *")) {
+    if (node.matches(".observed")) continue;
+    const overflow = getComputedStyle(node).overflowX;
+    if (["auto", "scroll", "hidden"].includes(overflow) && node.scrollWidth > node.clientWidth + 1) {
+      clipped.push(`${node.tagName.toLowerCase()}#${node.id}.${node.className}: ${node.scrollWidth} > ${node.clientWidth}`);
+    }
+  }
+  return clipped;
+}"""
 
 
 def serving_version(url: str) -> str | None:
