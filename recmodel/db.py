@@ -31,10 +31,20 @@ CREATE TABLE IF NOT EXISTS public.recsys_schema_migrations (
     version    text PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
+# The sha256 of each migration as applied. Databases migrated before checksums were kept get the
+# file's current checksum on their next `migrate` (trusted once); from then on any change is refused.
+ADD_CHECKSUM_COLUMN = "ALTER TABLE public.recsys_schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
+SELECT_APPLIED = "SELECT version, checksum FROM public.recsys_schema_migrations"
+RECORD_MIGRATION = "INSERT INTO public.recsys_schema_migrations (version, checksum) VALUES (%s, %s)"
+BACKFILL_CHECKSUM = "UPDATE public.recsys_schema_migrations SET checksum = %s WHERE version = %s AND checksum IS NULL"
 
 
 class DatabaseError(RuntimeError):
     """The database cannot be reached or is not in the state a command needs."""
+
+
+class MigrationChanged(DatabaseError):
+    """A migration file differs from the one this database applied: migrations are append-only."""
 
 
 def redact(url: str) -> str:
@@ -188,25 +198,51 @@ def migration_files() -> list[Path]:
     return sorted(SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
 
 
+def checksum(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def migrate(url: str) -> list[str]:
-    """Apply pending `sql/NNN_*.sql` files, each in its own transaction; return those applied."""
+    """Apply pending `sql/NNN_*.sql` files, each in its own transaction; return those applied.
+
+    Refuses (MigrationChanged, before applying anything) when a file this database already applied
+    has changed since: the schema it describes is no longer the one the database has.
+    """
     applied_now: list[str] = []
     with connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             conn.execute(CREATE_MIGRATIONS_TABLE)
-            done = {row[0] for row in conn.execute("SELECT version FROM public.recsys_schema_migrations")}
-            for path in migration_files():
-                if path.stem in done:
+            conn.execute(ADD_CHECKSUM_COLUMN)
+            done = dict(conn.execute(SELECT_APPLIED).fetchall())
+            files = {path.stem: (path, checksum(path)) for path in migration_files()}
+            _refuse_changed(done, files)
+            for version, (path, digest) in files.items():
+                if version in done:
+                    if done[version] is None:
+                        conn.execute(BACKFILL_CHECKSUM, (digest, version))
                     continue
                 with conn.transaction():
                     conn.execute(path.read_text())
-                    conn.execute("INSERT INTO public.recsys_schema_migrations (version) VALUES (%s)", (path.stem,))
+                    conn.execute(RECORD_MIGRATION, (version, digest))
                 log.info("applied migration %s", path.name)
-                applied_now.append(path.stem)
+                applied_now.append(version)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied_now
+
+
+def _refuse_changed(applied: dict[str, str | None], files: dict[str, tuple[Path, str]]) -> None:
+    changed = [f"{files[version][0].name} (applied with sha256 {digest[:12]}…, the file is now {files[version][1][:12]}…)"
+               for version, digest in sorted(applied.items())
+               if digest is not None and version in files and files[version][1] != digest]
+    if changed:
+        raise MigrationChanged(
+            "migrations already applied to this database have changed since: " + "; ".join(changed)
+            + ". Migrations are append-only: restore the file as it was and put the change in a new "
+            "numbered migration")
 
 
 def require_tables(url: str) -> None:
