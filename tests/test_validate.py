@@ -333,3 +333,23 @@ def test_jensen_shannon_bounds() -> None:
     assert jensen_shannon(a, a * 10) == pytest.approx(0.0)
     assert jensen_shannon(pd.Series({"x": 5}), pd.Series({"y": 2})) == pytest.approx(1.0)
     assert 0 < jensen_shannon(a, pd.Series({"x": 1, "y": 3})) < 1
+
+
+def test_great_expectations_does_not_flood_a_task_log_at_info() -> None:
+    """A worker's task log is at INFO; the logging policy every task applies keeps GX's import chatter out."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    def lines(quiet: bool) -> list[str]:
+        script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+                  + ("from recmodel.logsetup import quiet_libraries; quiet_libraries()\n" if quiet else "")
+                  + "import great_expectations as gx; gx.get_context(mode='ephemeral')\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return [line for line in done.stderr.splitlines() if line.startswith("INFO:great_expectations")]
+
+    assert len(lines(quiet=False)) > 50  # the flood this guards against
+    assert len(lines(quiet=True)) <= 1
