@@ -31,7 +31,7 @@ SCHEDULE = os.environ.get("RECSYS_FRESH_DATA_SCHEDULE", "*/15 * * * *")
     default_args={"retries": 0, "on_failure_callback": RecsysNotifier()},
 )
 def recsys_fresh_data():
-    @task(outlets=[FRESH_INTERACTIONS])
+    @task(multiple_outputs=False, outlets=[FRESH_INTERACTIONS])
     def count_fresh_interactions() -> dict:
         from recmodel import db
         from recmodel.assets import min_new_rows

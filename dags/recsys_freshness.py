@@ -30,7 +30,7 @@ SCHEDULE = os.environ.get("RECSYS_FRESHNESS_SCHEDULE", "@hourly")
     default_args={"retries": 0, "on_failure_callback": RecsysNotifier()},
 )
 def recsys_freshness():
-    @task
+    @task(multiple_outputs=False)
     def check_serving_freshness() -> dict:
         from recmodel import alerts, db, registry
         from recmodel.config import settings

@@ -2,7 +2,8 @@
 
 Thin wiring only: each task builds the run's context and calls one `recmodel.pipeline` step.
 Heavy libraries (torch, GX, transformers, onnxruntime) are imported inside the steps, so this
-file parses in milliseconds. Tasks pass small dicts (paths, counts) through XCom.
+file parses in milliseconds. Tasks pass small dicts (paths, counts) through XCom, one XCom per task
+(`multiple_outputs=False`: the dict whole, not one row per key as a `-> dict` annotation would infer).
 
 The run's data ends at `conf["as_of"]` when given (the CLI and the UI pass it), else at the end
 of the scheduled data interval; everything else in `conf` overrides `recmodel.config.PipelineConfig`.
@@ -52,7 +53,7 @@ def _context(context: dict[str, Any]):
     default_args={"retries": 1, "retry_delay": RETRY_DELAY, "on_failure_callback": RecsysNotifier()},
 )
 def recsys_retrain():
-    @task
+    @task(multiple_outputs=False)
     def extract(**context) -> dict:
         from recmodel.config import ConfigError
         from recmodel.extract import ExtractError
@@ -67,7 +68,7 @@ def recsys_retrain():
             # version: a retry would fail the same way
             raise AirflowFailException(str(exc)) from exc
 
-    @task
+    @task(multiple_outputs=False)
     def validate(extracted: dict, **context) -> dict:
         from recmodel.extract import ExtractError
         from recmodel.pipeline import step_validate
@@ -81,7 +82,7 @@ def recsys_retrain():
             raise AirflowSkipException(validated["message"])
         return validated
 
-    @task(queue=TRAIN_QUEUE)
+    @task(multiple_outputs=False, queue=TRAIN_QUEUE)
     def train(validated: dict, **context) -> dict:
         from recmodel.pipeline import SupersededRun, step_train
 
@@ -90,13 +91,13 @@ def recsys_retrain():
         except SupersededRun as exc:
             raise AirflowSkipException(str(exc)) from exc
 
-    @task
+    @task(multiple_outputs=False)
     def export(trained: dict, **context) -> dict:
         from recmodel.pipeline import step_export
 
         return step_export(_context(context), trained)
 
-    @task
+    @task(multiple_outputs=False)
     def gate(exported: dict, **context) -> dict:
         from recmodel.alerts import notify_gate_rejection
         from recmodel.pipeline import step_gate
@@ -107,7 +108,7 @@ def recsys_retrain():
             notify_gate_rejection(ctx.url, ctx.run_key, ctx.version, gated, context)
         return gated
 
-    @task(queue=TRAIN_QUEUE)
+    @task(multiple_outputs=False, queue=TRAIN_QUEUE)
     def refit(gated: dict, **context) -> dict:
         """The accepted model trained on the whole snapshot, holdout included (a no-op otherwise)."""
         from recmodel.pipeline import step_refit
@@ -122,14 +123,14 @@ def recsys_retrain():
                                        + "; ".join(gated["reasons"]))
         return list(range(_context(context).config.score_shards))
 
-    @task
+    @task(multiple_outputs=False)
     def score_users(gated: dict, shard: int, **context) -> dict:
         from recmodel.pipeline import step_score_users
 
         ctx = _context(context)
         return step_score_users(ctx, gated, shard, ctx.config.score_shards)
 
-    @task
+    @task(multiple_outputs=False)
     def score_items(gated: dict, **context) -> dict:
         from recmodel.pipeline import step_score_items
 
@@ -137,7 +138,7 @@ def recsys_retrain():
             raise AirflowSkipException(f"gate {gated['decision']}; nothing to score")
         return step_score_items(_context(context), gated)
 
-    @task(outlets=[PUBLISHED_RECOMMENDATIONS])  # consumers can schedule on a new version serving
+    @task(multiple_outputs=False, outlets=[PUBLISHED_RECOMMENDATIONS])  # consumers can schedule on a new version serving
     def publish(user_shards: list[dict], item_tables: dict, **context) -> dict:
         from recmodel.pipeline import scored_tables, step_publish
 

@@ -25,7 +25,7 @@ from recmodel.alerts import RecsysNotifier
     default_args={"on_failure_callback": RecsysNotifier()},
 )
 def recsys_rollback():
-    @task
+    @task(multiple_outputs=False)
     def rollback(**context) -> dict:
         from recmodel import db, registry
         from recmodel.config import settings

@@ -10,7 +10,7 @@ up, are logged and can be retried in Airflow like any other run. The queries liv
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
@@ -29,7 +29,7 @@ ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24" fill="none"
 def _requires(method: str, dag_id: str, entity: str | None = None):
     """Airflow's own DAG permission check (imported lazily: it needs a configured Airflow)."""
 
-    def check(request: Request, user=Depends(_user)) -> Any:
+    def check(request: Request, user: Annotated[Any, Depends(_user)]) -> Any:
         from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
         from airflow.api_fastapi.core_api.security import requires_access_dag
 
@@ -194,8 +194,8 @@ def _trigger(dag_id: str, conf: dict[str, Any], user: Any) -> dict[str, Any]:
 
 class RecommenderPlugin(AirflowPlugin):
     name = "recommender"
-    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "Recommender"}]
-    external_views = [{
+    fastapi_apps: ClassVar[list[dict[str, Any]]] = [{"app": app, "url_prefix": URL_PREFIX, "name": "Recommender"}]
+    external_views: ClassVar[list[dict[str, Any]]] = [{
         "name": "Recommender",
         "href": f"{URL_PREFIX}/",
         "destination": "nav",

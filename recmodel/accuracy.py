@@ -350,24 +350,25 @@ def _default_settings() -> dict[str, Any]:
                                             "batch_size", "learning_rate", "refit_epochs", "gate_min_users")}
 
 
+def _ci_text(row: dict[str, Any], metric: str) -> str:
+    low, high = row[f"{metric}_ci"]
+    return f"{row[metric]:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def _ratio_text(row: dict[str, Any], metric: str) -> str:
+    low, high = row[f"model_ratio_{metric}_ci"]
+    return f"{row[f'model_ratio_{metric}']:.2f}x [{low:.2f}, {high:.2f}]"
+
+
 def _print(result: dict[str, Any]) -> None:
     table = Table(title=f"accuracy: {result['evaluated_users']} users, {result['items']} items; {result['protocol']}")
     for column in ("model", "NDCG@10 [95% CI]", "HR@10 [95% CI]", "MRR@10", "cov@10", "tail", "cold NDCG",
                    "published/this NDCG [CI]", "published/this HR [CI]"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, row in result["models"].items():
-        def ci(metric: str) -> str:
-            low, high = row[f"{metric}_ci"]
-            return f"{row[metric]:.4f} [{low:.4f}, {high:.4f}]"
-
-        def ratio(metric: str) -> str:
-            if name == "published view":
-                return "-"
-            low, high = row[f"model_ratio_{metric}_ci"]
-            return f"{row[f'model_ratio_{metric}']:.2f}x [{low:.2f}, {high:.2f}]"
-
-        table.add_row(name, ci("ndcg@10"), ci("hr@10"), f"{row['mrr@10']:.4f}", f"{row['coverage@10']:.3f}",
-                      f"{row['tail_share@10']:.2f}", f"{row['cold_ndcg@10']:.4f}", ratio("ndcg@10"), ratio("hr@10"))
+        ratios = ("-", "-") if name == "published view" else (_ratio_text(row, "ndcg@10"), _ratio_text(row, "hr@10"))
+        table.add_row(name, _ci_text(row, "ndcg@10"), _ci_text(row, "hr@10"), f"{row['mrr@10']:.4f}",
+                      f"{row['coverage@10']:.3f}", f"{row['tail_share@10']:.2f}", f"{row['cold_ndcg@10']:.4f}", *ratios)
     console.print(table)
     console.print(f"published {result['version']} (served_by {', '.join(result['served_by'])}): "
                   f"{result['served_users']:,} of {result['users']:,} users served ({result['served_share']:.1%}); "

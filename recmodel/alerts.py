@@ -17,7 +17,7 @@ import html
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from airflow.sdk import BaseNotifier
@@ -59,7 +59,7 @@ def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = 
             email_error = f"{type(exc).__name__}: {exc}"
             log.error("RECSYS ALERT e-mail to %s failed (%s); the alert is in recsys.pipeline_runs",
                       ",".join(recipients), email_error)
-    entry = {"kind": alert.kind, "at": datetime.now(timezone.utc).isoformat(), "subject": alert.subject,
+    entry = {"kind": alert.kind, "at": datetime.now(UTC).isoformat(), "subject": alert.subject,
              "message": alert.message, "channels": [*channels, "pipeline_runs"]}
     if email_error:
         entry["email_error"] = email_error

@@ -8,7 +8,7 @@ EASE (Steck, 2019) is the closed form B = I - P / diag(P) with P = (XᵀX + λI)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp

@@ -30,9 +30,10 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import psutil
@@ -201,7 +202,7 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
     """Run every step once, directly; with `compare`, also the side-by-side baselines of each stage."""
     stages: dict[str, dict[str, Any]] = {}
     with bench_environment(url, home):
-        ctx = pipeline.make_context(datetime.now(timezone.utc) + timedelta(seconds=1), {"epochs": options.epochs})
+        ctx = pipeline.make_context(datetime.now(UTC) + timedelta(seconds=1), {"epochs": options.epochs})
 
         def timed(name: str, step: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
             with PeakRss() as rss:
@@ -281,7 +282,7 @@ def extract_comparison(url: str, as_of: datetime, rows: int) -> dict[str, Any]:
         extract(url, "bench-reread", as_of, Path(tmp), lookback=timedelta(0))
         reread_seconds = time.perf_counter() - started
 
-    window = {"low": datetime(1970, 1, 1, tzinfo=timezone.utc), "high": as_of, "run_key": "bench-baseline"}
+    window = {"low": datetime(1970, 1, 1, tzinfo=UTC), "high": as_of, "run_key": "bench-baseline"}
     with db.connect(url) as conn:
         query = sql.SQL(SELECT_INCREMENT).format(**{k: sql.Literal(v) for k, v in window.items()}).as_string(conn)
         started = time.perf_counter()
@@ -511,7 +512,7 @@ def publish_comparison(url: str, recommendation_shards: list[str]) -> dict[str, 
     frame = pd.concat([pd.read_parquet(path) for path in recommendation_shards], ignore_index=True)
     columns = [("int8", frame["user_id"].to_numpy()), ("int4", frame["rank"].to_numpy()),
                ("int8", frame["item_id"].to_numpy()), ("float4", frame["score"].to_numpy()),
-               ("text", "v20260101000000"), ("timestamptz", datetime.now(timezone.utc))]
+               ("text", "v20260101000000"), ("timestamptz", datetime.now(UTC))]
     create = ("CREATE TEMP TABLE bench_load (user_id int8, rank int4, item_id int8, score float4, "
               "model_version text, generated_at timestamptz)")
     with db.connect(url) as conn:
@@ -522,7 +523,7 @@ def publish_comparison(url: str, recommendation_shards: list[str]) -> dict[str, 
                 copy.write(chunk)
         copy_seconds = time.perf_counter() - started
         sample = frame.head(EXECUTEMANY_SAMPLE_ROWS)
-        rows = [(int(u), int(r), int(i), float(s), "v20260101000000", datetime.now(timezone.utc))
+        rows = [(int(u), int(r), int(i), float(s), "v20260101000000", datetime.now(UTC))
                 for u, r, i, s in sample[["user_id", "rank", "item_id", "score"]].itertuples(index=False)]
         conn.execute("TRUNCATE bench_load")
         started = time.perf_counter()
@@ -574,7 +575,7 @@ def retrain_through_airflow(url: str, airflow_url: str, home: Path, conf: dict[s
     with bench_environment(url, home):
         os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db.sqlalchemy_url(airflow_url, "psycopg2")
         runner.prepare_airflow(settings(), url)
-        as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+        as_of = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
         started = time.perf_counter()
         outcome = runner.run_dag("recsys_retrain", conf={**conf, "as_of": as_of.isoformat()}, logical_date=as_of)
         wall = time.perf_counter() - started
@@ -597,8 +598,8 @@ def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
                 f"input wait {figures['input_wait_share']:.1%}", "",
                 f"{figures['epochs']} epochs on {figures['device']}, {figures['loss']} loss")
     if stage == "score" and "users_per_s" in figures:
-        return (f"{figures['users_per_s']:,} users/s ({figures['bench_users']:,} x {figures['bench_items']:,} "
-                f"in {figures['seconds_for_bench_users']} s)",
+        return ((f"{figures['users_per_s']:,} users/s ({figures['bench_users']:,} x {figures['bench_items']:,} "
+                f"in {figures['seconds_for_bench_users']} s)"),
                 f"torch {figures['torch_eager_users_per_s']:,}/s; numpy {figures['numpy_matmul_argpartition_users_per_s']:,}/s",
                 f"{figures['ort_vs_torch']}x torch", f"{figures['ort_gflops']} GFLOP/s")
     if stage == "publish" and "copy_rows_per_s" in figures:
@@ -606,8 +607,8 @@ def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
                 f"executemany {figures['executemany_rows_per_s']:,} rows/s", f"{figures['copy_vs_executemany']}x",
                 f"swap {figures['swap_seconds']} s, {figures['reader_queries']} reads, {figures['reader_errors']} errors")
     if stage == "publish_past_long_reader":
-        return (f"other readers p50 {figures['reader_p50_ms']} ms, p99 {figures['reader_p99_ms']} ms, "
-                f"max {figures['reader_max_ms']} ms ({figures['reader_queries']:,} reads, {figures['reader_errors']} errors)",
+        return ((f"other readers p50 {figures['reader_p50_ms']} ms, p99 {figures['reader_p99_ms']} ms, "
+                f"max {figures['reader_max_ms']} ms ({figures['reader_queries']:,} reads, {figures['reader_errors']} errors)"),
                 f"one reader holds the view {figures['hold_seconds']} s", "",
                 f"{figures['lock_waits']} lock waits, swap {figures['swap_seconds']} s")
     if stage == "end_to_end":
@@ -617,8 +618,8 @@ def _figure(stage: str, figures: dict[str, Any]) -> tuple[str, str, str, str]:
         train = figures["train"]
         return (f"DAG run {figures['seconds']} s after {figures['new_events']:,} new events",
                 f"train {figures['tasks'].get('train', 0):.0f} s", "",
-                f"{train.get('epochs')} epochs ({train.get('stopped_by')}), {train.get('warm_started_items') or 0:,} "
-                "items warm-started")
+                (f"{train.get('epochs')} epochs ({train.get('stopped_by')}), {train.get('warm_started_items') or 0:,} "
+                "items warm-started"))
     return ("", "", "", "")
 
 

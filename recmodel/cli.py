@@ -11,9 +11,10 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -175,7 +176,7 @@ def _parse_as_of(text: str | None) -> datetime:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--as-of {text!r} is not an ISO timestamp like 2026-11-23T12:00:00+00:00") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
@@ -421,11 +422,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_column(column)
     for m in state["models"]:
         metrics = m["metrics"] or {}
-        fmt = lambda name: f"{metrics[name]['ndcg@10']:.4f}" if metrics.get(name) else "-"  # noqa: E731
         holdout = metrics.get("holdout")
         table.add_row(m["version"], m["kind"] + (" (refit)" if (m["lineage"] or {}).get("refit") else ""),
-                      m["parent_version"] or "-", m["status"], m["decision"] or "-", fmt("candidate"),
-                      fmt("champion"), fmt("popularity"), _holdout_text(holdout) if holdout else "-",
+                      m["parent_version"] or "-", m["status"], m["decision"] or "-", _ndcg(metrics, "candidate"),
+                      _ndcg(metrics, "champion"), _ndcg(metrics, "popularity"), _holdout_text(holdout) if holdout else "-",
                       f"{m['published_at']:%Y-%m-%d %H:%M}" if m["published_at"] else "-",
                       "yes" if m["serving"] else ("pruned" if m["pruned_at"] else ""))
     console.print(table)
@@ -448,6 +448,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     freshness = serving_freshness(url)
     console.print(("[red]" if freshness.stale else "") + freshness.message)
     return 0
+
+
+def _ndcg(metrics: dict[str, Any], name: str) -> str:
+    return f"{metrics[name]['ndcg@10']:.4f}" if metrics.get(name) else "-"
 
 
 def _print_alerts(alerts: list[Any]) -> None:

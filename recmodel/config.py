@@ -154,7 +154,7 @@ class PipelineConfig:
     keep_versions: int = 3
 
     @classmethod
-    def from_overrides(cls, overrides: dict[str, Any] | None) -> "PipelineConfig":
+    def from_overrides(cls, overrides: dict[str, Any] | None) -> PipelineConfig:
         """Build a config from defaults plus `overrides`, rejecting unknown keys and bad types."""
         overrides = dict(overrides or {})
         known = {f.name: f for f in dataclasses.fields(cls)}

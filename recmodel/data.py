@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ class Vocab:
     item_ids: np.ndarray  # (n_items,) int64, item_ids[0] == -1
 
     @classmethod
-    def from_catalog(cls, catalog_item_ids: np.ndarray) -> "Vocab":
+    def from_catalog(cls, catalog_item_ids: np.ndarray) -> Vocab:
         ids = np.unique(np.asarray(catalog_item_ids, dtype=np.int64))
         return cls(np.concatenate([[-1], ids]).astype(np.int64))
 

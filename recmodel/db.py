@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import psycopg
 from psycopg import sql
@@ -73,7 +73,7 @@ def with_database(url: str, database: str) -> str:
 def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises several types for a malformed URL
         raise DatabaseError(f"RECSYS_DATABASE_URL is not a valid database URL ({exc})") from None
     if not parsed.drivername.startswith("postgresql"):
         raise DatabaseError(f"RECSYS_DATABASE_URL must point to PostgreSQL, got {parsed.drivername!r}")
@@ -189,9 +189,8 @@ def connection_failure(url: str, exc: Exception) -> DatabaseError:
 @contextmanager
 def transaction(url: str) -> Iterator[psycopg.Connection]:
     """One visible transaction: commit on success, roll back on any error."""
-    with connect(url) as conn:
-        with conn.transaction():
-            yield conn
+    with connect(url) as conn, conn.transaction():
+        yield conn
 
 
 def migration_files() -> list[Path]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,7 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         read_from = (low - lookback) if low else datetime(1970, 1, 1, tzinfo=as_of.tzinfo)
         # Never past the database's clock: rows stamped later have not arrived yet, and a watermark
         # beyond now would hide them from every later run.
-        high = min(as_of, conn.execute("SELECT now()").fetchone()[0].astimezone(timezone.utc))
+        high = min(as_of, conn.execute("SELECT now()").fetchone()[0].astimezone(UTC))
         used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, high)
         increment_path = run_dir / INCREMENT_FILE
         rows, skipped = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids)

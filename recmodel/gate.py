@@ -53,8 +53,8 @@ class GateDecision:
 def undecided(plan: HoldoutPlan) -> GateDecision:
     """The decision when the holdout is too small to tell a good model from a bad one."""
     return GateDecision(outcome=UNDECIDED, reasons=[
-        f"evidence too thin to decide: {plan.users} users have new items in the holdout ({plan.describe()}), "
-        f"fewer than gate_min_users={plan.min_users}; lower gate_min_users or wait for more data"])
+        (f"evidence too thin to decide: {plan.users} users have new items in the holdout ({plan.describe()}), "
+        f"fewer than gate_min_users={plan.min_users}; lower gate_min_users or wait for more data")])
 
 
 TIME_WINDOW, LAST_PER_USER = "time_window", "last_per_user"
@@ -213,7 +213,7 @@ def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> 
     counts = pd.Series(np.asarray(train_item_ids)).value_counts()
     counts = counts.reindex(np.asarray(recommendable_ids), fill_value=0)
     ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
-    head = ranked.index[: max(1, int(round(HEAD_SHARE * len(ranked))))]
+    head = ranked.index[: max(1, round(HEAD_SHARE * len(ranked)))]
     return CatalogStats(n_items=len(recommendable_ids), head_items=frozenset(int(i) for i in head),
                         cold_items=frozenset(int(i) for i in counts.index[counts.to_numpy() < COLD_THRESHOLD]))
 

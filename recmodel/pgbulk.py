@@ -17,7 +17,7 @@ import os
 import re
 import threading
 from datetime import datetime
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -14,9 +14,10 @@ import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -69,7 +70,7 @@ def make_context(as_of: datetime, overrides: dict[str, Any] | None = None) -> Ru
     """Resolve the database and settings for a run whose data ends at `as_of` (tz-aware)."""
     if as_of.tzinfo is None:
         raise ValueError(f"as_of must be timezone-aware, got {as_of.isoformat()}")
-    as_of = as_of.astimezone(timezone.utc).replace(microsecond=0)
+    as_of = as_of.astimezone(UTC).replace(microsecond=0)
     config = PipelineConfig.from_overrides(overrides)
     check_as_of(as_of, config)
     env = settings()
@@ -80,7 +81,7 @@ def make_context(as_of: datetime, overrides: dict[str, Any] | None = None) -> Ru
 
 def check_as_of(as_of: datetime, config: PipelineConfig, now: datetime | None = None) -> None:
     """Refuse an as-of time in the future: its watermark would hide every row ingested until then."""
-    latest = (now or datetime.now(timezone.utc)) + timedelta(seconds=config.future_tolerance_seconds)
+    latest = (now or datetime.now(UTC)) + timedelta(seconds=config.future_tolerance_seconds)
     if as_of > latest:
         raise ConfigError(f"as-of {as_of:%Y-%m-%d %H:%M:%S} UTC is in the future (now + future_tolerance_seconds="
                           f"{config.future_tolerance_seconds:g} is {latest:%Y-%m-%d %H:%M:%S} UTC): a run can only "
@@ -410,7 +411,7 @@ def step_gate(ctx: RunContext, exported: dict[str, Any]) -> dict[str, Any]:
                "baseline so every known user gets recommendations until a model is accepted")
         registry.register_baseline(
             ctx.url, version=version, run_key=ctx.run_key, dataset_path=exported["dataset_path"], watermark=ctx.as_of,
-            train_rows=len(dataset), n_items=int(len(active_ids)), artifact_dir=str(ctx.run_dir),
+            train_rows=len(dataset), n_items=len(active_ids), artifact_dir=str(ctx.run_dir),
             reasons=[*decision.reasons, why],
             metrics={"baseline": metrics.get("popularity", {}), "holdout": metrics["holdout"]},
             lineage={"instead_of": ctx.version, "gate": decision.outcome})
@@ -495,7 +496,7 @@ def step_score_users(ctx: RunContext, gated: dict[str, Any], shard: int = 0, sha
     users = int(recommendations["user_id"].nunique())
     log.info("scored shard %d of %d: %d users on %s", shard + 1, shards, users, provider)
     return {"shard": shard, "shards": shards, "path": str(path), "provider": provider, "users": users,
-            "rows": int(len(recommendations))}
+            "rows": len(recommendations)}
 
 
 @beating

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 PROGRESS_SECONDS = 8.0  # below the 10 s of silence an operator tolerates, with room for one slow step
 

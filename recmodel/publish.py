@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import psycopg
@@ -228,7 +228,7 @@ def view_lock_holders(url: str) -> list[str]:
     with db.connect(url) as conn:
         rows = conn.execute(SELECT_VIEW_LOCK_HOLDERS, {"views": [t.view for t in SERVING_TABLES]}).fetchall()
     return [f"pid {pid} ({user}{', ' + app if app else ''}, "
-            f"{'transaction open %.0f s' % age if age is not None else 'no transaction'}, {state})"
+            f"{f'transaction open {age:.0f} s' if age is not None else 'no transaction'}, {state})"
             for pid, user, app, age, state in rows]
 
 

@@ -18,9 +18,10 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import psycopg
 from psycopg.rows import dict_row
@@ -194,12 +195,12 @@ class ModelRecord:
 def as_of_now() -> datetime:
     """The as-of time of a run started now: runs are keyed by whole seconds, and rounding up keeps
     rows ingested earlier in this second inside the run instead of leaving them for the next one."""
-    return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
 
 
 def run_key_for(as_of: datetime) -> str:
     """The key of the retraining run whose data ends at `as_of` (also its run folder's name)."""
-    return as_of.astimezone(timezone.utc).strftime(RUN_KEY_FORMAT)
+    return as_of.astimezone(UTC).strftime(RUN_KEY_FORMAT)
 
 
 def record_event(url: str, run_key: str, *, kind: str, status: str, stage: str, message: str,
@@ -279,7 +280,7 @@ def serving_freshness(url: str, max_age_hours: float | None = None, now: datetim
     if row is None:
         return Freshness(version=None, published_at=None, age_hours=None, max_age_hours=limit)
     version, published_at = row
-    age = ((now or datetime.now(timezone.utc)) - published_at).total_seconds() / 3600
+    age = ((now or datetime.now(UTC)) - published_at).total_seconds() / 3600
     return Freshness(version=version, published_at=published_at, age_hours=age, max_age_hours=limit)
 
 

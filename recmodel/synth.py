@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import numpy as np
 import pandas as pd
@@ -475,7 +475,7 @@ def seed_database(url: str, *, users: int, items: int, events: int, seed: int = 
     existing items and on a few new items created in that period. Item series and user tastes of
     the continuation are drawn afresh rather than recovered from the existing history.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     with db.transaction(url) as conn:
         conn.execute(LOCK_SOURCE_TABLES)
         n_existing, latest_occurred, latest_ingested = conn.execute(SELECT_INTERACTION_STATE).fetchone()

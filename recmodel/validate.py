@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -56,8 +56,8 @@ REASON_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "null_user_id": ("user_id is NULL", ()),
     "null_item_id": ("item_id is NULL", ()),
     "non_positive_id": ("user_id or item_id is 0 or negative", ()),
-    "unknown_item": ("item_id is not in the items table (add the items, then `quarantine replay --reason "
-                     "unknown_item`)", ()),
+    "unknown_item": (("item_id is not in the items table (add the items, then `quarantine replay --reason "
+                     "unknown_item`)"), ()),
     "bad_event_type": ("event_type is NULL or not one of event_types", ("event_types",)),
     "non_finite_value": ("value is NaN, Infinity or -Infinity (NULL means no value and is allowed)", ()),
     "value_out_of_range": ("value is outside [value_min, value_max]", ("value_min", "value_max")),
@@ -200,7 +200,7 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
     if as_of.tzinfo is None:
         raise ValueError("as_of must be timezone-aware (occurred_at is UTC)")
     context = _context(gx_dir)
-    run_id = RunIdentifier(run_name=run_key, run_time=datetime.now(timezone.utc))
+    run_id = RunIdentifier(run_name=run_key, run_time=datetime.now(UTC))
     result_ids: list[ValidationResultIdentifier] = []
 
     schema_result = _run(context, SCHEMA, [gx.expectations.ExpectTableColumnsToMatchSet(

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from recmodel.registry import RunRefused
 
 pytestmark = pytest.mark.reliability
 
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 BIGGEST_ID = 2**63 - 1  # beyond 2**53, float64 cannot hold it: it would land on another id
 INSERT_EVENT = """
 INSERT INTO interactions (user_id, item_id, event_type, value, occurred_at, ingested_at)
@@ -118,10 +118,10 @@ def test_a_rerun_of_the_champions_interval_is_refused_and_changes_nothing(recsys
 
 
 def test_a_future_as_of_is_refused_and_the_watermark_never_passes_now(recsys_env: str, tmp_path: Path) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     seed_small(recsys_env, now)
     with pytest.raises(ConfigError, match="is in the future"):
-        pipeline.make_context(datetime(2030, 1, 1, tzinfo=timezone.utc), SMALL_MODEL)
+        pipeline.make_context(datetime(2030, 1, 1, tzinfo=UTC), SMALL_MODEL)
     from test_cli import recmodel
 
     out = recmodel("retrain", "--as-of", "2030-01-01T00:00:00+00:00", url=recsys_env, home=tmp_path)

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 
@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, SMALL_MODEL, seed_small
 from recmodel import db
 
 HEAVY_MODULES = ("torch", "great_expectations", "transformers", "onnxruntime", "onnx", "pandas")
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 
 
 def test_dag_files_parse_fast_without_heavy_imports() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,7 +13,7 @@ from recmodel.extract import ExtractError, commit_watermark, extract
 
 pytestmark = pytest.mark.reliability  # late rows, reruns, changed schemas
 
-T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
 LOOKBACK = timedelta(hours=48)
 
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pandas as pd
 import pytest
@@ -26,7 +26,7 @@ from recmodel import db, pipeline
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 LATER = NOW + timedelta(days=1)
 LENIENT = {**SMALL_MODEL, "gate_champion_tolerance": 1.0}
 CHILD = ("import json, sys\nfrom datetime import datetime\nfrom recmodel import pipeline\n"

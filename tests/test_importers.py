@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pandas as pd
@@ -86,12 +86,12 @@ def test_ml100k_folder_imports(db_url: str, tmp_path: Path) -> None:
     folder = _ml100k(tmp_path / "ml-100k")
     summary = importers.import_movielens(db_url, folder)
     assert (summary.format, summary.items, summary.interactions, summary.users) == ("100k", 2, 3, 2)
-    assert summary.first_event_at == datetime.fromtimestamp(881250940, timezone.utc)
+    assert summary.first_event_at == datetime.fromtimestamp(881250940, UTC)
     with psycopg.connect(db_url) as conn:
         rows = conn.execute("SELECT item_id, title, description, tags, created_at FROM items ORDER BY 1").fetchall()
         values = conn.execute("SELECT array_agg(value ORDER BY event_id) FROM interactions").fetchone()[0]
     assert rows[0][:4] == (10, "Amélie (2001)", "Genres: Adventure, Horror. Released 2001.", ["adventure", "horror"])
-    assert rows[0][4] == datetime.fromtimestamp(881250949, timezone.utc)
+    assert rows[0][4] == datetime.fromtimestamp(881250949, UTC)
     assert rows[1][2:4] == ("No genres listed. Released 1996.", [])
     assert values == [5.0, 4.0, 2.0]
 

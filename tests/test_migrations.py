@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from recmodel import db, registry
 
 SHIPPED = REPO_ROOT / "sql" / "SHA256SUMS"  # `sha256sum -c` format: what each shipped migration must stay
 FIRST_RELEASE = ("001_source_tables", "002_pipeline_state", "003_serving_views")  # the walking skeleton's
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 
 
 def shipped() -> dict[str, str]:

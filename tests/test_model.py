@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_whole_history_is_masked_even_beyond_the_window(tmp_path: Path) -> None:
     excluded[29] = True  # inactive
     wrapper = TopKRecommender(model, excluded, k=10).eval()
     history = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21]])  # 10 items, window of 4
-    items, scores = wrapper(history)
+    items, _scores = wrapper(history)
     assert not set(items[0].tolist()) & {0, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 29}
     torch.onnx.export(wrapper, (history,), str(tmp_path / "m.onnx"), input_names=["history"],
                       output_names=["item_index", "score"], dynamo=True,
@@ -42,7 +43,7 @@ def test_whole_history_is_masked_even_beyond_the_window(tmp_path: Path) -> None:
     longer = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18]], dtype=np.int64)
     got_items, got_scores = session.run(None, {"history": longer})
     with torch.no_grad():
-        ref_items, ref_scores = (t.numpy() for t in wrapper(torch.from_numpy(longer)))
+        _ref_items, ref_scores = (t.numpy() for t in wrapper(torch.from_numpy(longer)))
     assert not set(got_items[0].tolist()) & set(longer[0].tolist())
     np.testing.assert_allclose(got_scores, ref_scores, atol=1e-4)
 
@@ -269,7 +270,7 @@ def test_warmup_cosine_rises_peaks_and_decays_to_a_tenth() -> None:
     assert schedule(0) < 0.05 and schedule(schedule.warmup_steps) == pytest.approx(1.0)
     assert schedule(999) == pytest.approx(FINAL_LR_SHARE, abs=1e-3) and schedule(5000) == pytest.approx(FINAL_LR_SHARE)
     values = [schedule(step) for step in range(schedule.warmup_steps, 1000)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # never rises after the peak
+    assert all(a >= b for a, b in itertools.pairwise(values))  # never rises after the peak
     schedule.fit_to(500)  # the time budget will end the run at step 500: the decay ends there
     assert schedule(499) == pytest.approx(FINAL_LR_SHARE, abs=1e-2) and schedule.warmup_steps == 25
     schedule.fit_to(5000)  # a faster pace never plans past the planned steps

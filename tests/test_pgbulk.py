@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ def _fill(url: str, labels: list[str | None], values: list[float | None]) -> Non
         conn.execute("CREATE TABLE bulk (id bigint, label text, value real, at timestamptz)")
         with conn.cursor() as cursor:
             cursor.executemany("INSERT INTO bulk VALUES (%s, %s, %s, %s)", [
-                (i, label, value, datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=7 * i))
+                (i, label, value, datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=7 * i))
                 for i, (label, value) in enumerate(zip(labels, values))])
 
 
@@ -36,7 +36,7 @@ def test_read_batches_returns_every_value_nulls_and_hostile_strings_unchanged(db
         schema=SCHEMA)
     assert table.column("label").to_pylist() == labels
     assert table.column("value").to_pylist() == values
-    assert table.column("at").to_pylist()[-1] == datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(
+    assert table.column("at").to_pylist()[-1] == datetime(2026, 1, 1, tzinfo=UTC) + timedelta(
         microseconds=7 * (len(labels) - 1))
 
 
@@ -61,7 +61,7 @@ def test_read_batches_reports_a_failing_query_and_a_column_mismatch(db_url: str)
 
 
 def test_binary_copy_stream_loads_exact_values(db_url: str) -> None:
-    generated = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+    generated = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=UTC)
     ids = np.array([1, -5, 2**62], dtype=np.int64)
     scores = np.array([0.5, -0.125, 3.25], dtype=np.float32)
     with db.transaction(db_url) as conn:
@@ -91,7 +91,7 @@ def test_publish_refuses_duplicate_keys_and_serves_nothing_new(db_url: str) -> N
     broken = frames(users=3, k=2, seed=0)
     broken["user_recommendations"].loc[1, "rank"] = 1  # user 1 has rank 1 twice
     with pytest.raises(PublishError, match="user_recommendations: the new rows cannot be loaded .*duplicate"):
-        publish(db_url, "v20261101000000", broken, generated_at=datetime.now(timezone.utc), keep_versions=3)
+        publish(db_url, "v20261101000000", broken, generated_at=datetime.now(UTC), keep_versions=3)
     with db.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM recsys.user_recommendations").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%staging'").fetchone()[0] == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pandas as pd
 import pytest
@@ -13,7 +13,7 @@ from recmodel.extract import ExtractError
 from recmodel.registry import RunRefused
 from recmodel.validate import DataValidationError
 
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 
 INSERT_EVENT = """
 INSERT INTO interactions (user_id, item_id, event_type, value, occurred_at, ingested_at)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import tempfile
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pytest
 from recmodel import db
 from recmodel.publish import PublishError, publish, rollback
 
-NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
 INSERT_MODEL = """
 INSERT INTO recsys.model_registry (version, run_key, dataset_path, watermark, train_rows, n_items, device,
     artifact_dir, onnx_path, onnx_sha256, decision)

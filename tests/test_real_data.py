@@ -7,7 +7,7 @@ the log holds enough users for the gate.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 
 from recmodel import db
 
-AS_OF = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 1, 12, tzinfo=UTC)
 FIRST_DAY, LAST_DAY = pd.Timestamp("1997-09-20", tz="UTC"), pd.Timestamp("1998-04-22", tz="UTC")
 FLOOR_2000 = "2000-01-01T00:00:00+00:00"
 
@@ -27,7 +27,7 @@ def write_ml100k_1997(folder: Path, users: int = 150, items: int = 120, events: 
     from recmodel.importers import ML100K_GENRES
     from recmodel.synth import generate
 
-    data = generate(users, items, events, seed=seed, days=90, end=datetime(1998, 1, 1, tzinfo=timezone.utc))
+    data = generate(users, items, events, seed=seed, days=90, end=datetime(1998, 1, 1, tzinfo=UTC))
     ratings = data.interactions.drop_duplicates(["user_id", "item_id"]).copy()
     rng = np.random.default_rng(seed)
     starts = pd.Series(FIRST_DAY + pd.to_timedelta(rng.uniform(0, (LAST_DAY - FIRST_DAY).days - 3, users), unit="D"),
@@ -73,7 +73,7 @@ def test_first_default_retrain_on_a_1997_dataset_serves_every_user(
         users = {u for (u,) in conn.execute(
             "SELECT user_id FROM interactions GROUP BY user_id HAVING count(*) >= 2").fetchall()}
         quarantined = conn.execute("SELECT count(*) FROM recsys.quarantine").fetchone()[0]
-        holdout, kinds = conn.execute(
+        holdout, _kinds = conn.execute(
             "SELECT metrics -> 'holdout', array_agg(kind) OVER () FROM recsys.model_registry "
             "WHERE kind = 'model'").fetchone()
     assert quarantined == 0  # old timestamps are history, not errors

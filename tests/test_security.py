@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import uuid
@@ -21,7 +21,7 @@ from test_publish import INSERT_MODEL, frames, register
 
 pytestmark = pytest.mark.reliability
 
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 HOSTILE = ["Robert'); DROP TABLE items; --", 'quote " and \\ backslash', "tab\tnew\nline", "☃ 雪 \u202e rtl",
            "semi;colon", "\\N", "%s %(name)s {}"]
 

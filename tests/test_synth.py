@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pandas as pd
 import psycopg
@@ -8,7 +8,7 @@ import pytest
 
 from recmodel import synth
 
-END = datetime(2025, 6, 1, tzinfo=timezone.utc)
+END = datetime(2025, 6, 1, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -25,7 +25,7 @@ from psycopg import sql
 from conftest import SMALL_MODEL, seed_small
 from recmodel import db
 
-NOW = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 PASSWORDS = {"admin": "admin-secret", "viewer": "viewer-secret"}
 ALERT_TO = "ops@example.com"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,7 +55,7 @@ def smtp_inbox() -> Iterator[list]:
         def __init__(self) -> None:
             self.messages: list = []
 
-        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        async def handle_DATA(self, server, session, envelope):
             self.messages.append(envelope)
             return "250 OK"
 
@@ -209,7 +209,7 @@ def test_the_page_and_status_list_the_same_recent_alerts(client, world: World) -
     assert "champion keeps serving" not in rejection["message"]  # it names what serves: the second version
     assert f"{world.versions[1]} keeps serving" in rejection["message"]
     status = subprocess.run([sys.executable, "-m", "recmodel", "status"], capture_output=True, text=True, timeout=120,
-                            cwd=REPO_ROOT, env={**os.environ, **world.env, "PYTHONPATH": str(REPO_ROOT)})
+                            cwd=REPO_ROOT, env={**os.environ, **world.env, "PYTHONPATH": str(REPO_ROOT)}, check=False)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "recent alerts" in status.stdout and "gate_rejected" in status.stdout
 
@@ -237,7 +237,7 @@ def test_serving_lists_versions_with_users_covered_and_freshness(client, world: 
     headers = login(client)
     state = client.get("/recommender/api/serving", headers=headers).json()
     versions = {v["version"]: v for v in state["versions"]}
-    first, second, third = world.versions
+    first, second, _third = world.versions
     assert set(versions) == {first, second}  # the rejected candidate was never published
     assert versions[second]["serving"] and not versions[second]["can_roll_back"]
     assert versions[first]["can_roll_back"]
@@ -300,7 +300,7 @@ def test_actions_queue_airflow_runs_as_the_user_and_refuse_what_cannot_be_done(c
                                for q in queued)
             assert (rolled.conf, rolled.triggering_user_name, rolled.state) == ({"version": first}, "admin", "queued")
             as_of = datetime.fromisoformat(retrain.conf["as_of"])
-            assert abs((as_of - datetime.now(timezone.utc)).total_seconds()) < 60
+            assert abs((as_of - datetime.now(UTC)).total_seconds()) < 60
     finally:
         with create_session() as session:  # queued only: the browser test's scheduler must not run them
             for q in queued:

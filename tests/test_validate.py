@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from recmodel.validate import (REASONS, Reference, ValidationReport, jensen_shan
 
 pytestmark = pytest.mark.reliability  # bad input: every case here is one
 
-AS_OF = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 CATALOG = np.arange(1, 51, dtype=np.int64)
 
 
@@ -189,8 +189,8 @@ def test_quarantine_share_above_max_fails_the_dataset(tmp_path: Path) -> None:
     report = validate(increment, tmp_path, PipelineConfig(max_quarantine_share=0.2))
     assert not report.passed
     assert report.dataset_failures == [
-        "expect_column_max_to_be_between(quarantine_share) failed: observed 0.4 > max 0.2 "
-        "(setting max_quarantine_share=0.2; override with retrain --conf)"]
+        ("expect_column_max_to_be_between(quarantine_share) failed: observed 0.4 > max 0.2 "
+        "(setting max_quarantine_share=0.2; override with retrain --conf)")]
     assert len(report.clean) == 6
 
 
@@ -294,8 +294,8 @@ def test_volume_is_checked_against_the_median_of_earlier_increments(tmp_path: Pa
                                   run_key="r1", reference=Reference(previous_volumes=(1000, 1100, 900, 5)))
     assert not collapse.passed
     assert collapse.dataset_failures == [
-        "expect_column_max_to_be_between(volume_ratio) failed: observed 0.02105 < min 0.1 or > max 10 "
-        "(setting volume_min_ratio=0.1, volume_max_ratio=10.0; override with retrain --conf)"]
+        ("expect_column_max_to_be_between(volume_ratio) failed: observed 0.02105 < min 0.1 or > max 10 "
+        "(setting volume_min_ratio=0.1, volume_max_ratio=10.0; override with retrain --conf)")]
     steady = validate_increment(increment, CATALOG, as_of=AS_OF, config=PipelineConfig(), gx_dir=tmp_path / "gx",
                                 run_key="r2", reference=Reference(previous_volumes=(25, 18, 20)))
     assert steady.passed and outcome_for(steady, "volume_ratio").success
@@ -347,7 +347,7 @@ def test_great_expectations_does_not_flood_a_task_log_at_info() -> None:
                   + ("from recmodel.logsetup import quiet_libraries; quiet_libraries()\n" if quiet else "")
                   + "import great_expectations as gx; gx.get_context(mode='ephemeral')\n")
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
-                              timeout=120)
+                              timeout=120, check=False)
         assert done.returncode == 0, done.stderr
         return [line for line in done.stderr.splitlines() if line.startswith("INFO:great_expectations")]
 
