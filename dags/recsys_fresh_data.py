@@ -8,16 +8,15 @@ and no retrain is running, the task succeeds and Airflow records an asset event,
 
 from __future__ import annotations
 
-import os
-
 import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from recmodel.alerts import RecsysNotifier
 from recmodel.assets import FRESH_INTERACTIONS
+from recmodel.config import settings
 
-SCHEDULE = os.environ.get("RECSYS_FRESH_DATA_SCHEDULE", "*/15 * * * *")
+SCHEDULE = settings().fresh_data_schedule
 
 
 @dag(
@@ -34,12 +33,11 @@ def recsys_fresh_data():
     @task(multiple_outputs=False, outlets=[FRESH_INTERACTIONS])
     def count_fresh_interactions() -> dict:
         from recmodel import db
-        from recmodel.assets import min_new_rows
-        from recmodel.config import settings
         from recmodel.extract import fresh_interactions
 
-        threshold = min_new_rows()
-        rows, running = fresh_interactions(db.resolve_url(settings()))
+        env = settings()
+        threshold = env.retrain_min_new_rows
+        rows, running = fresh_interactions(db.resolve_url(env))
         if running:
             raise AirflowSkipException(f"{rows:,} new interactions, but a retrain is running; it will read them")
         if rows < threshold:

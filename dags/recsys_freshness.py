@@ -8,15 +8,14 @@ RECSYS_ALERT_EMAIL is set). Nothing published yet is a skip, not an alert.
 
 from __future__ import annotations
 
-import os
-
 import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from recmodel.alerts import RecsysNotifier
+from recmodel.config import settings
 
-SCHEDULE = os.environ.get("RECSYS_FRESHNESS_SCHEDULE", "@hourly")
+SCHEDULE = settings().freshness_schedule
 
 
 @dag(

@@ -13,7 +13,6 @@ A failed task and a rejected candidate raise alerts (`recmodel.alerts`): a log l
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -23,16 +22,18 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from recmodel.alerts import RecsysNotifier
 from recmodel.assets import FRESH_INTERACTIONS, PUBLISHED_RECOMMENDATIONS
+from recmodel.config import settings
 
-SCHEDULE = os.environ.get("RECSYS_RETRAIN_SCHEDULE", "@daily")
+ENV = settings()  # the environment, checked: a bad variable is an import error that names it
+SCHEDULE = ENV.retrain_schedule
 # A task that fails on a transient fault (a dropped connection, a restarted database) runs once more.
-RETRY_DELAY = timedelta(seconds=float(os.environ.get("RECSYS_RETRY_DELAY_SECONDS", "120")))
+RETRY_DELAY = timedelta(seconds=ENV.retry_delay_seconds)
 # On a Celery deployment the GPU worker listens on this queue (docker-compose.yaml: `gpu`); every
 # other task, the scoring shards included, stays on Airflow's default queue.
-TRAIN_QUEUE = os.environ.get("RECSYS_TRAIN_QUEUE", "default")
+TRAIN_QUEUE = ENV.train_queue
 # A scheduled run (or a backfill's) that finds another retrain alive on the database waits this long
 # for it before failing: one run at a time per database, whoever started the other one.
-LIVE_RUN_WAIT = timedelta(minutes=float(os.environ.get("RECSYS_LIVE_RUN_WAIT_MINUTES", "60")))
+LIVE_RUN_WAIT = timedelta(minutes=ENV.live_run_wait_minutes)
 
 
 def _context(context: dict[str, Any]):

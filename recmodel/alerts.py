@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from typing import Any
@@ -23,12 +22,11 @@ from typing import Any
 from airflow.sdk import BaseNotifier
 
 from recmodel import db, registry
+from recmodel.config import ENV_VARIABLE, ConfigError, Settings, settings
 
 log = logging.getLogger(__name__)
 
-ALERT_EMAIL_ENV = "RECSYS_ALERT_EMAIL"  # comma-separated recipients; unset: log + table only
-SMTP_CONN_ENV = "RECSYS_SMTP_CONN_ID"
-ALERT_FROM_ENV = "RECSYS_ALERT_FROM"
+ALERT_EMAIL_ENV = ENV_VARIABLE["alert_emails"]  # comma-separated recipients; unset: log + table only
 RETRAIN_DAG = "recsys_retrain"
 # The pipeline_runs kind of the other DAGs' rows (a retrain run reports to its own run's row).
 EVENT_KINDS = {"recsys_rollback": "rollback", "recsys_freshness": "freshness", "recsys_fresh_data": "fresh_data"}
@@ -49,11 +47,16 @@ def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = 
     log.log(logging.WARNING if alert.kind == "gate_rejected" else logging.ERROR, "RECSYS ALERT [%s] %s: %s",
             alert.kind, alert.subject, alert.message)
     channels = ["log"]
-    recipients = [r.strip() for r in os.environ.get(ALERT_EMAIL_ENV, "").split(",") if r.strip()]
+    try:
+        env = settings()
+    except ConfigError as exc:  # the alert still reaches the log and the run's row
+        log.error("RECSYS ALERT e-mail not attempted: %s", exc)
+        env = None
+    recipients = list(env.alert_emails) if env else []
     email_error = None
-    if recipients:
+    if env and recipients:
         try:
-            _email(recipients, alert, context or {})
+            _email(env, alert, context or {})
             channels.append("email:" + ",".join(recipients))
         except Exception as exc:  # noqa: BLE001 - the alert must still be logged and recorded
             email_error = f"{type(exc).__name__}: {exc}"
@@ -76,15 +79,14 @@ def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = 
     return entry["channels"]
 
 
-def _email(recipients: list[str], alert: Alert, context: dict[str, Any]) -> None:
+def _email(env: Settings, alert: Alert, context: dict[str, Any]) -> None:
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
     body = f"<p>{html.escape(alert.message)}</p>"
     if ti := context.get("task_instance"):
         body += f"<p>Airflow: {html.escape(ti.dag_id)} / {html.escape(ti.task_id)}, run {html.escape(ti.run_id)}</p>"
-    notifier = SmtpNotifier(to=recipients, from_email=os.environ.get(ALERT_FROM_ENV, "recsys-retrain@localhost"),
-                            subject=f"[recsys] {alert.subject}", html_content=body,
-                            smtp_conn_id=os.environ.get(SMTP_CONN_ENV, "smtp_default"))
+    notifier = SmtpNotifier(to=list(env.alert_emails), from_email=env.alert_from, subject=f"[recsys] {alert.subject}",
+                            html_content=body, smtp_conn_id=env.smtp_conn_id)
     notifier.notify(context)
 
 

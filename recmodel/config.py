@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -72,10 +73,104 @@ SETTING_RANGES: dict[str, Range] = {
 }
 
 
+def _text(variable: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{variable} must not be blank")
+    return raw.strip()
+
+
+def _whole(variable: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{variable} must be >= 1, got {raw!r}")
+    return value
+
+
+def _number(variable: str, raw: str, *, positive: bool) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{variable} must be {'> 0' if positive else '>= 0'}, got {raw!r}")
+    return value
+
+
+def _addresses(variable: str, raw: str) -> tuple[str, ...]:
+    addresses = tuple(a.strip() for a in raw.split(",") if a.strip())
+    if any("@" not in a for a in addresses):
+        raise ConfigError(f"{variable} must be comma-separated e-mail addresses, got {raw!r}")
+    return addresses
+
+
+@dataclass(frozen=True)
+class EnvSetting:
+    """One environment variable: the Settings field it sets, its default (as the variable would
+    read) and what it means. README's table lists exactly these (a test compares them)."""
+
+    variable: str
+    field: str
+    default: str
+    meaning: str
+    parse: Callable[[str, str], Any]
+
+
+ENVIRONMENT: tuple[EnvSetting, ...] = (
+    EnvSetting("RECSYS_RETRAIN_SCHEDULE", "retrain_schedule", "@daily",
+               "cron/preset schedule of `recsys_retrain` (it also runs when enough fresh data arrived)", _text),
+    EnvSetting("RECSYS_RETRAIN_MIN_NEW_ROWS", "retrain_min_new_rows", "10000",
+               "new interactions since the last snapshot that trigger a retrain ahead of schedule", _whole),
+    EnvSetting("RECSYS_FRESH_DATA_SCHEDULE", "fresh_data_schedule", "*/15 * * * *",
+               "how often `recsys_fresh_data` counts them", _text),
+    EnvSetting("RECSYS_TRAIN_QUEUE", "train_queue", "default",
+               "Celery queue of the `train` and `refit` tasks (the GPU worker's, in docker-compose.yaml)", _text),
+    EnvSetting("RECSYS_RETRY_DELAY_SECONDS", "retry_delay_seconds", "120",
+               "wait before a failed `recsys_retrain` task runs again (once)",
+               lambda variable, raw: _number(variable, raw, positive=False)),
+    EnvSetting("RECSYS_LIVE_RUN_WAIT_MINUTES", "live_run_wait_minutes", "60",
+               "how long a scheduled run waits for another live run on the same database before failing",
+               lambda variable, raw: _number(variable, raw, positive=False)),
+    EnvSetting("RECSYS_MAX_SERVING_AGE_HOURS", "max_serving_age_hours", "36",  # a daily schedule + half a day
+               "serving tables older than this raise a `serving_stale` alert",
+               lambda variable, raw: _number(variable, raw, positive=True)),
+    EnvSetting("RECSYS_FRESHNESS_SCHEDULE", "freshness_schedule", "@hourly",
+               "schedule of the `recsys_freshness` check", _text),
+    EnvSetting("RECSYS_ALERT_EMAIL", "alert_emails", "",
+               "comma-separated addresses for alert e-mails (always: log line + `recsys.pipeline_runs`); "
+               "empty: no e-mail", _addresses),
+    EnvSetting("RECSYS_SMTP_CONN_ID", "smtp_conn_id", "smtp_default", "Airflow SMTP connection for those e-mails",
+               _text),
+    EnvSetting("RECSYS_ALERT_FROM", "alert_from", "recsys-retrain@localhost", "sender of those e-mails", _text),
+)
+ENV_VARIABLE = {setting.field: setting.variable for setting in ENVIRONMENT}
+
+
+def _default(field: str) -> Any:
+    """A Settings field's default: its variable's default, parsed (one definition per setting)."""
+    setting = next(s for s in ENVIRONMENT if s.field == field)
+    return setting.parse(setting.variable, setting.default)
+
+
 @dataclass(frozen=True)
 class Settings:
+    """Everything read from the environment, parsed and checked once by `settings()`."""
+
     home: Path
     database_url: str | None  # None: start the embedded Postgres under home/pg
+    retrain_schedule: str = _default("retrain_schedule")
+    retrain_min_new_rows: int = _default("retrain_min_new_rows")
+    fresh_data_schedule: str = _default("fresh_data_schedule")
+    train_queue: str = _default("train_queue")
+    retry_delay_seconds: float = _default("retry_delay_seconds")
+    live_run_wait_minutes: float = _default("live_run_wait_minutes")
+    max_serving_age_hours: float = _default("max_serving_age_hours")
+    freshness_schedule: str = _default("freshness_schedule")
+    alert_emails: tuple[str, ...] = _default("alert_emails")
+    smtp_conn_id: str = _default("smtp_conn_id")
+    alert_from: str = _default("alert_from")
 
     @property
     def airflow_home(self) -> Path:
@@ -83,8 +178,14 @@ class Settings:
 
 
 def settings() -> Settings:
+    """The environment as one checked value; a bad variable raises ConfigError naming it.
+
+    Read on every call (cheap), so a test or a long-lived process sees the environment as it is now.
+    """
     home = Path(os.environ.get("RECSYS_HOME") or ".recsys").resolve()
-    return Settings(home=home, database_url=os.environ.get("RECSYS_DATABASE_URL") or None)
+    values = {setting.field: setting.parse(setting.variable, os.environ.get(setting.variable, setting.default))
+              for setting in ENVIRONMENT}
+    return Settings(home=home, database_url=os.environ.get("RECSYS_DATABASE_URL") or None, **values)
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,6 @@ LEFT JOIN recsys.published_versions p USING (version)
 ORDER BY r.created_at DESC, r.version DESC
 LIMIT %(limit)s
 """
-SELECT_RUNS = """
-SELECT run_key, kind, dag_run_id, as_of, started_at, finished_at, status, stage, rows_extracted,
-       rows_quarantined, model_version, message, alerts
-FROM recsys.pipeline_runs ORDER BY started_at DESC LIMIT %(limit)s
-"""
 SELECT_LATEST_VALIDATION = """
 SELECT run_key, as_of, details -> 'validate' AS validate
 FROM recsys.pipeline_runs
@@ -121,9 +116,8 @@ def alerts(url: str, limit: int = 10) -> list[dict[str, Any]]:
 
 
 def runs(url: str, limit: int = 30) -> list[dict[str, Any]]:
-    """Recent retraining runs, rollbacks and freshness alerts, newest first, with their alerts."""
-    with db.connect(url) as conn:
-        return conn.cursor(row_factory=dict_row).execute(SELECT_RUNS, {"limit": limit}).fetchall()
+    """Recent runs with their alerts, in the order `python -m recmodel status` lists them."""
+    return model_registry.recent_runs(url, limit)
 
 
 def data_quality(url: str, home: Path, runs_back: int = 20) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from recmodel import db
+from recmodel.config import ENV_VARIABLE, settings
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ SELECT r.version, r.parent_version, r.run_key, r.created_at, r.kind, r.status, r
 FROM recsys.model_registry r LEFT JOIN recsys.published_versions p USING (version)
 ORDER BY r.created_at DESC LIMIT %s
 """
-SELECT_RUNS = "SELECT * FROM recsys.pipeline_runs ORDER BY as_of DESC LIMIT %s"
+# What ran most recently first: `status` and the Recommender page both list runs through this.
+SELECT_RUNS = "SELECT * FROM recsys.pipeline_runs ORDER BY started_at DESC, run_key DESC LIMIT %s"
 # Rollbacks and freshness checks get their own rows, keyed by kind and Airflow run id.
 UPSERT_EVENT = """
 INSERT INTO recsys.pipeline_runs (run_key, kind, dag_run_id, as_of, status, stage, model_version, message, finished_at)
@@ -164,12 +165,11 @@ SET status = EXCLUDED.status, stage = EXCLUDED.stage, model_version = COALESCE(E
 APPEND_ALERT = "UPDATE recsys.pipeline_runs SET alerts = alerts || %(alert)s::jsonb WHERE run_key = %(run_key)s"
 RUN_KEY_FORMAT = "%Y%m%dT%H%M%SZ"
 SELECT_SERVING_PUBLICATION = "SELECT version, published_at FROM recsys.published_versions WHERE serving"
-MAX_AGE_ENV = "RECSYS_MAX_SERVING_AGE_HOURS"
+MAX_AGE_ENV = ENV_VARIABLE["max_serving_age_hours"]
 HEARTBEAT_SECONDS = 10.0
 # A step silent this long is dead: many missed beats, so a busy machine, a slow query or a task queued for
 # a worker between extract and validate is not mistaken for one.
 STALE_AFTER_SECONDS = 300.0
-DEFAULT_MAX_AGE_HOURS = 36.0  # a daily schedule plus half a day of slack
 
 
 @dataclass(frozen=True)
@@ -259,22 +259,9 @@ class Freshness:
                 f"({self.published_at:%Y-%m-%d %H:%M} UTC; limit {self.max_age_hours:g} h, {MAX_AGE_ENV})")
 
 
-def max_serving_age_hours() -> float:
-    raw = os.environ.get(MAX_AGE_ENV)
-    if not raw:
-        return DEFAULT_MAX_AGE_HOURS
-    try:
-        hours = float(raw)
-    except ValueError:
-        raise ValueError(f"{MAX_AGE_ENV} must be a number of hours, got {raw!r}") from None
-    if hours <= 0:
-        raise ValueError(f"{MAX_AGE_ENV} must be > 0, got {raw!r}")
-    return hours
-
-
 def serving_freshness(url: str, max_age_hours: float | None = None, now: datetime | None = None) -> Freshness:
     """How old the serving tables are (time since the serving version was published)."""
-    limit = max_serving_age_hours() if max_age_hours is None else max_age_hours
+    limit = settings().max_serving_age_hours if max_age_hours is None else max_age_hours
     with db.connect(url) as conn:
         row = conn.execute(SELECT_SERVING_PUBLICATION).fetchone()
     if row is None:
@@ -477,10 +464,14 @@ def verify_artifacts(url: str, version: str) -> None:
         check_artifacts(_record(row))
 
 
-def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
-    """Registry rows with their publication state, and recent runs, newest first."""
+def recent_runs(url: str, limit: int = 30) -> list[dict[str, Any]]:
+    """Retraining runs, rollbacks, freshness and fresh-data checks, the most recently started first."""
     with db.connect(url) as conn:
-        cursor = conn.cursor(row_factory=dict_row)
-        models = cursor.execute(SELECT_REGISTRY, (limit,)).fetchall()
-        runs = cursor.execute(SELECT_RUNS, (limit,)).fetchall()
-    return {"models": models, "runs": runs}
+        return conn.cursor(row_factory=dict_row).execute(SELECT_RUNS, (limit,)).fetchall()
+
+
+def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
+    """Registry rows with their publication state, and recent runs (`recent_runs`), newest first."""
+    with db.connect(url) as conn:
+        models = conn.cursor(row_factory=dict_row).execute(SELECT_REGISTRY, (limit,)).fetchall()
+    return {"models": models, "runs": recent_runs(url, limit)}

@@ -169,25 +169,34 @@ class AirflowStack:
         """Stop each component with everything it started (the scheduler's log server and executor workers).
 
         Each component leads its own process group (`start_new_session`), so a signal to the group
-        reaches the children that the component itself would leave behind if it died first.
+        reaches the children that the component itself would leave behind if it died first. A leader
+        is reaped only after its group got its last signal: until then its pid, and with it the group
+        id, cannot be handed to an unrelated process (a Postgres backend, say) that the signal would hit.
         """
-        for process in self.processes.values():
-            _signal_group(process, signal.SIGTERM)
-        for process in self.processes.values():
+        running = [p for p in self.processes.values() if p.returncode is None]
+        for process in running:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in running:
+            if not _exited_unreaped(process.pid, timeout=30):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in running:
             try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        for process in self.processes.values():  # children that outlived their leader
-            _signal_group(process, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)  # children that outlived their leader
+            except ProcessLookupError:
+                pass  # the leader was the group's last member
+            process.wait()
 
 
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone
+def _exited_unreaped(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for child `pid` to exit, leaving it a zombie (WNOWAIT) so its pid stays ours."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def free_port() -> int:

@@ -90,15 +90,6 @@ def test_an_alert_for_a_run_without_a_row_is_still_logged(airflow_ready: dict[st
     assert any("not recorded: no recsys.pipeline_runs row 'no-such-run'" in r.getMessage() for r in caplog.records)
 
 
-def test_max_serving_age_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(registry.MAX_AGE_ENV, raising=False)
-    assert registry.max_serving_age_hours() == registry.DEFAULT_MAX_AGE_HOURS
-    for bad in ("soon", "0", "-3"):
-        monkeypatch.setenv(registry.MAX_AGE_ENV, bad)
-        with pytest.raises(ValueError, match=registry.MAX_AGE_ENV):
-            registry.max_serving_age_hours()
-
-
 def test_each_dag_reports_to_a_row_of_its_own_kind(airflow_ready: dict[str, str], recsys_env: str) -> None:
     from types import SimpleNamespace
 

@@ -59,15 +59,6 @@ def test_fresh_data_updates_its_asset_only_past_the_threshold(airflow_ready: dic
         assert conn.execute("SELECT count(*) FROM recsys.extract_watermarks").fetchone()[0] == 1
 
 
-def test_the_threshold_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    from recmodel.assets import MIN_NEW_ROWS_ENV, min_new_rows
-
-    for bad in ("many", "0"):
-        monkeypatch.setenv(MIN_NEW_ROWS_ENV, bad)
-        with pytest.raises(ValueError, match=MIN_NEW_ROWS_ENV):
-            min_new_rows()
-
-
 @pytest.mark.slow
 def test_backfill_builds_past_snapshots_without_publishing_over_the_champion(airflow_ready: dict[str, str],
                                                                              recsys_env: str, tmp_path) -> None:

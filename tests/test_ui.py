@@ -197,7 +197,7 @@ def test_runs_carry_the_gate_rejection_alert_and_the_email_arrived(client, world
     assert "rejected by the gate" in mail.content.decode(errors="replace")
 
 
-def test_the_page_and_status_list_the_same_recent_alerts(client, world: World) -> None:
+def test_the_page_and_status_list_the_same_recent_alerts_and_runs(client, world: World) -> None:
     import subprocess
     import sys
 
@@ -208,6 +208,10 @@ def test_the_page_and_status_list_the_same_recent_alerts(client, world: World) -
     assert world.versions[2] in rejection["message"] and rejection["run_kind"] == "retrain"
     assert "champion keeps serving" not in rejection["message"]  # it names what serves: the second version
     assert f"{world.versions[1]} keeps serving" in rejection["message"]
+    from recmodel import dashboard, registry
+
+    assert ([r["run_key"] for r in dashboard.runs(world.url)]
+            == [r["run_key"] for r in registry.overview(world.url, limit=30)["runs"]])  # one list, one order
     status = subprocess.run([sys.executable, "-m", "recmodel", "status"], capture_output=True, text=True, timeout=120,
                             cwd=REPO_ROOT, env={**os.environ, **world.env, "PYTHONPATH": str(REPO_ROOT)}, check=False)
     assert status.returncode == 0, status.stdout + status.stderr
