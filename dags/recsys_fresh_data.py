@@ -8,27 +8,15 @@ and no retrain is running, the task succeeds and Airflow records an asset event,
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from recmodel.alerts import RecsysNotifier
+from recmodel.alerts import check_dag_arguments
 from recmodel.assets import FRESH_INTERACTIONS
 from recmodel.config import settings
 
-SCHEDULE = settings().fresh_data_schedule
 
-
-@dag(
-    dag_id="recsys_fresh_data",
-    schedule=SCHEDULE,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    tags=["recsys"],
-    doc_md=__doc__,
-    default_args={"retries": 0, "on_failure_callback": RecsysNotifier()},
-)
+@dag(dag_id="recsys_fresh_data", schedule=settings().fresh_data_schedule, doc_md=__doc__, **check_dag_arguments())
 def recsys_fresh_data():
     @task(multiple_outputs=False, outlets=[FRESH_INTERACTIONS])
     def count_fresh_interactions() -> dict:

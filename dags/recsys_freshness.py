@@ -8,26 +8,14 @@ RECSYS_ALERT_EMAIL is set). Nothing published yet is a skip, not an alert.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from recmodel.alerts import RecsysNotifier
+from recmodel.alerts import check_dag_arguments
 from recmodel.config import settings
 
-SCHEDULE = settings().freshness_schedule
 
-
-@dag(
-    dag_id="recsys_freshness",
-    schedule=SCHEDULE,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    tags=["recsys"],
-    doc_md=__doc__,
-    default_args={"retries": 0, "on_failure_callback": RecsysNotifier()},
-)
+@dag(dag_id="recsys_freshness", schedule=settings().freshness_schedule, doc_md=__doc__, **check_dag_arguments())
 def recsys_freshness():
     @task(multiple_outputs=False)
     def check_serving_freshness() -> dict:

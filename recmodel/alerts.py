@@ -145,3 +145,15 @@ def notify_gate_rejection(url: str, run_key: str, version: str, gated: dict[str,
     message = f"gate {gated['decision']} {version}; {serving}: " + "; ".join(gated["reasons"])
     return send(url, run_key, Alert("gate_rejected", f"candidate {version} {gated['decision']} by the gate", message),
                 context)
+
+
+def check_dag_arguments() -> dict[str, Any]:
+    """`@dag` arguments of the small periodic checks (`recsys_fresh_data`, `recsys_freshness`) besides
+    their schedule: from 2026, no catch-up, one run at a time, no retries (the next check comes soon),
+    and a failure alerts like any other task's."""
+    import pendulum
+
+    return {"start_date": pendulum.datetime(2026, 1, 1, tz="UTC"), "catchup": False,
+            "max_active_runs": 1, "tags": ["recsys"],
+            "default_args": {"retries": 0, "on_failure_callback": RecsysNotifier()}}
+
