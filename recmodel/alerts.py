@@ -54,7 +54,7 @@ def send(url: str, run_key: str, alert: Alert, context: dict[str, Any] | None = 
         env = None
     recipients = list(env.alert_emails) if env else []
     email_error = None
-    if env and recipients:
+    if recipients:
         try:
             _email(env, alert, context or {})
             channels.append("email:" + ",".join(recipients))

@@ -559,7 +559,7 @@ def daily_warm_retrain(url: str, airflow_url: str, home: Path, events: int) -> d
     seed_database(url, users=max(day // 10, 10), items=max(day // 200, 1), events=day, seed=1)
     with PeakRss() as rss:  # the DAG's tasks run in this process under DAG.test
         outcome, wall = retrain_through_airflow(url, airflow_url, home, {})
-    details = (registry.overview(url, limit=1)["runs"][0]["details"] or {}).get("train") or {}
+    details = (registry.recent_runs(url, limit=1)[0]["details"] or {}).get("train") or {}
     keys = ("epochs", "best_epoch", "stopped_by", "still_improving", "warm_started_items", "n_items",
             "train_events", "text_seconds", "loop_seconds", "tokens_per_s")
     return {"seconds": round(wall, 2), "peak_rss_mb": rss.peak_mb, "new_events": day, "tasks": {k: round(v, 2) for k, v in outcome.task_seconds.items()},

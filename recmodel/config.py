@@ -99,6 +99,14 @@ def _number(variable: str, raw: str, *, positive: bool) -> float:
     return value
 
 
+def _non_negative(variable: str, raw: str) -> float:
+    return _number(variable, raw, positive=False)
+
+
+def _positive(variable: str, raw: str) -> float:
+    return _number(variable, raw, positive=True)
+
+
 def _addresses(variable: str, raw: str) -> tuple[str, ...]:
     addresses = tuple(a.strip() for a in raw.split(",") if a.strip())
     if any("@" not in a for a in addresses):
@@ -129,13 +137,13 @@ ENVIRONMENT: tuple[EnvSetting, ...] = (
                "Celery queue of the `train` and `refit` tasks (the GPU worker's, in docker-compose.yaml)", _text),
     EnvSetting("RECSYS_RETRY_DELAY_SECONDS", "retry_delay_seconds", "120",
                "wait before a failed `recsys_retrain` task runs again (once)",
-               lambda variable, raw: _number(variable, raw, positive=False)),
+               _non_negative),
     EnvSetting("RECSYS_LIVE_RUN_WAIT_MINUTES", "live_run_wait_minutes", "60",
                "how long a scheduled run waits for another live run on the same database before failing",
-               lambda variable, raw: _number(variable, raw, positive=False)),
+               _non_negative),
     EnvSetting("RECSYS_MAX_SERVING_AGE_HOURS", "max_serving_age_hours", "36",  # a daily schedule + half a day
                "serving tables older than this raise a `serving_stale` alert",
-               lambda variable, raw: _number(variable, raw, positive=True)),
+               _positive),
     EnvSetting("RECSYS_FRESHNESS_SCHEDULE", "freshness_schedule", "@hourly",
                "schedule of the `recsys_freshness` check", _text),
     EnvSetting("RECSYS_ALERT_EMAIL", "alert_emails", "",

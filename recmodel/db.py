@@ -8,10 +8,15 @@ on a Unix socket only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import signal
+import time
 from contextlib import contextmanager
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -98,10 +103,6 @@ def stop_embedded(home: Path, timeout: float = 60.0) -> bool:
 
     Returns False when none is running there. The next command that needs it starts it again.
     """
-    import os
-    import signal
-    import time
-
     pid_file = home / "pg" / "postmaster.pid"
     try:
         pid = int(pid_file.read_text().split("\n", 1)[0])
@@ -129,8 +130,6 @@ def reader_login(url: str, role: str, password: str) -> str:
         conn.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
             sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(role), sql.Literal(password)))
         conn.execute(sql.SQL("GRANT recsys_reader TO {}").format(sql.Identifier(role)))
-    from urllib.parse import quote, urlsplit, urlunsplit
-
     parts = urlsplit(libpq_url(url))
     host = parts.netloc.rsplit("@", 1)[-1]  # host:port, or empty for a Unix socket given as ?host=
     return urlunsplit(parts._replace(netloc=f"{quote(role, safe='')}:{quote(password, safe='')}@{host}"))
@@ -198,8 +197,6 @@ def migration_files() -> list[Path]:
 
 
 def checksum(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

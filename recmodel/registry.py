@@ -471,7 +471,9 @@ def recent_runs(url: str, limit: int = 30) -> list[dict[str, Any]]:
 
 
 def overview(url: str, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
-    """Registry rows with their publication state, and recent runs (`recent_runs`), newest first."""
+    """Registry rows with their publication state, and recent runs (as `recent_runs` lists them), newest first."""
     with db.connect(url) as conn:
-        models = conn.cursor(row_factory=dict_row).execute(SELECT_REGISTRY, (limit,)).fetchall()
-    return {"models": models, "runs": recent_runs(url, limit)}
+        cursor = conn.cursor(row_factory=dict_row)
+        models = cursor.execute(SELECT_REGISTRY, (limit,)).fetchall()
+        runs = cursor.execute(SELECT_RUNS, (limit,)).fetchall()
+    return {"models": models, "runs": runs}

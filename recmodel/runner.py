@@ -75,12 +75,17 @@ def prepare_airflow(env: Settings, recsys_url: str) -> dict[str, str]:
         log.warning("airflow was imported before its environment was set; settings may not apply")
     os.environ.update(variables)
     env.airflow_home.mkdir(parents=True, exist_ok=True)
-    migrated = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=os.environ.copy(),
-                              capture_output=True, text=True, check=False)
-    if migrated.returncode != 0:
-        tail = "\n".join((migrated.stderr or migrated.stdout).strip().splitlines()[-5:])
-        raise AirflowRunError(f"`airflow db migrate` failed for {db.redact(variables['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN'])}:\n{tail}")
+    _airflow_command("db", "migrate", what=f"for {db.redact(variables['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN'])}")
     return variables
+
+
+def _airflow_command(*args: str, what: str = "") -> None:
+    """Run `airflow ARGS` in this process's environment; on failure raise with the last lines it printed."""
+    done = subprocess.run([sys.executable, "-m", "airflow", *args], env=os.environ.copy(), capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise AirflowRunError(f"`airflow {' '.join(args)}` failed{' ' + what if what else ''}:\n{tail}")
 
 
 class TaskLogFiles(logging.Handler):
@@ -282,13 +287,8 @@ def register_dags() -> None:
 
     with create_session() as session:
         known = {dag_id for dag_id in DEMO_DAGS if session.get(DagModel, dag_id) is not None}
-    if known == set(DEMO_DAGS):
-        return
-    done = subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], env=os.environ.copy(),
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-        raise AirflowRunError(f"`airflow dags reserialize` failed:\n{tail}")
+    if known != set(DEMO_DAGS):
+        _airflow_command("dags", "reserialize")
 
 
 def set_paused(dag_ids: tuple[str, ...], paused: bool) -> None:
