@@ -18,9 +18,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
+from recmodel.stages import RETRAIN_DAG_ID
+
 URL_PREFIX = "/recommender"
 PAGE = Path(__file__).resolve().parent / "recommender_ui" / "index.html"
-RETRAIN_DAG = "recsys_retrain"
 ROLLBACK_DAG = "recsys_rollback"
 ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24" fill="none" stroke="#0ea5e9" stroke-width="2" '
         'stroke-linecap="round" stroke-linejoin="round"><path d="M3 3v18h18"/><path d="m7 14 4-4 4 4 5-6"/></svg>')
@@ -46,8 +47,8 @@ async def _user(request: Request) -> Any:
     return await get_user(request, None, await bearer_scheme(request))
 
 
-CanRead = Annotated[Any, Depends(_requires("GET", RETRAIN_DAG))]
-CanRetrain = Annotated[Any, Depends(_requires("POST", RETRAIN_DAG, "RUN"))]
+CanRead = Annotated[Any, Depends(_requires("GET", RETRAIN_DAG_ID))]
+CanRetrain = Annotated[Any, Depends(_requires("POST", RETRAIN_DAG_ID, "RUN"))]
 CanRollback = Annotated[Any, Depends(_requires("POST", ROLLBACK_DAG, "RUN"))]
 
 
@@ -154,7 +155,7 @@ def data_docs(path: str, user: CanRead) -> FileResponse:
 def trigger_retrain(user: CanRetrain) -> JSONResponse:
     from recmodel.registry import as_of_now
 
-    return _json(_trigger(RETRAIN_DAG, {"as_of": as_of_now().isoformat()}, user), 201)
+    return _json(_trigger(RETRAIN_DAG_ID, {"as_of": as_of_now().isoformat()}, user), 201)
 
 
 @app.post("/api/actions/rollback", status_code=201)

@@ -165,8 +165,8 @@ def run_ablations(snapshot: pd.DataFrame, catalog: pd.DataFrame, holdout: gate.H
                   ) -> tuple[dict[str, dict[int, np.ndarray]], list[dict[str, Any]]]:
     """Train, export and score each ablation on `snapshot`: (top-10 lists by name, training records)."""
     from recmodel.export import export
-    from recmodel.score import open_session
-    from recmodel.train import load_vocab, train
+    from recmodel.artifacts import load_vocab, open_session
+    from recmodel.train import train
 
     cache = home / "cache"
     champion_dir = None
@@ -282,8 +282,7 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
 def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
                     targets: dict[int, set[int]]) -> dict[str, dict[int, np.ndarray]]:
     """Top-10 of the run's gated model and of its refit (the registry's lineage), from each ONNX file."""
-    from recmodel.score import open_session
-    from recmodel.train import load_vocab
+    from recmodel.artifacts import load_vocab, open_session
 
     lineage = serving["lineage"] or {}
     holdout = _holdout(snapshot, targets)
@@ -298,12 +297,12 @@ def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
 
 def _gated_training(serving: dict[str, Any]) -> dict[str, Any] | None:
     """How the published run's gated model trained (epochs, stop reason, curve), from its training.json."""
-    from recmodel.train import SUMMARY_FILE
+    from recmodel.artifacts import training_summary
 
     gated = (serving["lineage"] or {}).get("gated")
     if gated is None:
         return None
-    summary = json.loads((Path(gated["artifact_dir"]) / SUMMARY_FILE).read_text())
+    summary = training_summary(Path(gated["artifact_dir"]))
     return {key: summary[key] for key in (*TRAINING_FIELDS, "curve")}
 
 

@@ -6,8 +6,8 @@ also an e-mail through Airflow's SMTP notifier, using the Airflow connection nam
 ``RECSYS_SMTP_CONN_ID`` (default ``smtp_default``, e.g. ``AIRFLOW_CONN_SMTP_DEFAULT=smtp://host:25``).
 A broken mail server never hides an alert: the failure is logged and recorded with the alert.
 
-`RecsysNotifier` is the Airflow notifier the DAGs use as ``on_failure_callback``; the gate task
-calls `notify_gate_rejection`; the ``recsys_freshness`` DAG fails (and so alerts) when
+`RecsysNotifier` is the Airflow notifier the DAGs use as ``on_failure_callback``; the gate stage
+raises `gate_rejection` (sent by the stage's bookkeeping, `pipeline.recorded`); the ``recsys_freshness`` DAG fails (and so alerts) when
 `registry.serving_freshness` finds the serving tables older than ``RECSYS_MAX_SERVING_AGE_HOURS``.
 """
 
@@ -17,17 +17,20 @@ import html
 import logging
 from dataclasses import dataclass
 from datetime import datetime, UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseNotifier
 
-from recmodel import db, registry
+from recmodel import db, registry, taskenv
+from recmodel.stages import RETRAIN_DAG_ID
 from recmodel.config import ENV_VARIABLE, ConfigError, Settings, settings
+
+if TYPE_CHECKING:
+    from recmodel.manifest import Gated
 
 log = logging.getLogger(__name__)
 
 ALERT_EMAIL_ENV = ENV_VARIABLE["alert_emails"]  # comma-separated recipients; unset: log + table only
-RETRAIN_DAG = "recsys_retrain"
 # The pipeline_runs kind of the other DAGs' rows (a retrain run reports to its own run's row).
 EVENT_KINDS = {"recsys_rollback": "rollback", "recsys_freshness": "freshness", "recsys_fresh_data": "fresh_data"}
 
@@ -93,10 +96,8 @@ def _email(env: Settings, alert: Alert, context: dict[str, Any]) -> None:
 def run_key_of(context: dict[str, Any]) -> tuple[str, str]:
     """(run_key, kind) of the pipeline_runs row an Airflow run reports to."""
     dag_run = context["dag_run"]
-    if dag_run.dag_id == RETRAIN_DAG:
-        from recmodel.pipeline import as_of_from_airflow
-
-        return registry.run_key_for(as_of_from_airflow(context)[0]), "retrain"
+    if dag_run.dag_id == RETRAIN_DAG_ID:
+        return registry.run_key_for(taskenv.as_of_and_conf(context)[0]), "retrain"
     kind = EVENT_KINDS[dag_run.dag_id]
     return f"{kind}:{dag_run.run_id}", kind
 
@@ -112,9 +113,7 @@ class RecsysNotifier(BaseNotifier):
     """
 
     def notify(self, context: dict[str, Any]) -> None:
-        from recmodel.config import settings
-
-        url = db.resolve_url(settings())
+        url = taskenv.database_url()
         ti = context["task_instance"]
         error = context.get("exception")
         run_key, kind = run_key_of(context)
@@ -134,17 +133,15 @@ class RecsysNotifier(BaseNotifier):
              record=not refused)
 
 
-def notify_gate_rejection(url: str, run_key: str, version: str, gated: dict[str, Any],
-                          context: dict[str, Any] | None = None) -> list[str]:
-    """A candidate that was not accepted (rejected, or undecided on too little evidence)."""
-    if gated["serve"] == "baseline":
-        serving = f"the popularity baseline {gated['publish_version']} will serve"
+def gate_rejection(url: str, version: str, gated: Gated) -> Alert:
+    """The alert for a candidate that was not accepted (rejected, or undecided on too little evidence)."""
+    if gated.serve == "baseline":
+        serving = f"the popularity baseline {gated.publish_version} will serve"
     else:
         current = registry.serving_watermark(url)
         serving = f"{current[0]} keeps serving" if current else "nothing is published yet"
-    message = f"gate {gated['decision']} {version}; {serving}: " + "; ".join(gated["reasons"])
-    return send(url, run_key, Alert("gate_rejected", f"candidate {version} {gated['decision']} by the gate", message),
-                context)
+    message = f"gate {gated.decision} {version}; {serving}: " + "; ".join(gated.reasons)
+    return Alert("gate_rejected", f"candidate {version} {gated.decision} by the gate", message)
 
 
 def check_dag_arguments() -> dict[str, Any]:

@@ -43,6 +43,9 @@ from rich.console import Console
 from rich.table import Table
 
 from recmodel import db, pipeline, registry
+from recmodel.extract import ExtractResult
+from recmodel.manifest import Scored
+from recmodel.stages import RETRAIN_DAG_ID
 from recmodel.config import settings
 
 BENCH_DB = "recsys_bench"
@@ -202,41 +205,41 @@ def time_stages(url: str, home: Path, options: BenchOptions, *, compare: bool) -
     """Run every step once, directly; with `compare`, also the side-by-side baselines of each stage."""
     stages: dict[str, dict[str, Any]] = {}
     with bench_environment(url, home):
-        ctx = pipeline.make_context(datetime.now(UTC) + timedelta(seconds=1), {"epochs": options.epochs})
+        # gate_enforced off: whatever the gate decides on this data, the model's own scoring path is timed.
+        ctx = pipeline.make_context(datetime.now(UTC) + timedelta(seconds=1),
+                                    {"epochs": options.epochs, "gate_enforced": False})
 
-        def timed(name: str, step: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        outputs: dict[str, Any] = {}
+
+        def timed(name: str, call: Callable[[], Any]) -> Any:
             with PeakRss() as rss:
                 started = time.perf_counter()
-                out = step(ctx, *args)
+                outputs[name] = call()
                 seconds = time.perf_counter() - started
             stages[name] = {"seconds": round(seconds, 3), "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.growth_mb}
-            return out
+            return outputs[name]
 
-        extracted = timed("extract", pipeline.step_extract)
-        stages["extract"]["rows"] = extracted["rows"]
-        stages["extract"]["rows_per_s"] = round(extracted["rows"] / stages["extract"]["seconds"])
+        gated = pipeline.run_chain(ctx, on_stage=timed)  # the DAG's stages, the same typed path
+        extracted: ExtractResult = outputs["extract"]
+        stages["extract"]["rows"] = extracted.rows
+        stages["extract"]["rows_per_s"] = round(extracted.rows / stages["extract"]["seconds"])
         if compare:
-            stages["extract"].update(extract_comparison(url, ctx.as_of, extracted["rows"]))
-        validated = timed("validate", pipeline.step_validate, extracted)
-        trained = timed("train", pipeline.step_train, validated)
-        stages["train"].update(_train_figures(Path(trained["model_dir"])))
-        exported = timed("export", pipeline.step_export, trained)
-        gated = timed("gate", pipeline.step_gate, exported)
-        # Whatever the gate decided on this data, the model's own scoring path is what is timed.
-        refit = timed("refit", pipeline.step_refit, {**gated, "serve": "model", "publish_version": ctx.version})
-        scored = timed("score", pipeline.step_score, refit)
-        users = sum(_distinct_count(path, "user_id") for path in scored["user_shards"])  # shards split users
+            stages["extract"].update(extract_comparison(url, ctx.as_of, extracted.rows))
+        stages["train"].update(_train_figures(ctx.model_dir))
+        user_shards, item_tables = timed("score", lambda: pipeline.score_all(ctx, gated))
+        scored = pipeline.scored_tables(user_shards, item_tables)
+        users = sum(_distinct_count(path, "user_id") for path in scored.user_shards)  # shards split users
         stages["score"]["users"] = users
         stages["score"]["pipeline_users_per_s"] = round(users / stages["score"]["seconds"])
         with ReaderLoad(url) as readers:
-            published = timed("publish", pipeline.step_publish, scored)
-        rows = sum(published["row_counts"].values())
+            published = timed("publish", lambda: pipeline.step_publish(ctx, user_shards, item_tables))
+        rows = sum(published.row_counts.values())
         stages["publish"].update({"rows": rows, "rows_per_s": round(rows / stages["publish"]["seconds"]),
-                                  "swap_seconds": round(published["swap_seconds"], 4),
+                                  "swap_seconds": round(published.swap_seconds, 4),
                                   "reader_queries": readers.queries, "reader_errors": readers.errors,
                                   "reader_max_latency_s": round(readers.max_latency, 4)})
         if compare:
-            stages["publish"].update(publish_comparison(url, scored["user_shards"]))
+            stages["publish"].update(publish_comparison(url, list(scored.user_shards)))
             stages["publish_past_long_reader"] = publish_past_a_long_reader(url, ctx, scored)
     return stages
 
@@ -250,9 +253,9 @@ def _distinct_count(path: str, column: str) -> int:
 
 
 def _train_figures(model_dir: Path) -> dict[str, Any]:
-    from recmodel.train import SUMMARY_FILE
+    from recmodel.artifacts import training_summary
 
-    summary = json.loads((model_dir / SUMMARY_FILE).read_text())
+    summary = training_summary(model_dir)
     keys = ("device", "loss", "epochs", "train_events", "train_windows", "n_items", "text_seconds", "loop_seconds",
             "sequences_per_s", "tokens_per_s", "input_wait_share")
     return {key: summary[key] for key in keys}
@@ -322,7 +325,7 @@ def score_comparison(users: int, items: int, *, top_k: int = 20, batch_size: int
     from recmodel.data import TEXT_DIM, length_sorted_batches
     from recmodel.export import export_onnx
     from recmodel.model import ModelConfig, SequentialRecommender, TopKRecommender
-    from recmodel.score import open_session
+    from recmodel.artifacts import open_session
 
     defaults = PipelineConfig()
     torch.manual_seed(seed_value)
@@ -465,18 +468,16 @@ LONG_READER_HOLD_SECONDS = 3.0
 READER_THREADS = 4
 
 
-def publish_past_a_long_reader(url: str, ctx: pipeline.RunContext, scored: dict[str, Any]) -> dict[str, Any]:
+def publish_past_a_long_reader(url: str, ctx: pipeline.RunContext, scored: Scored) -> dict[str, Any]:
     """The product's publish of the same tables as a new version while one reader holds the view in a
     transaction for LONG_READER_HOLD_SECONDS and READER_THREADS others query it: how long the others wait."""
-    import pandas as pd
 
     from recmodel.publish import publish
 
-    version = "v" + (ctx.as_of + timedelta(seconds=1)).strftime("%Y%m%d%H%M%S")
+    version = registry.version_for(ctx.as_of + timedelta(seconds=1))
     with db.transaction(url) as conn:
-        conn.execute(COPY_REGISTRY_ROW, {"version": version, "from": scored["version"]})
-    frames = {view: pd.read_parquet(path) for view, path in scored["tables"].items()}
-    frames["user_recommendations"] = pd.concat([pd.read_parquet(p) for p in scored["user_shards"]], ignore_index=True)
+        conn.execute(COPY_REGISTRY_ROW, {"version": version, "from": scored.version})
+    frames = pipeline.load_scored(scored)
     with ExitStack() as stack:
         readers = [stack.enter_context(ReaderLoad(url)) for _ in range(READER_THREADS)]
         time.sleep(0.5)  # the readers' latency before the publish is part of the sample
@@ -577,7 +578,7 @@ def retrain_through_airflow(url: str, airflow_url: str, home: Path, conf: dict[s
         runner.prepare_airflow(settings(), url)
         as_of = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
         started = time.perf_counter()
-        outcome = runner.run_dag("recsys_retrain", conf={**conf, "as_of": as_of.isoformat()}, logical_date=as_of)
+        outcome = runner.run_dag(RETRAIN_DAG_ID, conf={**conf, "as_of": as_of.isoformat()}, logical_date=as_of)
         wall = time.perf_counter() - started
     if not outcome.succeeded:
         raise RuntimeError(f"the benchmark's DAG run ended {outcome.state}: {outcome.task_states}")

@@ -8,6 +8,7 @@ import logging
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from rich.table import Table
 
 from recmodel import db
 from recmodel.config import settings
+from recmodel.errors import PermanentError
+from recmodel.stages import RETRAIN_DAG_ID
 from recmodel.logsetup import quiet_libraries
 
 # Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and wrap version ids.
@@ -201,7 +204,7 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
     console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC through Airflow …")
     with heartbeat(lambda: _run_activity(url, as_of)):
         prepare_airflow(settings(), url)
-        outcome = run_dag("recsys_retrain", conf={**overrides, "as_of": as_of.isoformat()}, logical_date=as_of)
+        outcome = run_dag(RETRAIN_DAG_ID, conf={**overrides, "as_of": as_of.isoformat()}, logical_date=as_of)
     elapsed = time.perf_counter() - started
     _print_run_summary(url, as_of, outcome.task_states, elapsed)
     if not outcome.succeeded:
@@ -391,6 +394,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from recmodel.pipeline import reproduce
+
+    url = _url()
+    db.require_tables(url)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"reproduce-{args.run_key}-"))
+    result = reproduce(url, args.run_key, out_dir)
+    verdict = ("identical weights" if result.identical else
+               f"weights differ by up to {result.max_weight_diff:.3g} (the original stopped by {result.stopped_by})")
+    console.print(f"run {result.run_key}: rebuilt into {result.model_dir}: {verdict}")
+    return 0 if result.identical else 1
+
+
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from recmodel.extract import request_replay
     from recmodel.validate import REASONS
@@ -546,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("version")
     roll.set_defaults(func=cmd_rollback)
 
+    rebuild = sub.add_parser("reproduce", help="train a run's model again from its manifest and compare the weights")
+    rebuild.add_argument("run_key", help="the run, as `status` lists it (e.g. 20261101T120000Z)")
+    rebuild.add_argument("--out", help="folder for the rebuilt model (default: a new temporary folder)")
+    rebuild.set_defaults(func=cmd_reproduce)
+
     quarantine = sub.add_parser("quarantine", help="re-admit quarantined rows once their cause is fixed")
     quarantine.add_argument("action", choices=["replay"])
     quarantine.add_argument("--reason", required=True, help="quarantine reason, e.g. unknown_item")
@@ -600,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (PermanentError, ValueError, RuntimeError, OSError) as exc:
         # Stage and input errors carry operator-facing messages; -v shows the traceback.
         if args.verbose:
             raise

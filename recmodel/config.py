@@ -16,8 +16,10 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from recmodel.errors import PermanentError
 
-class ConfigError(ValueError):
+
+class ConfigError(PermanentError, ValueError):
     """A setting or override that cannot be used; the message names it."""
 
 
@@ -252,6 +254,9 @@ class PipelineConfig:
     gate_metric: str = "ndcg@10"
     gate_min_metric: float = 0.005  # absolute floor
     gate_champion_tolerance: float = 0.05  # may be at most 5% (relative) below the champion
+    # False: the gate still judges and records its decision, but the candidate is published whatever it
+    # decided (`bench`, which times the model's own path; a first model an operator vouches for).
+    gate_enforced: bool = True
     refit_epochs: int = 2  # after acceptance: epochs on the whole snapshot, from the gated weights; 0 = no refit
     # --- scoring and publishing -------------------------------------------------------------
     top_k: int = 20

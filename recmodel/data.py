@@ -215,15 +215,16 @@ def within_training_window(dataset: pd.DataFrame, window_days: float | None) -> 
     return dataset[dataset["occurred_at"] >= newest - pd.Timedelta(days=window_days)].reset_index(drop=True)
 
 
-DATASET_COLUMNS = ["event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at"]
+# The interactions table's columns, as extract reads them and every snapshot keeps them.
+INTERACTION_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
 
 
 def extend_dataset(base: pd.DataFrame | None, clean_increment: pd.DataFrame) -> pd.DataFrame:
     """The previous snapshot plus this run's clean rows, deduplicated by event_id: all history, always
     (`within_training_window` cuts what a run trains on, never what later runs extend)."""
-    parts = [clean_increment[DATASET_COLUMNS]]
+    parts = [clean_increment[list(INTERACTION_COLUMNS)]]
     if base is not None:
-        parts.insert(0, base[DATASET_COLUMNS])
+        parts.insert(0, base[list(INTERACTION_COLUMNS)])
     dataset = pd.concat(parts, ignore_index=True).drop_duplicates("event_id", keep="last")
     for column in ("event_id", "user_id", "item_id"):
         dataset[column] = dataset[column].astype(np.int64)

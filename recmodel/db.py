@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS public.recsys_schema_migrations (
 # file's current checksum on their next `migrate` (trusted once); from then on any change is refused.
 ADD_CHECKSUM_COLUMN = "ALTER TABLE public.recsys_schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
 SELECT_APPLIED = "SELECT version, checksum FROM public.recsys_schema_migrations"
+SELECT_APPLIED_VERSIONS = "SELECT version FROM public.recsys_schema_migrations"
 RECORD_MIGRATION = "INSERT INTO public.recsys_schema_migrations (version, checksum) VALUES (%s, %s)"
 BACKFILL_CHECKSUM = "UPDATE public.recsys_schema_migrations SET checksum = %s WHERE version = %s AND checksum IS NULL"
 
@@ -242,11 +243,17 @@ def _refuse_changed(applied: dict[str, str | None], files: dict[str, tuple[Path,
 
 
 def require_tables(url: str) -> None:
-    """Fail with a clear message when migrations have not been applied."""
+    """Fail with a clear message when migrations have not been applied (or a newer release added some)."""
     with connect(url) as conn:
         missing = [
             name for name in ("public.items", "public.interactions", "recsys.model_registry")
             if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None
         ]
+        applied = ({version for (version,) in conn.execute(SELECT_APPLIED_VERSIONS)}
+                   if conn.execute("SELECT to_regclass('public.recsys_schema_migrations')").fetchone()[0] else set())
     if missing:
         raise DatabaseError(f"tables {', '.join(missing)} are missing: run `python -m recmodel migrate` first")
+    pending = [path.name for path in migration_files() if path.stem not in applied]
+    if pending:
+        raise DatabaseError(f"{len(pending)} migration(s) not applied yet ({', '.join(pending)}): run "
+                            "`python -m recmodel migrate` first")

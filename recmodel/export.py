@@ -7,7 +7,6 @@ vectors go beside it as .npy for `similar_items`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -18,10 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recmodel.artifacts import ITEM_VECTORS_FILE, ONNX_FILE, PARITY_FILE, load_model, open_session, sha256_file
 from recmodel.data import Vocab, is_active, left_pad, pad_batch, user_sequences
 from recmodel.model import TopKRecommender
-from recmodel.score import open_session
-from recmodel.train import load_model
 
 log = logging.getLogger(__name__)
 for _chatty in ("onnx_ir", "onnxscript"):  # an INFO line per folded initializer otherwise
@@ -29,9 +27,6 @@ for _chatty in ("onnx_ir", "onnxscript"):  # an INFO line per folded initializer
 # torch.onnx warns that torchvision ops are not registered; this model uses none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
-ONNX_FILE = "model.onnx"
-ITEM_VECTORS_FILE = "item_vectors.npy"
-PARITY_FILE = "parity.json"
 SCORE_TOLERANCE = 1e-3
 MIN_TOPK_AGREEMENT = 0.99
 
@@ -134,11 +129,3 @@ def _topk_agreement(ref_items: np.ndarray, ref_scores: np.ndarray, got_items: np
             continue
         same += set(ref_row[finite].tolist()) == set(got_row[finite].tolist())
     return same / len(ref_items)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

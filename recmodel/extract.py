@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, UTC
 from pathlib import Path
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from recmodel import db, pgbulk, registry
+from recmodel.artifacts import CATALOG_FILE, INCREMENT_FILE
+from recmodel.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +117,9 @@ SOURCE_TYPES = {
               "description": {"text", "character varying"}, "tags": {"ARRAY"},
               "created_at": {"timestamp with time zone"}, "active": {"boolean"}},
 }
-INCREMENT_FILE = "increment.parquet"
-CATALOG_FILE = "catalog.parquet"
 
 
-class ExtractError(RuntimeError):
+class ExtractError(PermanentError, RuntimeError):
     """The source tables cannot be read as needed."""
 
 
@@ -300,3 +301,29 @@ def commit_watermark(conn, run_key: str, extracted: ExtractResult, *, rows_clean
         "rows_extracted": extracted.rows, "rows_clean": rows_clean, "dataset_path": dataset_path,
         "dataset_rows": dataset_rows,
     })
+
+
+DELETE_QUARANTINE = "DELETE FROM recsys.quarantine WHERE run_key = %s"
+COPY_QUARANTINE = "COPY recsys.quarantine (run_key, event_id, reason, row_data) FROM STDIN"
+# Increment sizes of the runs before this one, for the volume check (newest first).
+SELECT_PREVIOUS_VOLUMES = """
+SELECT rows_extracted FROM recsys.extract_watermarks
+WHERE high_watermark < %(as_of)s AND run_key <> %(run_key)s
+ORDER BY high_watermark DESC LIMIT %(limit)s
+"""
+
+
+def previous_volumes(url: str, run_key: str, as_of: datetime, limit: int) -> tuple[int, ...]:
+    """How many rows each of the last `limit` runs before `as_of` extracted, newest first."""
+    with db.connect(url) as conn:
+        return tuple(row[0] for row in conn.execute(SELECT_PREVIOUS_VOLUMES,
+                                                    {"as_of": as_of, "run_key": run_key, "limit": limit}))
+
+
+def write_quarantine(conn, run_key: str, rows: Iterable[tuple[int, str, str]]) -> None:
+    """Replace this run's quarantine entries, (event_id, reason, row as JSON) each, with COPY (in the caller's
+    transaction): a rerun writes the same set again."""
+    conn.execute(DELETE_QUARANTINE, (run_key,))
+    with conn.cursor().copy(COPY_QUARANTINE) as copy:
+        for event_id, reason, row_json in rows:
+            copy.write_row((run_key, event_id, reason, row_json))

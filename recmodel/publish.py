@@ -70,8 +70,6 @@ ON CONFLICT (version) DO UPDATE
 SET tables = EXCLUDED.tables, row_counts = EXCLUDED.row_counts, serving = true, published_at = now(),
     pruned_at = NULL
 """
-RETIRE_CHAMPION = "UPDATE recsys.model_registry SET status = 'retired' WHERE status = 'champion' AND version <> %(version)s"
-PROMOTE = "UPDATE recsys.model_registry SET status = 'champion' WHERE version = %(version)s"
 SELECT_PRUNABLE = """
 SELECT version, tables FROM recsys.published_versions
 WHERE NOT serving AND pruned_at IS NULL
@@ -185,7 +183,7 @@ def swap_in(url: str, version: str, row_counts: dict[str, int]) -> Swap:
         conn.execute(UNMARK_SERVING, {"version": version})
         conn.execute(MARK_SERVING, {"version": version, "tables": json.dumps(tables),
                                     "row_counts": json.dumps(row_counts)})
-        _promote(conn, version)
+        registry.promote(conn, version)
 
     started = time.monotonic()
     lock_waits = _with_view_locks(url, f"publish {version}", switch)
@@ -323,12 +321,6 @@ def _point_view(conn: psycopg.Connection, table: ServingTable, source: str, serv
         sql.Identifier(table.view), columns, sql.Literal(served_by), sql.Identifier(source)))
 
 
-def _promote(conn: psycopg.Connection, version: str) -> None:
-    """The retire comes first: the one-champion index would refuse two at once."""
-    conn.execute(RETIRE_CHAMPION, {"version": version})
-    conn.execute(PROMOTE, {"version": version})
-
-
 def prune(url: str, keep_versions: int) -> list[str]:
     """Drop the tables of published versions older than the newest `keep_versions` (serving is kept).
 
@@ -384,7 +376,7 @@ def rollback(url: str, version: str) -> str:
             _point_view(conn, table, tables[table.view], served_by)
         conn.execute(UNMARK_SERVING, {"version": version})
         conn.execute("UPDATE recsys.published_versions SET serving = true WHERE version = %s", (version,))
-        _promote(conn, version)
+        registry.promote(conn, version)
 
     _with_view_locks(url, f"rollback to {version}", repoint)
     log.info("rolled back: %s now serves (was %s)", version, previous[0] if previous else "nothing")

@@ -27,6 +27,7 @@ from psycopg.rows import dict_row
 
 from recmodel import db
 from recmodel.config import ENV_VARIABLE, settings
+from recmodel.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ INSERT INTO recsys.pipeline_runs (run_key, dag_run_id, as_of, status, stage, mes
 VALUES (%(run_key)s, %(dag_run_id)s, %(as_of)s, 'running', 'extract', NULL, now(), 'extract')
 ON CONFLICT (run_key) DO UPDATE
 SET dag_run_id = EXCLUDED.dag_run_id, started_at = now(), finished_at = NULL, status = 'running',
-    stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract'
+    stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract', manifest = '{}'::jsonb
 """
 SELECT_RECENT_ALERTS = """
 SELECT r.run_key, r.kind, a.alert
@@ -99,6 +100,21 @@ SET stage = COALESCE(%(stage)s, stage),
     finished_at = CASE WHEN %(status)s IN ('success', 'failed', 'skipped', 'rejected') THEN now() ELSE finished_at END
 WHERE run_key = %(run_key)s
 """
+
+# One stage's entry and the artifacts it made, merged into the run's manifest; returns the whole manifest.
+MERGE_MANIFEST = """
+UPDATE recsys.pipeline_runs
+SET manifest = manifest || %(run)s::jsonb
+    || jsonb_build_object('stages', COALESCE(manifest -> 'stages', '{}'::jsonb) || %(stages)s::jsonb,
+                          'artifacts', COALESCE(manifest -> 'artifacts', '{}'::jsonb) || %(artifacts)s::jsonb)
+WHERE run_key = %(run_key)s
+RETURNING manifest
+"""
+# A stage starting moves a running run on; a run whose status is settled (rejected, skipped) keeps its stage.
+ENTER_STAGE = "UPDATE recsys.pipeline_runs SET stage = %(stage)s WHERE run_key = %(run_key)s AND status = 'running'"
+RETIRE_CHAMPION = "UPDATE recsys.model_registry SET status = 'retired' WHERE status = 'champion' AND version <> %(version)s"
+PROMOTE = "UPDATE recsys.model_registry SET status = 'champion' WHERE version = %(version)s"
+SELECT_MANIFEST = "SELECT manifest FROM recsys.pipeline_runs WHERE run_key = %s"
 
 UPSERT_CANDIDATE = """
 INSERT INTO recsys.model_registry (version, parent_version, run_key, dataset_path, watermark, train_rows,
@@ -164,6 +180,7 @@ SET status = EXCLUDED.status, stage = EXCLUDED.stage, model_version = COALESCE(E
 """
 APPEND_ALERT = "UPDATE recsys.pipeline_runs SET alerts = alerts || %(alert)s::jsonb WHERE run_key = %(run_key)s"
 RUN_KEY_FORMAT = "%Y%m%dT%H%M%SZ"
+VERSION_FORMAT = "%Y%m%d%H%M%S"
 SELECT_SERVING_PUBLICATION = "SELECT version, published_at FROM recsys.published_versions WHERE serving"
 MAX_AGE_ENV = ENV_VARIABLE["max_serving_age_hours"]
 HEARTBEAT_SECONDS = 10.0
@@ -196,6 +213,11 @@ def as_of_now() -> datetime:
     """The as-of time of a run started now: runs are keyed by whole seconds, and rounding up keeps
     rows ingested earlier in this second inside the run instead of leaving them for the next one."""
     return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+
+
+def version_for(as_of: datetime) -> str:
+    """The model version a retraining run whose data ends at `as_of` registers (publish checks the form)."""
+    return "v" + as_of.astimezone(UTC).strftime(VERSION_FORMAT)
 
 
 def run_key_for(as_of: datetime) -> str:
@@ -271,7 +293,7 @@ def serving_freshness(url: str, max_age_hours: float | None = None, now: datetim
     return Freshness(version=version, published_at=published_at, age_hours=age, max_age_hours=limit)
 
 
-class RunRefused(RuntimeError):
+class RunRefused(PermanentError, RuntimeError):
     """A run that must not start: another is live on this database, or its version is already published."""
 
 
@@ -369,6 +391,11 @@ def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
             log.warning("could not clear the active step of run %s: %s", run_key, exc)
 
 
+def enter_stage(url: str, run_key: str, stage: str) -> None:
+    with db.transaction(url) as conn:
+        conn.execute(ENTER_STAGE, {"run_key": run_key, "stage": stage})
+
+
 def update_run(url: str, run_key: str, *, stage: str | None = None, status: str | None = None,
                rows_extracted: int | None = None, rows_quarantined: int | None = None,
                model_version: str | None = None, message: str | None = None,
@@ -379,6 +406,22 @@ def update_run(url: str, run_key: str, *, stage: str | None = None, status: str 
             "rows_quarantined": rows_quarantined, "model_version": model_version, "message": message,
             "details": json.dumps(details or {}, default=str),
         })
+
+
+def merge_manifest(url: str, run_key: str, *, run: dict[str, Any], stages: dict[str, Any],
+                   artifacts: dict[str, Any]) -> dict[str, Any]:
+    """Merge into the run's manifest (top-level fields, stage entries, artifacts) and return all of it."""
+    with db.transaction(url) as conn:
+        row = conn.execute(MERGE_MANIFEST, {
+            "run_key": run_key, "run": json.dumps(run, default=str), "stages": json.dumps(stages, default=str),
+            "artifacts": json.dumps(artifacts, default=str)}).fetchone()
+    return row[0] if row else {}
+
+
+def run_manifest(url: str, run_key: str) -> dict[str, Any] | None:
+    with db.connect(url) as conn:
+        row = conn.execute(SELECT_MANIFEST, (run_key,)).fetchone()
+    return row[0] if row and row[0] else None
 
 
 def register_candidate(url: str, **fields: Any) -> None:
@@ -413,6 +456,13 @@ def register_baseline(url: str, *, version: str, run_key: str, dataset_path: str
             "lineage": json.dumps(lineage, default=str)})
 
 
+def promote(conn: psycopg.Connection, version: str) -> None:
+    """Make `version` the champion, in the caller's transaction (publish and rollback swap the views in the
+    same one). The retire comes first: the one-champion index would refuse two at once."""
+    conn.execute(RETIRE_CHAMPION, {"version": version})
+    conn.execute(PROMOTE, {"version": version})
+
+
 def champion(url: str) -> ModelRecord | None:
     """The serving model (a serving baseline is not one: nothing to warm-start from or gate against)."""
     with db.connect(url) as conn:
@@ -445,7 +495,7 @@ class ArtifactError(RuntimeError):
 
 def check_artifacts(record: ModelRecord) -> None:
     """Each ONNX file of `record` (served and gated) exists and has the sha256 recorded at registration."""
-    from recmodel.export import sha256_file
+    from recmodel.artifacts import sha256_file
 
     for artifact in {record.served, record.gated}:
         if not artifact.onnx_path.exists():

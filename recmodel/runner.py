@@ -22,6 +22,7 @@ from typing import Any
 
 from recmodel import db
 from recmodel.config import Settings
+from recmodel.stages import RETRAIN_DAG_ID
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,17 @@ def airflow_environment(env: Settings, recsys_url: str) -> dict[str, str]:
         # Airflow's own chatter stays at WARNING, but the stages' progress (epochs, rows, shards) reaches the
         # terminal of `retrain` and every task log.
         "AIRFLOW__LOGGING__NAMESPACE_LEVELS": os.environ.get("AIRFLOW__LOGGING__NAMESPACE_LEVELS", "recmodel=INFO"),
-        "AIRFLOW_CONN_RECSYS_DB": db.sqlalchemy_url(recsys_url, "psycopg2").replace("postgresql+psycopg2", "postgresql"),
-        "RECSYS_DATABASE_URL": recsys_url,
+        **database_environment(recsys_url),
         "RECSYS_HOME": str(env.home),
         "PYTHONPATH": python_path,
     }
+
+
+def database_environment(recsys_url: str) -> dict[str, str]:
+    """The recsys database for the CLI (RECSYS_DATABASE_URL) and, the same one, for DAG tasks (the Airflow
+    connection `recsys_db`, which is what tasks read: `recmodel.taskenv`)."""
+    return {"AIRFLOW_CONN_RECSYS_DB": db.sqlalchemy_url(recsys_url, "psycopg2").replace("postgresql+psycopg2", "postgresql"),
+            "RECSYS_DATABASE_URL": recsys_url}
 
 
 def prepare_airflow(env: Settings, recsys_url: str) -> dict[str, str]:
@@ -156,7 +163,7 @@ def _task_name(ti: Any) -> str:
 
 
 UI_COMPONENTS = ("api-server", "scheduler", "dag-processor")
-DEMO_DAGS = ("recsys_retrain", "recsys_rollback", "recsys_freshness", "recsys_fresh_data")
+DEMO_DAGS = (RETRAIN_DAG_ID, "recsys_rollback", "recsys_freshness", "recsys_fresh_data")
 UI_ADMIN = "admin"
 
 

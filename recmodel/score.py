@@ -14,33 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recmodel.artifacts import open_session
 from recmodel.data import PAD, Vocab, is_active, length_sorted_batches, user_sequences
 from recmodel.progress import Progress
 
 log = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-ORT_FATAL_ONLY = 4  # onnxruntime log severity: silences the "CUDA libraries missing" error on CPU hosts
-
-
-def open_session(onnx_path: Path):
-    """An InferenceSession on CUDA when usable, else CPU; returns (session, provider name)."""
-    import onnxruntime as ort
-
-    wanted = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
-    ort.set_default_logger_severity(ORT_FATAL_ONLY)
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_FATAL_ONLY
-    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=wanted)
-    ort.set_default_logger_severity(2)
-    provider = session.get_providers()[0]
-    if CUDA in wanted and provider != CUDA:
-        log.info("ONNX Runtime: CUDA provider unavailable here (no GPU or CUDA libraries), using %s", provider)
-    else:
-        log.info("ONNX Runtime provider: %s", provider)
-    return session, provider
-
 
 def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: int,
               batch_size: int) -> tuple[pd.DataFrame, str]:

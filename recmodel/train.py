@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recmodel.artifacts import SUMMARY_FILE, load_weights, save_model
 from recmodel.config import PipelineConfig
 from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
 from recmodel.model import CPU_TRAINING_ATTENTION, ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
@@ -28,10 +29,6 @@ from recmodel.progress import Progress
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.pt"
-CONFIG_FILE = "model_config.json"
-VOCAB_FILE = "vocab.npy"
-SUMMARY_FILE = "training.json"
 
 
 LOGITS_BUDGET_BYTES = 1 << 30  # a batch whose (targets x items) logits exceed this is softmaxed in chunks
@@ -392,13 +389,6 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
     return result
 
 
-def save_model(model: SequentialRecommender, vocab: Vocab, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
-    np.save(out_dir / VOCAB_FILE, vocab.item_ids)
-
-
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     fields = ("max_history", "d_model", "n_layers", "n_heads", "text_dim", "item_text")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
@@ -567,20 +557,3 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
     return FitResult(loss=loss_fn.name, precision=str(precision or torch.float32).removeprefix("torch."), epochs=epoch,
                      best_epoch=best_epoch or epoch, stopped_by=stopped_by, validation_ndcg=max(best_ndcg, 0.0),
                      curve=curve, final_loss=loss_value, windows=len(inputs), warm_started_items=0, loop=stats)
-
-
-def load_weights(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Vocab]:
-    config = ModelConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
-    state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    return config, state, Vocab(np.load(model_dir / VOCAB_FILE))
-
-
-def load_vocab(model_dir: Path) -> Vocab:
-    return Vocab(np.load(model_dir / VOCAB_FILE))
-
-
-def load_model(model_dir: Path) -> tuple[SequentialRecommender, Vocab]:
-    config, state, vocab = load_weights(model_dir)
-    model = SequentialRecommender(config, state["text_matrix"])
-    model.load_state_dict(state)
-    return model.eval(), vocab

@@ -19,6 +19,7 @@ assets and checkpoints have fixed names and are replaced on every run, which mak
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
@@ -41,12 +42,13 @@ from great_expectations.data_context.types.resource_identifiers import Validatio
 from great_expectations.expectations import Expectation
 
 from recmodel.config import PipelineConfig
+from recmodel.data import INTERACTION_COLUMNS
+from recmodel.errors import PermanentError
 
 REASONS = ("null_user_id", "null_item_id", "non_positive_id", "unknown_item", "bad_event_type",
            "non_finite_value", "value_out_of_range", "null_occurred_at", "future_timestamp",
            "timestamp_before_floor", "duplicate", "near_duplicate")
 
-EXPECTED_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
 DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
 NEAR_DUPLICATE_KEY = ["user_id", "item_id", "event_type"]
 POPULARITY_HEAD = 100  # items compared one by one in the popularity drift check; the rest are one bucket
@@ -100,7 +102,7 @@ class Reference:
     previous_snapshot: pd.DataFrame | None = None  # the dataset the increment extends
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(PermanentError, RuntimeError):
     """The increment failed a dataset-level expectation; raised by the caller with `report.dataset_failures`."""
 
 
@@ -127,8 +129,8 @@ class ReasonSummary:
 
     def line(self) -> str:
         # The row in the table's column order: a summary read back from jsonb has its keys reordered.
-        ordered = sorted(self.example.items(), key=lambda kv: EXPECTED_COLUMNS.index(kv[0])
-                         if kv[0] in EXPECTED_COLUMNS else len(EXPECTED_COLUMNS))
+        ordered = sorted(self.example.items(), key=lambda kv: INTERACTION_COLUMNS.index(kv[0])
+                         if kv[0] in INTERACTION_COLUMNS else len(INTERACTION_COLUMNS))
         example = ", ".join(f"{key}={value}" for key, value in ordered)
         if self.settings:
             current = ", ".join(f"{name}={value!r}" for name, value in self.settings.items())
@@ -172,6 +174,13 @@ def quarantine_json(row: dict[str, Any]) -> str:
     return json.dumps({key: _plain(value) for key, value in row.items()}, allow_nan=False)
 
 
+def quarantine_rows(quarantined: pd.DataFrame) -> Iterator[tuple[int, str, str]]:
+    """(event_id, reason, row as JSON) per quarantine entry: what `extract.write_quarantine` stores."""
+    records = quarantined.drop(columns=["reason"]).astype(object).to_dict(orient="records")
+    for event_id, reason, record in zip(quarantined["event_id"], quarantined["reason"], records):
+        yield int(event_id), reason, quarantine_json(record)
+
+
 def _setting_value(config: PipelineConfig, name: str) -> Any:
     value = getattr(config, name)
     return list(value) if isinstance(value, tuple) else value
@@ -204,12 +213,12 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
     result_ids: list[ValidationResultIdentifier] = []
 
     schema_result = _run(context, SCHEMA, [gx.expectations.ExpectTableColumnsToMatchSet(
-        column_set=list(EXPECTED_COLUMNS), exact_match=True)], increment, DATASET_RESULT_FORMAT, run_id, result_ids)
+        column_set=list(INTERACTION_COLUMNS), exact_match=True)], increment, DATASET_RESULT_FORMAT, run_id, result_ids)
     outcomes = [_dataset_outcome(r) for r in schema_result.results]
     dataset_failures = [_failure_message(r) for r in schema_result.results if not r.success]
 
     bad_ids: dict[str, set[int]] = {reason: set() for reason in REASONS}
-    if set(EXPECTED_COLUMNS) <= set(increment.columns):
+    if set(INTERACTION_COLUMNS) <= set(increment.columns):
         rows_result = _run(context, ROWS, _row_expectations(catalog_item_ids, as_of, config),
                            _row_frame(increment, config.near_duplicate_seconds), ROW_RESULT_FORMAT, run_id, result_ids)
         for result in sorted(rows_result.results, key=lambda r: REASONS.index(r.expectation_config.meta["reason"])):

@@ -83,8 +83,12 @@ SMALL_MODEL = {"epochs": 3, "warm_start_epochs": 2, "d_model": 32, "max_history"
 
 @pytest.fixture
 def recsys_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """RECSYS_DATABASE_URL and RECSYS_HOME for one test; returns the database URL."""
-    monkeypatch.setenv("RECSYS_DATABASE_URL", db_url)
+    """The database (RECSYS_DATABASE_URL, and the `recsys_db` connection DAG tasks use) and RECSYS_HOME for
+    one test; returns the database URL."""
+    from recmodel.runner import database_environment
+
+    for name, value in database_environment(db_url).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
     return db_url
 

@@ -69,7 +69,7 @@ def test_huge_ids_are_served_exactly_even_beside_a_null_id(recsys_env: str, reli
         served = conn.execute("SELECT count(*) FROM recsys.user_recommendations WHERE user_id = %s",
                               (BIGGEST_ID,)).fetchone()[0]
         wrong = conn.execute("SELECT count(*) FROM recsys.user_recommendations WHERE user_id < 1").fetchone()[0]
-    dataset = pd.read_parquet(ctx.run_dir / pipeline.DATASET_FILE)
+    dataset = pd.read_parquet(ctx.files.dataset)
     assert served == 20 and wrong == 0  # its own list, under its own id; nobody served under a corrupted one
     assert dataset["user_id"].dtype == np.int64 and (dataset["user_id"] == BIGGEST_ID).sum() == 3
     assert quarantine_reasons(recsys_env, ctx.run_key) == {"null_user_id": 1}
@@ -94,7 +94,7 @@ def test_non_finite_values_and_null_times_are_quarantined_and_never_stop_a_run(r
         watermark = conn.execute("SELECT count(*) FROM recsys.extract_watermarks WHERE run_key = %s",
                                  (ctx.run_key,)).fetchone()[0]
     assert stored == ["-inf", "inf", "nan"] and watermark == 1  # written as text; the run went on
-    dataset = pd.read_parquet(validated["dataset_path"])
+    dataset = pd.read_parquet(validated.snapshot.dataset_path)
     assert np.isfinite(dataset["value"].dropna()).all() and dataset["occurred_at"].notna().all()
     no_value = dataset[(dataset["user_id"] == 9) & (dataset["item_id"] == 9) & (dataset["occurred_at"] == at)]
     assert len(no_value) == 1 and no_value["value"].isna().all()  # a NULL value is no value: the row is clean
@@ -104,7 +104,7 @@ def test_non_finite_values_and_null_times_are_quarantined_and_never_stop_a_run(r
 def test_a_rerun_of_the_champions_interval_is_refused_and_changes_nothing(recsys_env: str) -> None:
     seed_small(recsys_env, NOW)
     first = pipeline.make_context(NOW, SMALL_MODEL)
-    published = pipeline.run_all(first)["version"]
+    published = pipeline.run_all(first).version
     with db.connect(recsys_env) as conn:
         before = conn.execute("SELECT version, status, decision, onnx_sha256 FROM recsys.model_registry").fetchall()
     rerun = pipeline.make_context(NOW, {**SMALL_MODEL, "gate_min_metric": 1.0})  # a gate that rejects
@@ -153,7 +153,7 @@ def test_rows_validated_by_a_run_that_died_are_trained_by_the_next(recsys_env: s
                                        (died.run_key,)).fetchone()
     assert status == "failed" and "the run died: no heartbeat from step train" in message
     validated = pipeline.step_validate(following, extracted)
-    assert validated["new_rows"] == 0 and validated["dataset_path"] == str(died.run_dir / pipeline.DATASET_FILE)
+    assert validated.new_rows == 0 and validated.snapshot.dataset_path == str(died.files.dataset)
 
 
 CHILD = ("import json, sys\nfrom datetime import datetime\nfrom recmodel import pipeline\n"

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, UTC
 import pytest
 
 from recmodel import db, registry
+from recmodel.manifest import Gated, Snapshot
 from recmodel.runner import free_port
 from test_publish import frames, register
 
@@ -66,9 +67,11 @@ def test_an_alert_survives_a_dead_mail_server(airflow_ready: dict[str, str], rec
     monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT",
                        f"smtp://127.0.0.1:{free_port()}?disable_ssl=true&disable_tls=true&retry_limit=1&timeout=5")
     with caplog.at_level(logging.WARNING, logger="recmodel.alerts"):  # a rejection warns; the failed e-mail is an error
-        channels = alerts.notify_gate_rejection(recsys_env, "20261101T120000Z", "v20261101120000", {
-            "decision": "rejected", "serve": "baseline", "publish_version": "v20261101120000-baseline",
-            "reasons": ["ndcg@10 0.0100 is below the floor 0.0200"]})
+        rejected = Gated(snapshot=Snapshot("dataset.parquet", "catalog.parquet"), decision="rejected",
+                         reasons=("ndcg@10 0.0100 is below the floor 0.0200",), serve="baseline",
+                         publish_version="v20261101120000-baseline", model=None)
+        channels = alerts.send(recsys_env, "20261101T120000Z", alerts.gate_rejection(recsys_env, "v20261101120000",
+                                                                                     rejected))
     assert channels == ["log", "pipeline_runs"]
     assert any("RECSYS ALERT [gate_rejected]" in r.getMessage() and r.levelno == logging.WARNING
                for r in caplog.records)

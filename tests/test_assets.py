@@ -72,7 +72,7 @@ def test_backfill_builds_past_snapshots_without_publishing_over_the_champion(air
 
     from airflow.models.asset import AssetDagRunQueue
 
-    from recmodel.runner import free_port, run_dag, set_paused, start_stack
+    from recmodel.runner import database_environment, free_port, run_dag, set_paused, start_stack
 
     seed_small(recsys_env, NOW)
     champion = run_dag("recsys_retrain", conf={**SMALL_MODEL, "as_of": NOW.isoformat()}, logical_date=NOW)
@@ -80,7 +80,7 @@ def test_backfill_builds_past_snapshots_without_publishing_over_the_champion(air
     with create_session() as session:  # other tests' fresh-data events must not start a run here
         session.query(AssetDagRunQueue).filter_by(target_dag_id="recsys_retrain").delete()
     set_paused(("recsys_retrain",), False)  # the scheduler runs no queued run of a paused DAG, backfills included
-    env = {**airflow_ready, "RECSYS_DATABASE_URL": recsys_env, "RECSYS_HOME": os.environ["RECSYS_HOME"]}
+    env = {**airflow_ready, **database_environment(recsys_env), "RECSYS_HOME": os.environ["RECSYS_HOME"]}
     stack = start_stack(env, free_port(), tmp_path / "airflow-logs", components=("api-server", "scheduler"))
     try:
         subprocess.run([sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "recsys_retrain",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, UTC
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT, SMALL_MODEL, seed_small
-from recmodel import db
+from recmodel import db, manifest, registry, stages
 
 HEAVY_MODULES = ("torch", "great_expectations", "transformers", "onnxruntime", "onnx", "pandas")
 NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
@@ -49,6 +51,41 @@ def test_airflow_reports_no_import_errors(airflow_ready: dict[str, str]) -> None
     assert {"recsys_retrain", "recsys_rollback", "recsys_freshness", "recsys_fresh_data"} <= {d["dag_id"] for d in listed}
 
 
+def test_the_retrain_dag_is_built_from_the_stage_list(airflow_ready: dict[str, str]) -> None:
+    """Tasks in the order of `recmodel.stages`, each chain stage fed by the one before it, training on the
+    training queue: the DAG and `pipeline.run_all` follow one list."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from recmodel import pipeline, stages
+    from recmodel.config import settings
+
+    dag = DagBag(str(REPO_ROOT / "dags")).dags["recsys_retrain"]
+    chain = [stage.name for stage in stages.CHAIN]
+    assert dag.task_ids == [*chain, "plan_scoring", *(s.name for s in stages.STAGES[len(chain):])]
+    for before, after in itertools.pairwise(chain):
+        assert dag.get_task(after).upstream_task_ids == {before}
+    assert dag.get_task("score_users").upstream_task_ids == {"plan_scoring", chain[-1]}
+    assert dag.get_task("publish").upstream_task_ids == {"score_users", "score_items"}
+    assert {s.name for s in stages.STAGES if dag.get_task(s.name).queue == settings().train_queue} >= {"train", "refit"}
+    assert all(callable(getattr(pipeline, stage.step)) for stage in stages.STAGES)
+
+
+def test_tasks_find_the_database_through_the_recsys_db_connection(airflow_ready: dict[str, str]) -> None:
+    """The connection wins over RECSYS_DATABASE_URL where both are set; without it, tasks use the latter."""
+    probe = "from recmodel import taskenv; print(taskenv.database_url())"
+    env = {**os.environ, **airflow_ready, "PYTHONPATH": str(REPO_ROOT),
+           "RECSYS_DATABASE_URL": "postgresql://cli@h1:5432/recsys"}
+
+    def url_seen(**extra: str) -> str:
+        variables = {k: v for k, v in {**env, **extra}.items() if v is not None}
+        done = subprocess.run([sys.executable, "-c", probe], env=variables, capture_output=True, text=True, check=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert url_seen(AIRFLOW_CONN_RECSYS_DB="postgresql://task:p%40ss@h2:5433/recsys?sslmode=require") == \
+        "postgresql://task:p%40ss@h2:5433/recsys?sslmode=require"
+    assert url_seen(AIRFLOW_CONN_RECSYS_DB=None) == "postgresql://cli@h1:5432/recsys"
+
+
 @pytest.mark.slow
 def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +104,15 @@ def test_retrain_dag_end_to_end(airflow_ready: dict[str, str], recsys_env: str,
     assert counts[0] == counts[1] * 20 and counts[1] >= 190
     assert counts[2] > 0 and counts[3] > 0
     assert run == ("success", first.run_id)
+    # Its manifest: every stage's typed output as XCom carried it, the settings and the artifacts' sha256.
+    run_key = NOW.strftime("%Y%m%dT%H%M%SZ")
+    recorded = registry.run_manifest(recsys_env, run_key)
+    assert json.loads((Path(os.environ["RECSYS_HOME"]) / "runs" / run_key / "manifest.json").read_text()) == recorded
+    assert set(recorded["stages"]) == {*(s.name for s in stages.CHAIN), "score_users.0", "score_items", "publish"}
+    assert {entry["outcome"] for entry in recorded["stages"].values()} == {"done"}
+    assert recorded["dag_run_id"] == first.run_id and recorded["config"]["epochs"] == SMALL_MODEL["epochs"]
+    served = manifest.from_json(manifest.Gated, recorded["stages"]["refit"]["output"])
+    assert served.serve == "model" and served.model.onnx_sha256 == recorded["artifacts"]["serving_onnx"]["sha256"]
 
     # Nothing new since the watermark: a successful run that trains and publishes nothing.
     idle_at = NOW + timedelta(hours=1)

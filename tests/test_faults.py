@@ -103,10 +103,10 @@ def assert_recovers(url: str, before: tuple, first_version: str) -> None:
     assert serving_state(url) == before
     retry = pipeline.make_context(LATER, LENIENT)
     outcome = pipeline.run_all(retry)
-    assert outcome["version"] == retry.version
+    assert outcome.version == retry.version
     versions, rows, users, champions, serving = serving_state(url)
     assert versions == [retry.version] and champions == [retry.version] == serving and rows == users * 20
-    dataset = pd.read_parquet(retry.run_dir / pipeline.DATASET_FILE)
+    dataset = pd.read_parquet(retry.files.dataset)
     with db.connect(url) as conn:
         stored, quarantined = conn.execute(
             "SELECT (SELECT count(*) FROM interactions), (SELECT count(DISTINCT event_id) FROM recsys.quarantine)"

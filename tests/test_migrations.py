@@ -55,7 +55,7 @@ def test_a_first_release_database_upgrades_to_today_and_retrains(airflow_ready: 
 
     from psycopg import sql
 
-    from recmodel.runner import run_dag
+    from recmodel.runner import database_environment, run_dag
 
     name = f"upgrade_{uuid.uuid4().hex[:8]}"
     db.ensure_database(pg_server_url, name)
@@ -75,7 +75,8 @@ def test_a_first_release_database_upgrades_to_today_and_retrains(airflow_ready: 
         assert db.migrate(url) == []
         registry.record_event(url, "fresh-data-check", kind="fresh_data", status="failed", stage="count",
                               message="the kind 004 shipped without, allowed by 009")
-        monkeypatch.setenv("RECSYS_DATABASE_URL", url)
+        for variable, value in database_environment(url).items():
+            monkeypatch.setenv(variable, value)
         monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
         outcome = run_dag("recsys_retrain", conf={**SMALL_MODEL, "as_of": NOW.isoformat()}, logical_date=NOW)
         assert outcome.succeeded, outcome.task_states

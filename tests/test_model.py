@@ -15,7 +15,7 @@ from recmodel import baselines
 from recmodel.accuracy import split_leave_last_out
 from recmodel.data import Vocab
 from recmodel.model import ModelConfig, SequentialRecommender, TopKRecommender, fill_cold_ids, warm_start
-from recmodel.score import open_session
+from recmodel.artifacts import open_session
 
 
 def tiny_model(n_items: int = 30, max_history: int = 4, seed: int = 0) -> SequentialRecommender:

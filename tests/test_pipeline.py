@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, UTC
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import SMALL_MODEL, seed_small
-from recmodel import db, pipeline
+from recmodel import artifacts, db, manifest, pipeline, registry, stages
+from recmodel.errors import NothingNew
 from recmodel.extract import ExtractError
 from recmodel.registry import RunRefused
 from recmodel.validate import DataValidationError
@@ -48,7 +51,7 @@ def test_bad_rows_are_quarantined_and_the_rest_trains(recsys_env: str) -> None:
     ])
     ctx = pipeline.make_context(NOW, SMALL_MODEL)
     result = pipeline.run_all(ctx)
-    assert result["version"] == ctx.version
+    assert result.version == ctx.version
     with db.connect(recsys_env) as conn:
         reasons = dict(conn.execute("SELECT reason, count(*) FROM recsys.quarantine GROUP BY reason").fetchall())
         run = conn.execute("SELECT status, rows_quarantined FROM recsys.pipeline_runs").fetchone()
@@ -90,13 +93,13 @@ def test_incremental_runs_warm_start_and_reruns_are_idempotent(recsys_env: str) 
 
     # Nothing new: the run stops after validation and says so.
     idle = pipeline.make_context(NOW + timedelta(hours=1), SMALL_MODEL)
-    skipped = pipeline.step_validate(idle, pipeline.step_extract(idle))
-    assert skipped["new_rows"] == 0 and "no new interactions" in skipped["message"]
+    with pytest.raises(NothingNew, match="no new interactions"):
+        pipeline.step_validate(idle, pipeline.step_extract(idle))
 
     appended = seed_small(recsys_env, NOW + timedelta(days=2), events=1500, seed=2)
     second = pipeline.make_context(NOW + timedelta(days=2), SMALL_MODEL)
     extracted = pipeline.step_extract(second)
-    assert extracted["rows"] == appended.events_added  # only the new rows
+    assert extracted.rows == appended.events_added  # only the new rows
     outcome = pipeline.run_all(second)
     with db.connect(recsys_env) as conn:
         parent, status = conn.execute("SELECT parent_version, status FROM recsys.model_registry WHERE version = %s",
@@ -115,19 +118,19 @@ def test_incremental_runs_warm_start_and_reruns_are_idempotent(recsys_env: str) 
     assert dataset_rows == 8000 + appended.events_added
     assert status in ("champion", "rejected")
     if status == "champion":
-        assert outcome["version"] == second.version == serving_version(recsys_env)
+        assert outcome.version == second.version == serving_version(recsys_env)
     else:
         assert serving_version(recsys_env) == first.version
 
     # The same interval again: refused when it was published (published versions are immutable),
     # else the same snapshot; either way no duplicate registry rows or recommendations.
-    dataset_before = pd.read_parquet(second.run_dir / pipeline.DATASET_FILE)
+    dataset_before = pd.read_parquet(second.files.dataset)
     if status == "champion":
         with pytest.raises(RunRefused, match="published versions are immutable"):
             pipeline.run_all(second)
     else:
         pipeline.run_all(second)
-    dataset_after = pd.read_parquet(second.run_dir / pipeline.DATASET_FILE)
+    dataset_after = pd.read_parquet(second.files.dataset)
     pd.testing.assert_frame_equal(dataset_before, dataset_after)
     with db.connect(recsys_env) as conn:
         assert conn.execute("SELECT count(*) FROM recsys.model_registry").fetchone()[0] == 2
@@ -173,17 +176,17 @@ def test_quarantine_replay_readmits_fixed_rows_exactly_once(recsys_env: str) -> 
     later = pipeline.make_context(NOW + timedelta(days=10), SMALL_MODEL)  # far past the lookback window
     validated = pipeline.step_validate(later, pipeline.step_extract(later))
     readmitted = waiting - {two_reasons}
-    dataset = pd.read_parquet(validated["dataset_path"])
-    assert validated["new_rows"] == 3 and readmitted <= set(dataset["event_id"])
+    dataset = pd.read_parquet(validated.snapshot.dataset_path)
+    assert validated.new_rows == 3 and readmitted <= set(dataset["event_id"])
     assert two_reasons not in set(dataset["event_id"])
     rerun = pipeline.step_validate(later, pipeline.step_extract(later))  # the same rows again, no more
-    assert rerun["new_rows"] == 3 and len(pd.read_parquet(rerun["dataset_path"])) == len(dataset)
+    assert rerun.new_rows == 3 and len(pd.read_parquet(rerun.snapshot.dataset_path)) == len(dataset)
     with db.connect(recsys_env) as conn:
         replayed = dict(conn.execute("SELECT event_id, replayed_by FROM recsys.quarantine WHERE reason = 'unknown_item'"))
     assert replayed == {**{e: later.run_key for e in readmitted}, two_reasons: None}
 
     after = pipeline.make_context(NOW + timedelta(days=11), SMALL_MODEL)
-    assert pipeline.step_validate(after, pipeline.step_extract(after))["new_rows"] == 0  # exactly once
+    assert pipeline.step_validate(after, pipeline.step_extract(after)).new_rows == 0  # exactly once
 
 
 @pytest.mark.slow
@@ -192,9 +195,9 @@ def test_scoring_in_four_shards_equals_scoring_in_one(recsys_env: str) -> None:
     ctx = pipeline.make_context(NOW, SMALL_MODEL)
     gated = pipeline.step_gate(ctx, pipeline.step_export(ctx, pipeline.step_train(
         ctx, pipeline.step_validate(ctx, pipeline.step_extract(ctx)))))
-    whole = pd.read_parquet(pipeline.step_score_users(ctx, gated, 0, 1)["path"])
+    whole = pd.read_parquet(pipeline.step_score_users(ctx, gated, 0, 1).path)
     shards = [pipeline.step_score_users(ctx, gated, shard, 4) for shard in range(4)]
-    parts = [pd.read_parquet(s["path"]) for s in shards]
+    parts = [pd.read_parquet(s.path) for s in shards]
     assert all(len(p) for p in parts)
     users = [set(p["user_id"]) for p in parts]
     assert sum(map(len, users)) == len(set().union(*users)) == whole["user_id"].nunique()  # disjoint, complete
@@ -204,9 +207,9 @@ def test_scoring_in_four_shards_equals_scoring_in_one(recsys_env: str) -> None:
     assert (assembled["score"] - whole["score"]).abs().max() < 1e-4
 
     with pytest.raises(ValueError, match=r"scoring shards \[0, 1, 3\] do not cover 0..3"):
-        pipeline.scored_tables(ctx, [s for s in shards if s["shard"] != 2], {})
-    published = pipeline.step_publish(ctx, pipeline.scored_tables(ctx, shards, pipeline.step_score_items(ctx, gated)))
-    assert published["row_counts"]["user_recommendations"] == len(whole)
+        pipeline.step_publish(ctx, [s for s in shards if s.shard != 2], pipeline.step_score_items(ctx, gated))
+    published = pipeline.step_publish(ctx, shards, pipeline.step_score_items(ctx, gated))
+    assert published.row_counts["user_recommendations"] == len(whole)
 
 
 @pytest.mark.slow
@@ -217,7 +220,7 @@ def test_a_rejected_first_candidate_serves_a_labelled_baseline_until_a_model_is_
     first = pipeline.make_context(NOW, {**SMALL_MODEL, "gate_min_metric": 1.0})  # no model reaches this floor
     result = pipeline.run_all(first)
     baseline = first.version + "-baseline"
-    assert result["version"] == baseline
+    assert result.version == baseline
     with db.connect(recsys_env) as conn:
         labels = {view: conn.execute(f"SELECT DISTINCT model_version, served_by FROM recsys.{view}").fetchall()
                   for view in ("user_recommendations", "similar_items", "popular_items")}
@@ -235,7 +238,7 @@ def test_a_rejected_first_candidate_serves_a_labelled_baseline_until_a_model_is_
     later = NOW + timedelta(days=1)
     seed_small(recsys_env, later, events=3000, seed=2)
     second = pipeline.make_context(later, SMALL_MODEL)
-    assert pipeline.run_all(second)["version"] == second.version
+    assert pipeline.run_all(second).version == second.version
     with db.connect(recsys_env) as conn:
         labels = conn.execute("SELECT DISTINCT model_version, served_by FROM recsys.user_recommendations").fetchall()
         statuses = dict(conn.execute("SELECT version, status FROM recsys.model_registry").fetchall())
@@ -262,10 +265,35 @@ def test_a_first_run_that_cannot_train_still_serves_every_user(recsys_env: str) 
     add_events(recsys_env, [(100 + user, 1 + user % 7, "view", None, NOW - timedelta(hours=user),
                              NOW - timedelta(hours=1)) for user in range(40)])
     ctx = pipeline.make_context(NOW, SMALL_MODEL)
-    assert pipeline.run_all(ctx)["version"] == ctx.version + "-baseline"
+    assert pipeline.run_all(ctx).version == ctx.version + "-baseline"
     with db.connect(recsys_env) as conn:
         served = dict(conn.execute("SELECT user_id, count(*) FROM recsys.user_recommendations GROUP BY user_id"))
         reasons, = conn.execute("SELECT reasons FROM recsys.model_registry WHERE kind = 'baseline'").fetchone()
     assert set(served) == set(range(100, 140)) and set(served.values()) == {6}  # 7 items with events, minus one seen
     assert reasons[0] == ("no model could be trained: no user has two or more interactions outside the gate's "
                           "holdout; nothing to learn from")
+
+
+@pytest.mark.slow
+def test_a_runs_manifest_records_every_stage_and_rebuilds_its_model(recsys_env: str, tmp_path: Path) -> None:
+    seed_small(recsys_env, NOW)
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    assert pipeline.run_all(ctx).version == ctx.version
+    recorded = registry.run_manifest(recsys_env, ctx.run_key)
+    assert json.loads(ctx.files.manifest.read_text()) == recorded  # the file and the registry's copy agree
+    assert set(recorded["stages"]) == {*(s.name for s in stages.CHAIN), "score_users.0", "score_items", "publish"}
+    assert recorded["config"] == ctx.config.as_dict() and recorded["software"]["torch"]
+    assert manifest.from_json(manifest.Validated, recorded["stages"]["validate"]["output"]).snapshot.dataset_path == \
+        str(ctx.files.dataset)
+    assert {"increment", "catalog", "dataset", "model_weights", "model_onnx", "serving_onnx", "serving_weights",
+            "user_shard_0_of_1", "similar_items", "popular_items"} == set(recorded["artifacts"])
+    for artifact in recorded["artifacts"].values():
+        assert artifacts.sha256_file(Path(artifact["path"])) == artifact["sha256"]
+
+    rebuilt = pipeline.reproduce(recsys_env, ctx.run_key, tmp_path / "rebuilt")
+    assert rebuilt.identical and rebuilt.max_weight_diff == 0.0, rebuilt
+
+    dataset = pd.read_parquet(ctx.files.dataset)
+    dataset.iloc[1:].to_parquet(ctx.files.dataset, index=False)  # the snapshot is no longer the one trained on
+    with pytest.raises(pipeline.ReproductionError, match="is not the dataset run .* trained on"):
+        pipeline.reproduce(recsys_env, ctx.run_key, tmp_path / "again")

@@ -70,7 +70,7 @@ def smtp_inbox() -> Iterator[list]:
 @pytest.fixture(scope="module")
 def world(airflow_ready: dict[str, str], pg_server_url: str, tmp_path_factory: pytest.TempPathFactory,
           smtp_inbox) -> Iterator[World]:
-    from recmodel.runner import run_dag
+    from recmodel.runner import database_environment, run_dag
 
     name = f"ui_{uuid.uuid4().hex[:10]}"
     db.ensure_database(pg_server_url, name)
@@ -80,7 +80,7 @@ def world(airflow_ready: dict[str, str], pg_server_url: str, tmp_path_factory: p
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps(PASSWORDS))
     env = {
-        "RECSYS_DATABASE_URL": url, "RECSYS_HOME": str(home), "RECSYS_ALERT_EMAIL": ALERT_TO,
+        **database_environment(url), "RECSYS_HOME": str(home), "RECSYS_ALERT_EMAIL": ALERT_TO,
         "AIRFLOW_CONN_SMTP_DEFAULT": f"smtp://127.0.0.1:{smtp_inbox.port}?disable_ssl=true&disable_tls=true",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),

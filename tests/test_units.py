@@ -297,3 +297,38 @@ def test_the_cli_heartbeat_speaks_only_when_the_terminal_was_quiet(caplog: pytes
         busy = [r.getMessage() for r in caplog.records if r.getMessage().startswith("…")]
     assert 1 <= len(quiet) <= 2 and quiet[0].startswith("… train is running (")
     assert busy == []
+
+
+def test_stage_outputs_survive_xcom_json_and_a_renamed_field_is_named() -> None:
+    import json
+    from datetime import UTC, datetime
+
+    from recmodel.extract import ExtractResult
+    from recmodel.manifest import (ContractError, Exported, Gated, ModelFiles, ScoredShard, Snapshot, Trained,
+                                   from_json, to_json)
+    from recmodel.publish import PublishResult
+
+    plan = HoldoutPlan(kind=TIME_WINDOW, cutoff="2026-11-01T00:00:00+00:00", window_days=7.0, users=120, targets=300,
+                       held_out_rows=900, share=0.1, min_users=100)
+    snapshot = Snapshot("runs/r/dataset.parquet", "runs/r/catalog.parquet")
+    trained = Trained(snapshot=snapshot, holdout=plan, parent_version=None, model_dir="models/v1", device="cpu",
+                      train_events=5000, n_items=40)
+    model = ModelFiles(model_dir="models/v1", onnx_path="models/v1/model.onnx", onnx_sha256="ab" * 32, train_rows=5000)
+    values = [
+        ExtractResult(increment_path="i.parquet", catalog_path="c.parquet", rows=10, rows_already_seen=2,
+                      low_watermark=None, high_watermark=datetime(2026, 11, 1, 12, tzinfo=UTC),
+                      base_dataset_path=None, catalog_items=40),
+        trained, Exported(trained=trained, model=model, provider="CPUExecutionProvider"),
+        Gated(snapshot=snapshot, decision="accepted", reasons=("ndcg@10 0.3 vs popularity 0.1",), serve="model",
+              publish_version="v20261101120000", model=model),
+        ScoredShard(shard=2, shards=4, path="s.parquet", provider="CPUExecutionProvider", users=50, rows=1000),
+        PublishResult(version="v20261101120000", row_counts={"user_recommendations": 1000}, swap_seconds=0.01,
+                      lock_waits=0, pruned=[]),
+    ]
+    for value in values:  # through JSON, as XCom stores it
+        assert from_json(type(value), json.loads(json.dumps(to_json(value)))) == value
+
+    renamed = to_json(values[2])
+    renamed["trained"]["model_path"] = renamed["trained"].pop("model_dir")
+    with pytest.raises(ContractError, match="Trained cannot be read: missing model_dir; unknown model_path"):
+        from_json(Exported, renamed)
