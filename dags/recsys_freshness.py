@@ -11,7 +11,7 @@ from __future__ import annotations
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from recmodel.alerts import check_dag_arguments
+from recmodel.notifier import check_dag_arguments
 from recmodel.config import settings
 
 

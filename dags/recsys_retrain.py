@@ -23,7 +23,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
 from recmodel import stages
-from recmodel.alerts import RecsysNotifier
+from recmodel.notifier import RecsysNotifier
 from recmodel.assets import FRESH_INTERACTIONS, PUBLISHED_RECOMMENDATIONS
 from recmodel.config import settings
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from recmodel.alerts import RecsysNotifier
+from recmodel.notifier import RecsysNotifier
 
 
 @dag(

@@ -96,11 +96,11 @@ def test_an_alert_for_a_run_without_a_row_is_still_logged(airflow_ready: dict[st
 def test_each_dag_reports_to_a_row_of_its_own_kind(airflow_ready: dict[str, str], recsys_env: str) -> None:
     from types import SimpleNamespace
 
-    from recmodel import alerts
+    from recmodel import notifier
 
     for dag_id, kind in (("recsys_rollback", "rollback"), ("recsys_freshness", "freshness"),
                          ("recsys_fresh_data", "fresh_data")):
-        run_key, found = alerts.run_key_of({"dag_run": SimpleNamespace(dag_id=dag_id, run_id="manual__1")})
+        run_key, found = notifier.run_key_of({"dag_run": SimpleNamespace(dag_id=dag_id, run_id="manual__1")})
         assert (run_key, found) == (f"{kind}:manual__1", kind)
         registry.record_event(recsys_env, run_key, kind=found, status="failed", stage="t", message="boom")
     with db.connect(recsys_env) as conn:

@@ -45,6 +45,16 @@ def airflow_json(env: dict[str, str], *args: str) -> list[dict]:
     return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("[")))
 
 
+def test_running_stages_without_airflow_never_imports_it() -> None:
+    """`run_all`, `bench` and the CLI run stages (a gate rejection's alert included) without Airflow; importing
+    it would fix its configuration before a command or test sets it up."""
+    probe = ("import sys\nimport recmodel.alerts, recmodel.bench, recmodel.cli, recmodel.pipeline\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_airflow_reports_no_import_errors(airflow_ready: dict[str, str]) -> None:
     assert airflow_json(airflow_ready, "dags", "list-import-errors", "--local") == []
     listed = airflow_json(airflow_ready, "dags", "list", "--local")
