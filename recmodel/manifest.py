@@ -14,6 +14,7 @@ output, and each artifact's path with its sha256: enough to rebuild the run's mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -25,10 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from recmodel import __version__
 from recmodel.errors import PermanentError
 from recmodel.extract import ExtractResult
 from recmodel.gate import HoldoutPlan
-from recmodel.publish import PublishResult
 
 if TYPE_CHECKING:
     from recmodel.alerts import Alert
@@ -126,10 +127,6 @@ class Scored:
     tables: ItemTables
 
 
-STAGE_OUTPUTS: tuple[type, ...] = (ExtractResult, Validated, Trained, Exported, Gated, ScoredShard, ItemTables,
-                                   Scored, PublishResult)
-
-
 def to_json(value: Any) -> dict[str, Any]:
     """A stage output as plain JSON types (times as ISO strings), for XCom and the manifest."""
     return json.loads(json.dumps(dataclasses.asdict(value), default=str))
@@ -216,9 +213,11 @@ class StageRecord:
         self.details.update(details)
 
 
+@functools.cache
 def software() -> dict[str, str]:
-    """Python and the installed versions of the libraries a model depends on."""
-    found = {"python": platform.python_version(), "recmodel": _recmodel_version()}
+    """Python and the installed versions of the libraries a model depends on (read once per process: every
+    stage's manifest entry repeats them)."""
+    found = {"python": platform.python_version(), "recmodel": __version__}
     for name in LIBRARIES:
         try:
             found[name] = metadata.version(name)
@@ -227,22 +226,9 @@ def software() -> dict[str, str]:
     return found
 
 
-def _recmodel_version() -> str:
-    from recmodel import __version__
-
-    return __version__
-
-
 def write_file(path: Path, manifest: dict[str, Any]) -> None:
     """Replace manifest.json whole (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     partial.replace(path)
-
-
-def read_file(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no run manifest at {path}: was the run made by this version of recsys-retrain?") from None

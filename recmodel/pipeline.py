@@ -683,7 +683,6 @@ def reproduce(url: str, run_key: str, out_dir: Path) -> Reproduction:
     """Train run `run_key`'s gated model again into `out_dir` from what its manifest recorded: the same
     dataset and catalog snapshots (their sha256 checked first), the same resolved settings, holdout
     plan and parent weights; then compare the weights with the original's."""
-    import torch
 
     from recmodel.data import within_training_window
     from recmodel.gate import held_out_mask
@@ -706,8 +705,8 @@ def reproduce(url: str, run_key: str, out_dir: Path) -> Reproduction:
     catalog = read_catalog(trained.snapshot.catalog_path)
     result = train(dataset[~held_out_mask(dataset, trained.holdout)], catalog, config=config, out_dir=out_dir,
                    cache_dir=settings().home / "cache", parent_dir=Path(trained.parent_dir) if trained.parent_dir else None)
-    original = torch.load(Path(trained.model_dir) / artifacts.WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    rebuilt = torch.load(out_dir / artifacts.WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    original = artifacts.load_weights(Path(trained.model_dir))[1]
+    rebuilt = artifacts.load_weights(out_dir)[1]
     if original.keys() != rebuilt.keys():
         diff = float("inf")
     else:
