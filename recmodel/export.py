@@ -1,7 +1,9 @@
 """Export: the trained model to a self-contained ONNX graph, checked against PyTorch.
 
 The graph maps a batch of histories (B, L) of item indices to the top-K item indices and
-scores (B, K), with seen, padding and inactive items masked inside the graph. The item
+scores (B, K), with seen, padding and inactive items masked inside the graph. K is
+`longtail.CANDIDATE_POOL_FACTOR` × top_k: scoring serves the first top_k, or re-ranks the pool
+when `tail_boost` is set. The item
 vectors go beside it as .npy for `similar_items`.
 """
 
@@ -19,6 +21,7 @@ import torch
 
 from recmodel.artifacts import ITEM_VECTORS_FILE, ONNX_FILE, PARITY_FILE, load_model, open_session, sha256_file
 from recmodel.data import Vocab, is_active, left_pad, pad_batch, user_sequences
+from recmodel.longtail import CANDIDATE_POOL_FACTOR
 from recmodel.model import TopKRecommender
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ def export(model_dir: Path, catalog: pd.DataFrame, dataset: pd.DataFrame, *, top
            parity_users: int = 256, seed: int = 0) -> ExportResult:
     model, vocab = load_model(model_dir)
     excluded = torch.from_numpy(inactive_mask(vocab, catalog))
-    wrapper = TopKRecommender(model, excluded, k=min(top_k, len(vocab) - 1)).eval()
+    wrapper = TopKRecommender(model, excluded, k=min(top_k * CANDIDATE_POOL_FACTOR, len(vocab) - 1)).eval()
     histories = sample_histories(dataset, vocab, parity_users, seed)
     onnx_path = model_dir / ONNX_FILE
     export_onnx(wrapper, histories[:2], onnx_path)

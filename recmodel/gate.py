@@ -20,6 +20,7 @@ import pandas as pd
 
 from recmodel.config import PipelineConfig
 from recmodel.data import Vocab, length_sorted_batches
+from recmodel.longtail import HEAD_SHARE, TailBoost
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,6 @@ class CatalogStats:
 
 
 COLD_THRESHOLD = 5
-HEAD_SHARE = 0.2
 
 
 def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> CatalogStats:
@@ -275,8 +275,10 @@ def paired_ratio(candidate: dict[str, Any], reference: dict[str, Any], metric: s
     return float(values.mean() / max(base.mean(), 1e-12)), low, high
 
 
-def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, batch_size: int = 256) -> dict[int, np.ndarray]:
-    """Top-K item ids per holdout user from an exported model (its own vocabulary)."""
+def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, batch_size: int = 256, *,
+                         tail: TailBoost | None = None, k: int = K) -> dict[int, np.ndarray]:
+    """Top-k item ids per holdout user from an exported model (its own vocabulary), re-ranked by `tail`
+    (`tail_boost`) as scoring re-ranks what it serves."""
     users = list(holdout.targets)
     fixed_length = session.get_inputs()[0].shape[1]  # an int for graphs exported with a fixed history window
     known = [_known(vocab, holdout.histories[u]) for u in users]
@@ -284,6 +286,8 @@ def onnx_recommendations(session, vocab: Vocab, holdout: Holdout, batch_size: in
     for positions, histories in length_sorted_batches(
             known, batch_size, length=fixed_length if isinstance(fixed_length, int) else None):
         item_index, scores = session.run(None, {"history": histories})
+        if tail is not None:
+            item_index, scores = tail.apply(item_index, scores, k)
         for position, row, row_scores in zip(positions, item_index, scores):
             out[users[position]] = vocab.item_ids[row[np.isfinite(row_scores)]]
     return out

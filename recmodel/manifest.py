@@ -116,6 +116,7 @@ class ItemTables:
     version: str
     similar_items: str
     popular_items: str
+    snapshot: Snapshot  # what was scored: publish measures the lists' long tail against it
 
 
 @dataclass(frozen=True)

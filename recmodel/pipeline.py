@@ -30,13 +30,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import numpy as np
 import pandas as pd
 
-from recmodel import artifacts, db, manifest, registry, stages
+from recmodel import artifacts, db, longtail, manifest, registry, stages
 from recmodel.artifacts import RunFolder
 from recmodel.config import ConfigError, PipelineConfig, settings
 from recmodel.errors import NothingNew, NothingToPublish, PermanentError, RunEnds, SupersededRun
 from recmodel.extract import (ExtractError, ExtractResult, commit_watermark, extract, mark_replayed,
                               previous_volumes, read_catalog, read_increment, read_interactions, write_quarantine)
 from recmodel.logsetup import quiet_libraries
+from recmodel.longtail import LongTail, TailBoost
 from recmodel.manifest import (Exported, Gated, ItemTables, ModelFiles, Scored, ScoredShard, Snapshot, StageRecord,
                                Trained, Validated)
 from recmodel.publish import PublishResult
@@ -418,9 +419,13 @@ def step_gate(ctx: RunContext, record: StageRecord, exported: Exported) -> Gated
     # The champion to beat; none for a rerun of the run that produced it.
     champion_record = serving_model if serving_model is not None and serving_model.version != ctx.version else None
 
-    def evaluate(model_dir: Path, onnx_path: Path, holdout: gate.Holdout, stats: gate.CatalogStats) -> dict[str, Any]:
+    def evaluate(model_dir: Path, onnx_path: Path, holdout: gate.Holdout, train_events: pd.DataFrame,
+                 stats: gate.CatalogStats) -> dict[str, Any]:
+        """What the model would serve the holdout's users, re-ranked as scoring re-ranks, scored."""
         session, _ = artifacts.open_session(onnx_path)
-        return gate.evaluate_lists(gate.onnx_recommendations(session, artifacts.load_vocab(model_dir), holdout),
+        vocab = artifacts.load_vocab(model_dir)
+        tail = TailBoost.of(ctx.config.tail_boost, train_events, vocab)
+        return gate.evaluate_lists(gate.onnx_recommendations(session, vocab, holdout, tail=tail),
                                    holdout.targets, stats)
 
     if exported.model is None:
@@ -432,9 +437,10 @@ def step_gate(ctx: RunContext, record: StageRecord, exported: Exported) -> Gated
         holdout = gate.build_holdout(dataset, held_out)
         train_events = dataset[~held_out]
         stats = gate.catalog_stats(train_events["item_id"].to_numpy(), active_ids)
-        candidate = evaluate(Path(exported.model.model_dir), Path(exported.model.onnx_path), holdout, stats)
-        champion = (evaluate(champion_record.gated.artifact_dir, champion_record.gated.onnx_path, holdout, stats)
-                    if champion_record else None)
+        candidate = evaluate(Path(exported.model.model_dir), Path(exported.model.onnx_path), holdout, train_events,
+                             stats)
+        champion = (evaluate(champion_record.gated.artifact_dir, champion_record.gated.onnx_path, holdout,
+                             train_events, stats) if champion_record else None)
         popularity = gate.evaluate_lists(gate.popularity_recommendations(train_events, holdout, active_ids),
                                          holdout.targets, stats)
         decision = gate.decide(candidate, champion, popularity, ctx.config)
@@ -547,9 +553,12 @@ def step_score_users(ctx: RunContext, gated: Gated, shard: int = 0, shards: int 
             recommendations = score.baseline_recommendations(full, dataset, catalog, top_k=ctx.config.top_k)
             provider = "baseline (popularity)"
         else:
+            model_dir = Path(gated.model.model_dir)
+            vocab = artifacts.load_vocab(model_dir)
             recommendations, provider = score.recommend(
-                Path(gated.model.onnx_path), artifacts.load_vocab(Path(gated.model.model_dir)), dataset,
-                top_k=ctx.config.top_k, batch_size=ctx.config.score_batch_size)
+                Path(gated.model.onnx_path), vocab, dataset, top_k=ctx.config.top_k,
+                batch_size=ctx.config.score_batch_size, tail=TailBoost.of(ctx.config.tail_boost, full, vocab),
+                explain_with=artifacts.load_item_vectors(model_dir), explain_window=ctx.config.max_history)
         path = ctx.files.user_shard(shard, shards)
         recommendations.to_parquet(path, index=False)
         users = int(recommendations["user_id"].nunique())
@@ -585,7 +594,7 @@ def step_score_items(ctx: RunContext, record: StageRecord, gated: Gated) -> Item
     similar.to_parquet(ctx.files.similar_items, index=False)
     popular.to_parquet(ctx.files.popular_items, index=False)
     return ItemTables(version=gated.publish_version, similar_items=str(ctx.files.similar_items),
-                      popular_items=str(ctx.files.popular_items))
+                      popular_items=str(ctx.files.popular_items), snapshot=gated.snapshot)
 
 
 def score_all(ctx: RunContext, gated: Gated) -> tuple[list[ScoredShard], ItemTables]:
@@ -613,13 +622,26 @@ def step_publish(ctx: RunContext, record: StageRecord, user_shards: list[ScoredS
     scored = scored_tables(user_shards, item_tables)
     record.note(score={"provider": user_shards[0].provider, "shards": len(user_shards),
                        "users": sum(s.users for s in user_shards), "rows": sum(s.rows for s in user_shards)})
-    result = publish(ctx.url, scored.version, load_scored(scored), generated_at=ctx.as_of,
-                     keep_versions=ctx.config.keep_versions)
+    frames = load_scored(scored)
+    long_tail = measure_long_tail(frames["user_recommendations"], item_tables)
+    registry.record_long_tail(ctx.url, scored.version, long_tail.as_dict())
+    record.note(long_tail=long_tail.as_dict())
+    result = publish(ctx.url, scored.version, frames, generated_at=ctx.as_of, keep_versions=ctx.config.keep_versions)
     kind = "the popularity baseline " if result.version.endswith("-baseline") else ""
     record.end("success", f"published {kind}{result.version}")
     record.columns["model_version"] = result.version
     record.note(publish=asdict(result))
     return result
+
+
+def measure_long_tail(recommendations: pd.DataFrame, item_tables: ItemTables) -> LongTail:
+    """Coverage, tail share and novelty of every list a version publishes, against its snapshot."""
+    from recmodel.data import is_active
+
+    snapshot = item_tables.snapshot
+    catalog = read_catalog(snapshot.catalog_path)
+    return longtail.measure(recommendations, read_interactions(snapshot.dataset_path),
+                            catalog.loc[is_active(catalog), "item_id"].to_numpy())
 
 
 def load_scored(scored: Scored) -> dict[str, pd.DataFrame]:

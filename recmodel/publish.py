@@ -44,15 +44,19 @@ VERSION_PATTERN = re.compile(r"^v[0-9]{14}(-baseline)?$")  # a run's model, or t
 @dataclass(frozen=True)
 class ServingTable:
     view: str
-    columns: tuple[tuple[str, str], ...]  # (name, Postgres type name) in contract order
+    columns: tuple[tuple[str, str], ...]  # (name, Postgres type name) in contract order, NOT NULL
     key: tuple[str, ...]  # unique per version; indexed for readers
+    # Columns added after the contract's: nullable (NULL where a frame has none), listed after served_by
+    # in the view, as CREATE OR REPLACE VIEW can only add columns at the end.
+    added: tuple[tuple[str, str], ...] = ()
 
 
 SERVING_TABLES = (
     ServingTable("user_recommendations",
                  (("user_id", "int8"), ("rank", "int4"), ("item_id", "int8"), ("score", "float4"),
                   ("model_version", "text"), ("generated_at", "timestamptz")),
-                 ("user_id", "rank")),
+                 ("user_id", "rank"),
+                 added=(("because_item_id", "int8"),)),
     ServingTable("similar_items",
                  (("item_id", "int8"), ("rank", "int4"), ("similar_item_id", "int8"), ("score", "float4"),
                   ("model_version", "text")),
@@ -256,14 +260,16 @@ def _load(conn: psycopg.Connection, table: ServingTable, version: str, frame: pd
     """Fill the version's staging table; its NOT NULL columns and unique key refuse bad rows."""
     staging_name = table_name(table.view, version, staging=True)
     staging = sql.Identifier(staging_name)
-    columns = sql.SQL(", ").join(sql.SQL("{} {} NOT NULL").format(sql.Identifier(n), sql.SQL(t))
-                                 for n, t in table.columns)
+    columns = [sql.SQL("{} {} NOT NULL").format(sql.Identifier(n), sql.SQL(t)) for n, t in table.columns]
+    columns += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in table.added]
     conn.execute(sql.SQL("DROP TABLE IF EXISTS recsys.{}").format(staging))
-    conn.execute(sql.SQL("CREATE TABLE recsys.{} ({})").format(staging, columns))
+    conn.execute(sql.SQL("CREATE TABLE recsys.{} ({})").format(staging, sql.SQL(", ").join(columns)))
     constants = {"model_version": version, "generated_at": generated_at}
+    loaded = [*table.columns, *((n, t) for n, t in table.added if n in frame.columns)]
     wire = [(pg_type, constants[name] if name in constants else frame[name].to_numpy())
-            for name, pg_type in table.columns]
-    copy_sql = sql.SQL("COPY recsys.{} FROM STDIN (FORMAT BINARY)").format(staging)
+            for name, pg_type in loaded]
+    copy_sql = sql.SQL("COPY recsys.{} ({}) FROM STDIN (FORMAT BINARY)").format(
+        staging, sql.SQL(", ").join(sql.Identifier(n) for n, _ in loaded))
     try:
         with conn.cursor().copy(copy_sql) as copy:
             for chunk in pgbulk.binary_copy_stream(wire, len(frame)):
@@ -317,8 +323,9 @@ def _served_by(conn: psycopg.Connection, version: str) -> str:
 def _point_view(conn: psycopg.Connection, table: ServingTable, source: str, served_by: str) -> None:
     """The view reads `source` and labels every row with what produced it ('model' or 'baseline')."""
     columns = sql.SQL(", ").join(sql.Identifier(n) for n, _ in table.columns)
-    conn.execute(sql.SQL("CREATE OR REPLACE VIEW recsys.{} AS SELECT {}, {}::text AS served_by FROM recsys.{}").format(
-        sql.Identifier(table.view), columns, sql.Literal(served_by), sql.Identifier(source)))
+    added = sql.SQL("").join(sql.SQL(", {}").format(sql.Identifier(n)) for n, _ in table.added)
+    conn.execute(sql.SQL("CREATE OR REPLACE VIEW recsys.{} AS SELECT {}, {}::text AS served_by{} FROM recsys.{}").format(
+        sql.Identifier(table.view), columns, sql.Literal(served_by), added, sql.Identifier(source)))
 
 
 def prune(url: str, keep_versions: int) -> list[str]:

@@ -114,6 +114,13 @@ RETURNING manifest
 ENTER_STAGE = "UPDATE recsys.pipeline_runs SET stage = %(stage)s WHERE run_key = %(run_key)s AND status = 'running'"
 RETIRE_CHAMPION = "UPDATE recsys.model_registry SET status = 'retired' WHERE status = 'champion' AND version <> %(version)s"
 PROMOTE = "UPDATE recsys.model_registry SET status = 'champion' WHERE version = %(version)s"
+# What serves is dated: the outcomes task attributes each interaction to the version serving when it occurred.
+END_SERVING_PERIOD = "UPDATE recsys.serving_periods SET ended_at = now() WHERE ended_at IS NULL AND version <> %(version)s"
+START_SERVING_PERIOD = """
+INSERT INTO recsys.serving_periods (version, started_at)
+SELECT %(version)s, now() WHERE NOT EXISTS (SELECT 1 FROM recsys.serving_periods WHERE ended_at IS NULL)
+"""
+RECORD_LONG_TAIL = "UPDATE recsys.model_registry SET long_tail = %(long_tail)s::jsonb WHERE version = %(version)s"
 SELECT_MANIFEST = "SELECT manifest FROM recsys.pipeline_runs WHERE run_key = %s"
 
 UPSERT_CANDIDATE = """
@@ -457,10 +464,19 @@ def register_baseline(url: str, *, version: str, run_key: str, dataset_path: str
 
 
 def promote(conn: psycopg.Connection, version: str) -> None:
-    """Make `version` the champion, in the caller's transaction (publish and rollback swap the views in the
-    same one). The retire comes first: the one-champion index would refuse two at once."""
+    """Make `version` the champion and start its serving period, in the caller's transaction (publish and
+    rollback swap the views in the same one). The retire comes first: the one-champion index would refuse
+    two at once. Publishing the version that already serves again keeps its period open."""
     conn.execute(RETIRE_CHAMPION, {"version": version})
     conn.execute(PROMOTE, {"version": version})
+    conn.execute(END_SERVING_PERIOD, {"version": version})
+    conn.execute(START_SERVING_PERIOD, {"version": version})
+
+
+def record_long_tail(url: str, version: str, long_tail: dict[str, Any]) -> None:
+    """The long-tail figures of the lists `version` publishes (`recmodel.longtail.LongTail`)."""
+    with db.transaction(url) as conn:
+        conn.execute(RECORD_LONG_TAIL, {"version": version, "long_tail": json.dumps(long_tail)})
 
 
 def champion(url: str) -> ModelRecord | None:

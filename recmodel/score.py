@@ -1,6 +1,10 @@
 """Scoring: top-K recommendations for every known user with ONNX Runtime, plus the item-to-item
 and popularity tables that ship beside them.
 
+Each recommendation carries the history item that explains it: of the last `max_history` items the
+user touched (what the transformer reads), the one whose item vector is closest to the recommended
+item's, computed on the batch right after the ONNX pass.
+
 ONNX Runtime takes the CUDA provider when its libraries load, else the CPU provider; which one
 ran is logged and returned, because `onnxruntime-gpu` falls back to CPU silently.
 """
@@ -16,26 +20,47 @@ import pandas as pd
 
 from recmodel.artifacts import open_session
 from recmodel.data import PAD, Vocab, is_active, length_sorted_batches, user_sequences
+from recmodel.longtail import TailBoost
 from recmodel.progress import Progress
 
 log = logging.getLogger(__name__)
+NO_TAIL_BOOST = TailBoost(boost=0.0, penalty=np.zeros(0, dtype=np.float32))  # the model's own order
 
-def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: int,
-              batch_size: int) -> tuple[pd.DataFrame, str]:
-    """Top-K for every user in `dataset`: columns user_id, rank, item_id, score."""
+def recommend(onnx_path: Path, vocab: Vocab, dataset: pd.DataFrame, *, top_k: int, batch_size: int,
+              tail: TailBoost | None = None, explain_with: np.ndarray | None = None,
+              explain_window: int = 200) -> tuple[pd.DataFrame, str]:
+    """Top-K for every user in `dataset`: columns user_id, rank, item_id, score, and because_item_id when
+    `explain_with` (the model's item vectors) is given; `tail` re-ranks the graph's candidate pool."""
     sequences = user_sequences(dataset, vocab)
     user_ids = np.fromiter(sequences.keys(), dtype=np.int64, count=len(sequences))
     session, provider = open_session(onnx_path)
+    unit = None if explain_with is None else _unit_rows(explain_with)
     frames = []
     batches = length_sorted_batches(list(sequences.values()), batch_size)  # whole histories, (B, T)
     progress = Progress(log, f"score ({provider})", len(user_ids), "users")
     for positions, histories in batches:
-        item_index, scores = session.run(None, {"history": histories})  # (B, K) each
-        frames.append(_ranked(user_ids[positions], vocab.item_ids[item_index][:, :top_k], scores[:, :top_k]))
+        item_index, scores = session.run(None, {"history": histories})  # (B, pool) each
+        item_index, scores = (tail or NO_TAIL_BOOST).apply(item_index, scores, top_k)
+        because = None if unit is None else vocab.item_ids[explain(unit, histories[:, -explain_window:], item_index)]
+        frames.append(_ranked(user_ids[positions], vocab.item_ids[item_index], scores, because))
         progress.advance(len(positions))
     if not frames:
-        return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []}), provider
+        columns = ["user_id", "rank", "item_id", "score"] + ([] if unit is None else ["because_item_id"])
+        return pd.DataFrame({name: [] for name in columns}), provider
     return pd.concat(frames, ignore_index=True), provider
+
+
+def explain(unit_vectors: np.ndarray, histories: np.ndarray, recommended: np.ndarray) -> np.ndarray:
+    """For each recommended item (B, K), the history item (an index of `histories`, (B, T), PAD-padded)
+    whose vector is closest to it by cosine: what an app shows as "because you watched X"."""
+    similarity = np.einsum("bkd,btd->bkt", unit_vectors[recommended], unit_vectors[histories])  # (B, K, T)
+    similarity[np.broadcast_to((histories == PAD)[:, None, :], similarity.shape)] = -np.inf
+    picked = similarity.argmax(axis=2)  # (B, K): the first (oldest) of equally close items
+    return np.take_along_axis(histories, picked, axis=1)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def baseline_recommendations(dataset: pd.DataFrame, users: pd.DataFrame, catalog: pd.DataFrame, *,
@@ -58,7 +83,8 @@ def baseline_recommendations(dataset: pd.DataFrame, users: pd.DataFrame, catalog
     return frame
 
 
-def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray,
+            because: np.ndarray | None = None) -> pd.DataFrame:
     """Long format from (B, K) arrays, dropping slots the model could not fill (score -inf)."""
     b, k = items.shape
     frame = pd.DataFrame({
@@ -67,13 +93,15 @@ def _ranked(user_ids: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pd.D
         "item_id": items.reshape(-1).astype(np.int64),
         "score": scores.reshape(-1).astype(np.float32),
     })
+    if because is not None:
+        frame["because_item_id"] = because.reshape(-1).astype(np.int64)
     return frame[np.isfinite(frame["score"])]
 
 
 def similar_items(item_vectors: np.ndarray, vocab: Vocab, excluded: np.ndarray, *, k: int,
                   block: int = 2048) -> pd.DataFrame:
     """Cosine nearest neighbours among recommendable items: item_id, rank, similar_item_id, score."""
-    vectors = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+    vectors = _unit_rows(item_vectors)
     candidates = np.flatnonzero(~excluded & (np.arange(len(vocab)) != PAD))
     k = min(k, len(candidates) - 1)
     if k < 1:

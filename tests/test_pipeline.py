@@ -297,3 +297,51 @@ def test_a_runs_manifest_records_every_stage_and_rebuilds_its_model(recsys_env: 
     dataset.iloc[1:].to_parquet(ctx.files.dataset, index=False)  # the snapshot is no longer the one trained on
     with pytest.raises(pipeline.ReproductionError, match="is not the dataset run .* trained on"):
         pipeline.reproduce(recsys_env, ctx.run_key, tmp_path / "again")
+
+
+@pytest.mark.slow
+def test_every_recommendation_names_the_closest_history_item_and_every_version_its_long_tail(
+        recsys_env: str) -> None:
+    import numpy as np
+
+    from recmodel import longtail, score
+    from recmodel.data import user_sequences
+
+    seed_small(recsys_env, NOW)
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    gated = pipeline.run_chain(ctx)
+    pipeline.step_publish(ctx, *pipeline.score_all(ctx, gated))
+    with db.connect(recsys_env) as conn:
+        served = pd.DataFrame(conn.execute("SELECT user_id, rank, item_id, because_item_id "
+                                           "FROM recsys.user_recommendations").fetchall(),
+                              columns=["user_id", "rank", "item_id", "because_item_id"])
+        long_tail = conn.execute("SELECT long_tail FROM recsys.model_registry WHERE version = %s",
+                                 (ctx.version,)).fetchone()[0]
+    assert len(served) and served["because_item_id"].notna().all()
+    model_dir = Path(gated.model.model_dir)
+    vocab = artifacts.load_vocab(model_dir)
+    histories = user_sequences(pipeline.read_interactions(gated.snapshot.dataset_path), vocab)
+    vectors = artifacts.load_item_vectors(model_dir)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    for user, rows in served.groupby("user_id"):
+        window = histories[user][-ctx.config.max_history:]
+        assert set(rows["because_item_id"]) <= set(vocab.item_ids[window])  # an item the user had
+        for item, because in zip(rows["item_id"].head(3), rows["because_item_id"].head(3)):  # and the closest one
+            closeness = unit[window] @ unit[vocab.index_of(np.array([item]))[0]]
+            assert vocab.item_ids[window[int(np.argmax(closeness))]] == because
+
+    assert set(long_tail) == {"coverage", "tail_share", "novelty", "items", "recommendable", "slots"}
+    assert 0 < long_tail["coverage"] <= 1 and 0 <= long_tail["tail_share"] <= 1 and long_tail["novelty"] > 0
+    assert long_tail["slots"] == len(served)
+
+    # tail_boost re-ranks the same model's candidates further into the tail
+    dataset = pipeline.read_interactions(gated.snapshot.dataset_path)
+    catalog = pipeline.read_catalog(gated.snapshot.catalog_path)
+    recommendable = catalog.loc[catalog["active"].fillna(True).astype(bool), "item_id"].to_numpy()
+    tail_shares = []
+    for boost in (0.0, 3.0):
+        lists, _ = score.recommend(Path(gated.model.onnx_path), vocab, dataset, top_k=ctx.config.top_k,
+                                   batch_size=256, tail=longtail.TailBoost.of(boost, dataset, vocab))
+        tail_shares.append(longtail.measure(lists, dataset, recommendable).tail_share)
+    assert tail_shares[0] == pytest.approx(long_tail["tail_share"])  # 0 serves the model's own order
+    assert tail_shares[1] > tail_shares[0]

@@ -304,8 +304,8 @@ def test_stage_outputs_survive_xcom_json_and_a_renamed_field_is_named() -> None:
     from datetime import UTC, datetime
 
     from recmodel.extract import ExtractResult
-    from recmodel.manifest import (ContractError, Exported, Gated, ModelFiles, ScoredShard, Snapshot, Trained,
-                                   from_json, to_json)
+    from recmodel.manifest import (ContractError, Exported, Gated, ItemTables, ModelFiles, ScoredShard, Snapshot,
+                                   Trained, from_json, to_json)
     from recmodel.publish import PublishResult
 
     plan = HoldoutPlan(kind=TIME_WINDOW, cutoff="2026-11-01T00:00:00+00:00", window_days=7.0, users=120, targets=300,
@@ -322,6 +322,8 @@ def test_stage_outputs_survive_xcom_json_and_a_renamed_field_is_named() -> None:
         Gated(snapshot=snapshot, decision="accepted", reasons=("ndcg@10 0.3 vs popularity 0.1",), serve="model",
               publish_version="v20261101120000", model=model),
         ScoredShard(shard=2, shards=4, path="s.parquet", provider="CPUExecutionProvider", users=50, rows=1000),
+        ItemTables(version="v20261101120000", similar_items="si.parquet", popular_items="pi.parquet",
+                   snapshot=snapshot),
         PublishResult(version="v20261101120000", row_counts={"user_recommendations": 1000}, swap_seconds=0.01,
                       lock_waits=0, pruned=[]),
     ]
@@ -332,3 +334,43 @@ def test_stage_outputs_survive_xcom_json_and_a_renamed_field_is_named() -> None:
     renamed["trained"]["model_path"] = renamed["trained"].pop("model_dir")
     with pytest.raises(ContractError, match="Trained cannot be read: missing model_dir; unknown model_path"):
         from_json(Exported, renamed)
+
+
+def test_long_tail_figures_are_coverage_tail_share_and_novelty_in_bits() -> None:
+    from recmodel.longtail import measure
+
+    # Ten recommendable items, four users; the head is the top 20% by interactions: items 1 (4) and 3 (3).
+    dataset = pd.DataFrame({"user_id": [1, 2, 3, 4, 1, 2, 3, 1, 1],
+                            "item_id": [1, 1, 1, 1, 2, 2, 3, 3, 3]})  # item 3 twice by user 1: reach counts once
+    recommendations = pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [2, 4, 1, 4]})
+    figures = measure(recommendations, dataset, np.arange(1, 11))
+    assert (figures.coverage, figures.items, figures.recommendable, figures.slots) == (0.3, 3, 10, 4)
+    assert figures.tail_share == 0.75  # 2, 4 and 4 are outside the head
+    # self-information: item 2 reached 2 of 4 users (1 bit), item 4 none (counted as one user: 2 bits), item 1 all (0)
+    assert figures.novelty == pytest.approx((1 + 2 + 0 + 2) / 4)
+
+
+def test_tail_boost_zero_keeps_the_model_order_and_a_boost_lifts_unpopular_candidates() -> None:
+    from recmodel.longtail import TailBoost
+
+    vocab = Vocab(np.array([-1, 10, 20, 30, 40], dtype=np.int64))
+    events = pd.DataFrame({"item_id": [10] * 100 + [20] * 10 + [30]})  # 40: never seen
+    items = np.array([[1, 2, 3, 4], [4, 3, 0, 0]])  # vocabulary indices; the second row has two empty slots
+    scores = np.array([[4.0, 3.0, 2.0, 1.0], [2.0, 1.0, -np.inf, -np.inf]], dtype=np.float32)
+    same_items, same_scores = TailBoost.of(0.0, events, vocab).apply(items, scores, 3)
+    assert same_items.tolist() == [[1, 2, 3], [4, 3, 0]] and np.array_equal(same_scores, scores[:, :3])
+    boosted, adjusted = TailBoost.of(5.0, events, vocab).apply(items, scores, 3)
+    assert boosted[0].tolist() == [3, 4, 2]  # the most popular item fell out of the top 3
+    assert boosted[1].tolist()[:2] == [4, 3] and adjusted[1, 2] == -np.inf  # empty slots stay empty and last
+    assert np.all(np.diff(adjusted[0]) <= 0)  # the published score follows the published order
+
+
+def test_the_explanation_is_the_history_item_closest_to_the_recommended_one() -> None:
+    from recmodel.score import _unit_rows, explain
+
+    vectors = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [-1, 0]], dtype=np.float32)  # index 0 is PAD
+    histories = np.array([[0, 1, 2], [4, 4, 2]])  # left-padded
+    recommended = np.array([[3, 4], [1, 2]])
+    # [1,1] is as close to 1 as to 2: the first (oldest) wins; [-1,0] is closest to 2 (cosine 0, not -1), and
+    # to PAD never, though PAD's zero vector would score 0 too
+    assert explain(_unit_rows(vectors), histories, recommended).tolist() == [[1, 2], [2, 2]]
