@@ -9,7 +9,9 @@ A broken mail server never hides an alert: the failure is logged and recorded wi
 `recmodel.notifier.RecsysNotifier` is the Airflow notifier the DAGs use as ``on_failure_callback``;
 the gate stage raises `gate_rejection` (sent by the stage's bookkeeping, `pipeline.recorded`); the
 ``recsys_freshness`` DAG fails (and so alerts) when `registry.serving_freshness` finds the serving
-tables older than ``RECSYS_MAX_SERVING_AGE_HOURS``. This module imports Airflow only to send e-mail.
+tables older than ``RECSYS_MAX_SERVING_AGE_HOURS``; the ``recsys_outcomes`` DAG fails (``underperforming``)
+when `outcomes.underperformance` finds the serving version below its popularity list for
+``RECSYS_UNDERPERFORM_DAYS`` days. This module imports Airflow only to send e-mail.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ ALERT_EMAIL_ENV = ENV_VARIABLE["alert_emails"]  # comma-separated recipients; un
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str  # task_failed | gate_rejected | serving_stale
+    kind: str  # task_failed | gate_rejected | serving_stale | underperforming
     subject: str
     message: str
 
@@ -91,6 +93,8 @@ def _email(env: Settings, alert: Alert, context: dict[str, Any]) -> None:
 
 class StaleServingError(RuntimeError):
     """The serving tables are older than the configured age."""
+
+    alert_kind = "serving_stale"
 
 
 def gate_rejection(url: str, version: str, gated: Gated) -> Alert:

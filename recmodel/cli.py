@@ -427,6 +427,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from recmodel.outcomes import versions
     from recmodel.registry import overview, recent_alerts, serving_freshness
 
     url = _url()
@@ -456,6 +457,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs.add_row(r["run_key"], r["status"], r["stage"] or "", str(r["rows_extracted"] or 0),
                      str(r["rows_quarantined"] or 0), r["model_version"] or "", (r["message"] or "")[:80])
     console.print(runs)
+    _print_served(versions(url, limit=args.limit))
     _print_alerts(recent_alerts(url, limit=args.alerts))
     latest = next((r for r in state["runs"] if r["kind"] == "retrain" and (r["details"] or {}).get("validate")), None)
     if latest is not None and latest["details"]["validate"].get("reasons"):
@@ -464,6 +466,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     freshness = serving_freshness(url)
     console.print(("[red]" if freshness.stale else "") + freshness.message)
     return 0
+
+
+def _print_served(served: list[dict[str, Any]]) -> None:
+    """What each served version's lists achieved (realized, @10) beside its gate figure and long tail."""
+    if not served:
+        return
+    table = Table(title="served versions: realized outcomes @10 (observational: the lists shaped what users did) "
+                        "and long tail")
+    for column in ("version", "served", "users", "HR", "popularity HR", "NDCG", "popularity NDCG", "gate HR",
+                   "coverage", "tail share", "novelty"):
+        table.add_column(column)
+    for v in served:
+        realized, tail = v["realized"], v["long_tail"]
+        until = "now" if v["serving"] else f"{v['last_served']:%m-%d %H:%M}"
+        table.add_row(v["version"], f"{v['first_served']:%Y-%m-%d %H:%M} .. {until}", str(realized["users"]),
+                      _figure(realized["hr@10"]), _figure(realized["popular_hr@10"]), _figure(realized["ndcg@10"]),
+                      _figure(realized["popular_ndcg@10"]), _figure(v["gate"]["hr@10"]), _figure(tail.get("coverage")),
+                      _figure(tail.get("tail_share")), _figure(tail.get("novelty"), "{:.2f} bits"))
+    console.print(table)
+
+
+def _figure(value: float | None, form: str = "{:.4f}") -> str:
+    return "-" if value is None else form.format(value)
 
 
 def _ndcg(metrics: dict[str, Any], name: str) -> str:

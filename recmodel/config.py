@@ -71,7 +71,7 @@ SETTING_RANGES: dict[str, Range] = {
     "gate_champion_tolerance": SHARE, "refit_epochs": Range(0, 1000),
     "top_k": Range(1, 1000), "similar_k": Range(1, 1000), "popular_k": Range(1, 10_000),
     "popular_window_days": Range(0, 36_500, low_open=True), "score_batch_size": Range(1, 1_000_000),
-    "score_shards": Range(1, 1024), "keep_versions": Range(1, 1000),
+    "score_shards": Range(1, 1024), "keep_versions": Range(1, 1000), "tail_boost": Range(0, 100),
 }
 
 
@@ -88,6 +88,16 @@ def _whole(variable: str, raw: str) -> int:
         raise ConfigError(f"{variable} must be a whole number, got {raw!r}") from None
     if value < 1:
         raise ConfigError(f"{variable} must be >= 1, got {raw!r}")
+    return value
+
+
+def _days(variable: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be a whole number of days, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{variable} must be >= 0, got {raw!r}")
     return value
 
 
@@ -148,6 +158,11 @@ ENVIRONMENT: tuple[EnvSetting, ...] = (
                _positive),
     EnvSetting("RECSYS_FRESHNESS_SCHEDULE", "freshness_schedule", "@hourly",
                "schedule of the `recsys_freshness` check", _text),
+    EnvSetting("RECSYS_OUTCOMES_SCHEDULE", "outcomes_schedule", "@hourly",
+               "schedule of `recsys_outcomes`, which measures what each served version's lists achieved", _text),
+    EnvSetting("RECSYS_UNDERPERFORM_DAYS", "underperform_days", "3",
+               "an `underperforming` alert fires when the serving version's realized hit rate@10 was below its "
+               "popularity list's on each of this many last days with outcomes; 0: never", _days),
     EnvSetting("RECSYS_ALERT_EMAIL", "alert_emails", "",
                "comma-separated addresses for alert e-mails (always: log line + `recsys.pipeline_runs`); "
                "empty: no e-mail", _addresses),
@@ -178,6 +193,8 @@ class Settings:
     live_run_wait_minutes: float = _default("live_run_wait_minutes")
     max_serving_age_hours: float = _default("max_serving_age_hours")
     freshness_schedule: str = _default("freshness_schedule")
+    outcomes_schedule: str = _default("outcomes_schedule")
+    underperform_days: int = _default("underperform_days")
     alert_emails: tuple[str, ...] = _default("alert_emails")
     smtp_conn_id: str = _default("smtp_conn_id")
     alert_from: str = _default("alert_from")
@@ -260,6 +277,9 @@ class PipelineConfig:
     refit_epochs: int = 2  # after acceptance: epochs on the whole snapshot, from the gated weights; 0 = no refit
     # --- scoring and publishing -------------------------------------------------------------
     top_k: int = 20
+    # Opt-in re-ranking towards the long tail (recmodel.longtail): 0 serves the model's own order; the
+    # accuracy/coverage trade-off of each value on ml-latest-small is in docs/MODEL.md.
+    tail_boost: float = 0.0
     similar_k: int = 10
     popular_k: int = 100
     popular_window_days: float = 14.0

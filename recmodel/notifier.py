@@ -11,11 +11,12 @@ from typing import Any
 from airflow.sdk import BaseNotifier
 
 from recmodel import registry, taskenv
-from recmodel.alerts import Alert, StaleServingError, send
+from recmodel.alerts import Alert, send
 from recmodel.stages import RETRAIN_DAG_ID
 
 # The pipeline_runs kind of the other DAGs' rows (a retrain run reports to its own run's row).
-EVENT_KINDS = {"recsys_rollback": "rollback", "recsys_freshness": "freshness", "recsys_fresh_data": "fresh_data"}
+EVENT_KINDS = {"recsys_rollback": "rollback", "recsys_freshness": "freshness", "recsys_fresh_data": "fresh_data",
+               "recsys_outcomes": "outcomes"}
 
 
 def run_key_of(context: dict[str, Any]) -> tuple[str, str]:
@@ -31,7 +32,8 @@ def run_key_of(context: dict[str, Any]) -> tuple[str, str]:
 class RecsysNotifier(BaseNotifier):
     """``on_failure_callback`` of the recsys DAGs: marks the run failed and sends a `task_failed` alert.
 
-    A ``serving_stale`` failure of the freshness check is reported as that kind, with its message.
+    A check's own finding (a stale serving table, an underperforming version: an exception with an
+    ``alert_kind``) is reported as that kind, with its message.
     """
 
     def notify(self, context: dict[str, Any]) -> None:
@@ -50,14 +52,14 @@ class RecsysNotifier(BaseNotifier):
         elif kind != "retrain":
             registry.record_event(url, run_key, kind=kind, status="failed", stage=ti.task_id, message=message,
                                   dag_run_id=ti.run_id)
-        alert_kind = "serving_stale" if kind == "freshness" and isinstance(error, StaleServingError) else "task_failed"
+        alert_kind = getattr(error, "alert_kind", "task_failed")
         send(url, run_key, Alert(alert_kind, f"{ti.dag_id}.{ti.task_id} failed (run {ti.run_id})", message), context,
              record=not refused)
 
 
 
 def check_dag_arguments() -> dict[str, Any]:
-    """`@dag` arguments of the small periodic checks (`recsys_fresh_data`, `recsys_freshness`) besides
+    """`@dag` arguments of the small periodic checks (`recsys_fresh_data`, `recsys_freshness`, `recsys_outcomes`) besides
     their schedule: from 2026, no catch-up, one run at a time, no retries (the next check comes soon),
     and a failure alerts like any other task's."""
     import pendulum

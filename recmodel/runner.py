@@ -163,7 +163,7 @@ def _task_name(ti: Any) -> str:
 
 
 UI_COMPONENTS = ("api-server", "scheduler", "dag-processor")
-DEMO_DAGS = (RETRAIN_DAG_ID, "recsys_rollback", "recsys_freshness", "recsys_fresh_data")
+DEMO_DAGS = (RETRAIN_DAG_ID, "recsys_rollback", "recsys_freshness", "recsys_fresh_data", "recsys_outcomes")
 UI_ADMIN = "admin"
 
 

@@ -99,10 +99,10 @@ def test_each_dag_reports_to_a_row_of_its_own_kind(airflow_ready: dict[str, str]
     from recmodel import notifier
 
     for dag_id, kind in (("recsys_rollback", "rollback"), ("recsys_freshness", "freshness"),
-                         ("recsys_fresh_data", "fresh_data")):
+                         ("recsys_fresh_data", "fresh_data"), ("recsys_outcomes", "outcomes")):
         run_key, found = notifier.run_key_of({"dag_run": SimpleNamespace(dag_id=dag_id, run_id="manual__1")})
         assert (run_key, found) == (f"{kind}:manual__1", kind)
         registry.record_event(recsys_env, run_key, kind=found, status="failed", stage="t", message="boom")
     with db.connect(recsys_env) as conn:
         kinds = {r[0] for r in conn.execute("SELECT kind FROM recsys.pipeline_runs")}
-    assert kinds == {"rollback", "freshness", "fresh_data"}
+    assert kinds == {"rollback", "freshness", "fresh_data", "outcomes"}

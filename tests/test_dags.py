@@ -24,7 +24,7 @@ def test_dag_files_parse_fast_without_heavy_imports() -> None:
         "import sys, time\n"
         "t = time.perf_counter()\n"
         "import importlib.util\n"
-        "for name in ('recsys_retrain', 'recsys_rollback', 'recsys_freshness', 'recsys_fresh_data'):\n"
+        "for name in ('recsys_retrain', 'recsys_rollback', 'recsys_freshness', 'recsys_fresh_data', 'recsys_outcomes'):\n"
         f"    spec = importlib.util.spec_from_file_location(name, r'{REPO_ROOT / 'dags'}/' + name + '.py')\n"
         "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "elapsed = time.perf_counter() - t\n"
