@@ -123,6 +123,13 @@ def alerts(user: CanRead, limit: int = Query(10, ge=1, le=500)) -> JSONResponse:
     return _json({"alerts": dashboard.alerts(_url(), limit)})
 
 
+@app.get("/api/outcomes")
+def outcomes(user: CanRead, limit: int = Query(20, ge=1, le=500)) -> JSONResponse:
+    from recmodel import dashboard
+
+    return _json(dashboard.outcomes(_url(), limit))
+
+
 @app.get("/api/quality")
 def quality(user: CanRead, runs_back: int = Query(20, ge=1, le=500)) -> JSONResponse:
     from recmodel import dashboard

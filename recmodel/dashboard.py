@@ -58,12 +58,14 @@ ORDER BY x.occurred_at DESC, x.event_id DESC
 LIMIT %(limit)s
 """
 SELECT_USER_RECOMMENDATIONS = """
-SELECT r.rank, r.item_id, i.title, r.score, r.model_version, r.generated_at
-FROM recsys.user_recommendations r LEFT JOIN items i USING (item_id)
+SELECT r.rank, r.item_id, i.title, r.score, r.model_version, r.generated_at, r.because_item_id,
+       b.title AS because_title
+FROM recsys.user_recommendations r LEFT JOIN items i USING (item_id) LEFT JOIN items b ON b.item_id = r.because_item_id
 WHERE r.user_id = %(user_id)s ORDER BY r.rank LIMIT %(limit)s
 """
 SELECT_POPULAR = """
-SELECT p.rank, p.item_id, i.title, p.score, p.model_version, NULL::timestamptz AS generated_at
+SELECT p.rank, p.item_id, i.title, p.score, p.model_version, NULL::timestamptz AS generated_at,
+       NULL::bigint AS because_item_id, NULL::text AS because_title
 FROM recsys.popular_items p LEFT JOIN items i USING (item_id)
 ORDER BY p.rank LIMIT %(limit)s
 """
@@ -108,6 +110,13 @@ def _ratio(candidate: dict[str, Any], versus: str) -> dict[str, Any] | None:
         if key.endswith("_" + versus):
             return {"metric": key.removesuffix("_" + versus), "ratio": value[0], "ci": value[1:]}
     return None
+
+
+def outcomes(url: str, limit: int = 20) -> dict[str, Any]:
+    """Each served version's realized figures, gate figures and long tail, and its realized hit rate per day."""
+    from recmodel import outcomes as realized
+
+    return {"versions": realized.versions(url, limit), "daily": [asdict(day) for day in realized.daily(url)]}
 
 
 def alerts(url: str, limit: int = 10) -> list[dict[str, Any]]:

@@ -106,9 +106,38 @@ def world(airflow_ready: dict[str, str], pg_server_url: str, tmp_path_factory: p
         seed_small(url, times[2], events=1500, seed=3)
         assert run_dag("recsys_retrain", conf={**SMALL_MODEL, "gate_min_metric": 0.99,
                                                "as_of": times[2].isoformat()}, logical_date=times[2]).succeeded
-        yield World(url=url, home=home, versions=[version_of(t) for t in times], env=env, mail=smtp_inbox.messages)
+        versions = [version_of(t) for t in times]
+        simulate_served_days(url, versions[:2])
+        assert run_dag("recsys_outcomes", conf={}, logical_date=times[2]).succeeded
+        yield World(url=url, home=home, versions=versions, env=env, mail=smtp_inbox.messages)
     with psycopg.connect(db.libpq_url(pg_server_url), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def simulate_served_days(url: str, versions: list[str]) -> None:
+    """As if the first version had served from 3 days ago to 1.5 days ago and the second since, with users
+    touching new items meanwhile: a third of them an item of the list served to them, a third the top
+    popular item, a third an item neither list holds."""
+    now = datetime.now(UTC)
+    periods = [(now - timedelta(days=3), now - timedelta(days=1.5)), (now - timedelta(days=1.5), None)]
+    events = []
+    with db.transaction(url) as conn:
+        conn.execute("DELETE FROM recsys.serving_periods")
+        for version, (start, end) in zip(versions, periods):
+            conn.execute("INSERT INTO recsys.serving_periods (version, started_at, ended_at) VALUES (%s, %s, %s)",
+                         (version, start, end))
+            tables, = conn.execute("SELECT tables FROM recsys.published_versions WHERE version = %s",
+                                   (version,)).fetchone()
+            lists = conn.execute(sql.SQL("SELECT user_id, item_id FROM recsys.{} WHERE rank = 2 ORDER BY user_id")
+                                 .format(sql.Identifier(tables["user_recommendations"]))).fetchall()
+            top, = conn.execute(sql.SQL("SELECT item_id FROM recsys.{} WHERE rank = 1")
+                                .format(sql.Identifier(tables["popular_items"]))).fetchone()
+            for i, (user, listed) in enumerate(lists[:60]):
+                when = start + timedelta(hours=2 + 8 * (i % 4))
+                events.append((user, (listed, top, 880_000 + i)[i % 3], when))
+        with conn.cursor().copy("COPY interactions (user_id, item_id, event_type, occurred_at) FROM STDIN") as copy:
+            for user, item, when in events:
+                copy.write_row((user, item, "view", when))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +162,7 @@ def login(client, user: str = "admin") -> dict[str, str]:
 
 READ_ENDPOINTS = ["/recommender/", "/recommender/api/registry", "/recommender/api/runs", "/recommender/api/alerts",
                   "/recommender/api/quality", "/recommender/api/serving", "/recommender/api/users/1",
+                  "/recommender/api/outcomes",
                   "/recommender/datadocs/index.html"]
 ACTIONS = [("/recommender/api/actions/retrain", {}), ("/recommender/api/actions/rollback", {"version": "v20261101120000"})]
 
@@ -256,6 +286,21 @@ def test_serving_lists_versions_with_users_covered_and_freshness(client, world: 
     assert stale["stale"] and "STALE" in stale["message"]
 
 
+def test_outcomes_list_each_served_version_beside_its_gate_figure_and_long_tail(client, world: World) -> None:
+    from recmodel import outcomes
+
+    found = client.get("/recommender/api/outcomes", headers=login(client)).json()
+    first, second, _ = world.versions
+    assert [v["version"] for v in found["versions"]] == [second, first]  # the rejected third never served
+    for version in found["versions"]:
+        assert version["realized"]["users"] > 0 and version["gate"]["hr@10"] is not None
+        assert {"coverage", "tail_share", "novelty"} <= set(version["long_tail"])
+    days = outcomes.daily(world.url)
+    assert [(d["version"], d["day"], d["users"]) for d in found["daily"]] == [
+        (d.version, d.day.isoformat(), d.users) for d in days]
+    assert {d.version for d in days} == {first, second}
+
+
 def test_user_lookup_returns_history_and_recommendations_with_titles(client, world: World) -> None:
     headers = login(client)
     with db.connect(world.url) as conn:
@@ -267,6 +312,9 @@ def test_user_lookup_returns_history_and_recommendations_with_titles(client, wor
     found = client.get(f"/recommender/api/users/{user_id}", headers=headers).json()
     assert found["source"] == "user_recommendations" and found["known"]
     assert [(r["item_id"], r["title"]) for r in found["recommendations"]] == [tuple(e) for e in expected]
+    with db.connect(world.url) as conn:
+        history = {i for (i,) in conn.execute("SELECT item_id FROM interactions WHERE user_id = %s", (user_id,))}
+    assert all(r["because_item_id"] in history and r["because_title"] for r in found["recommendations"])
     assert found["history"][0]["item_id"] == last_item and all(h["title"] for h in found["history"])
     stranger = client.get("/recommender/api/users/987654321", headers=headers).json()
     assert (stranger["known"], stranger["source"]) == (False, "popular_items") and stranger["recommendations"]
@@ -354,6 +402,15 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
             ui.locator("#lookup-user").fill(str(user_id))
             ui.get_by_role("button", name="Look up").click()
             expect(ui.locator("#recommendations-table tbody tr").first).to_contain_text(title)
+            expect(ui.locator("#recommendations-table td.because").first).not_to_be_empty()
+            # realized hit rate: a point per version and day, popularity's beside it, each version's gate line
+            from recmodel import outcomes
+
+            days = outcomes.daily(world.url)
+            expect(ui.locator("#outcomes-chart circle.point.realized")).to_have_count(len(days))
+            expect(ui.locator("#outcomes-chart circle.point.popular")).to_have_count(len(days))
+            expect(ui.locator("#outcomes-chart line.gate")).to_have_count(2)
+            expect(ui.locator("#outcomes-table tbody tr")).to_have_count(2)
 
             ui.locator("#published-table").get_by_role("button", name="Roll back").click()
             ui.locator("#confirm-action").click()
@@ -383,6 +440,8 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
                 expect(full.locator("#recommendations-table tbody tr").first).to_be_visible()
                 assert full.evaluate(CLIPPED) == [], f"clipped at {width} px"
                 full.screenshot(path=str(screenshots / f"ui-recommender-page-{width}.png"), full_page=True)
+                if width == 1280:
+                    full.locator("#outcomes-chart").screenshot(path=str(screenshots / "ui-outcomes-chart.png"))
                 full.close()
             browser.close()
     finally:
