@@ -17,6 +17,9 @@ model (trained without the gate's holdout) and the refit that serves (trained on
 the snapshot: the time split "train through T, evaluate on what users did after T", with T each
 user's own last imported interaction.
 
+The serving model's lists are also re-ranked with each `tail_boost` of TAIL_BOOSTS (the opt-in
+long-tail setting, applied exactly as scoring applies it): the accuracy/coverage trade-off curve.
+
 With `--ablations`, the train stage is also run on the same snapshot once per ablation (the default
 recipe, then one part taken away or swapped at a time; see ABLATIONS), each model exported to
 ONNX and scored like the others, with its per-epoch validation curve (`--curves` draws them).
@@ -53,9 +56,10 @@ KNN_NEIGHBOURS = (20, 50, 200)
 K = 10
 SELECT_SERVED = "SELECT user_id, item_id, served_by FROM recsys.user_recommendations ORDER BY user_id, rank"
 SELECT_SERVING_MODEL = """
-SELECT r.version, r.kind, r.lineage, r.dataset_path, r.metrics -> 'holdout' AS holdout
+SELECT r.version, r.kind, r.lineage, r.dataset_path, r.metrics -> 'holdout' AS holdout, r.artifact_dir, r.onnx_path
 FROM recsys.model_registry r JOIN recsys.published_versions p USING (version) WHERE p.serving
 """
+TAIL_BOOSTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the `tail_boost` values of the trade-off curve
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,8 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
         recommended = {"published view": view}
         recommended.update(_lineage_models(serving, snapshot, targets))
         published_training = _gated_training(serving)
+        stats = gate.catalog_stats(imported["item_id"].to_numpy(), items["item_id"].to_numpy())
+        tradeoff = tail_boost_curve(serving, snapshot, targets, stats, items["item_id"].to_numpy())
         ablation_records: list[dict[str, Any]] = []
         if with_ablations:
             catalog = items.assign(active=items["active"].fillna(True))
@@ -260,10 +266,10 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
     for name, baseline in fitted.items():
         top = baselines.top_k(baseline, history_matrix, K, padding)
         recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}
-    stats = gate.catalog_stats(imported["item_id"].to_numpy(), items["item_id"].to_numpy())
     evaluations = {name: gate.evaluate_lists(recs, targets, stats, K) for name, recs in recommended.items()}
     result = _summarise(evaluations, fitted, split, removed, served, serving, outcome.task_seconds,
                         retrain_seconds, time.perf_counter() - started)
+    result["tail_boost_curve"] = tradeoff
     if ablation_records:
         result["ablations"] = ablation_records
     result["published_training"] = published_training
@@ -293,6 +299,29 @@ def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
             out[f"{name} model"] = gate.onnx_recommendations(session, load_vocab(Path(lineage[name]["artifact_dir"])),
                                                              holdout)
     return out
+
+
+def tail_boost_curve(serving: dict[str, Any], snapshot: pd.DataFrame, targets: dict[int, set[int]],
+                     stats: gate.CatalogStats, item_ids: np.ndarray) -> list[dict[str, Any]]:
+    """The serving model's top-10 for the evaluated users re-ranked with each of TAIL_BOOSTS, as scoring
+    re-ranks with `tail_boost`: accuracy against coverage, tail share and novelty (empty for a baseline)."""
+    from recmodel import longtail
+    from recmodel.artifacts import load_vocab, open_session
+
+    if serving["kind"] != "model":
+        return []
+    session, _ = open_session(Path(serving["onnx_path"]))
+    vocab = load_vocab(Path(serving["artifact_dir"]))
+    holdout = _holdout(snapshot, targets)
+    curve = []
+    for boost in TAIL_BOOSTS:
+        lists = gate.onnx_recommendations(session, vocab, holdout, tail=longtail.TailBoost.of(boost, snapshot, vocab))
+        evaluation = gate.summarize(gate.evaluate_lists(lists, targets, stats, K), K)
+        slots = pd.DataFrame({"item_id": np.concatenate([lists[u][:K] for u in targets])})
+        novelty = longtail.measure(slots.assign(user_id=0), snapshot, item_ids).novelty
+        curve.append({"tail_boost": boost, **{name: evaluation[name] for name in (
+            f"ndcg@{K}", f"ndcg@{K}_ci", f"hr@{K}", f"coverage@{K}", f"tail_share@{K}")}, "novelty": novelty})
+    return curve
 
 
 def _gated_training(serving: dict[str, Any]) -> dict[str, Any] | None:
@@ -377,5 +406,13 @@ def _print(result: dict[str, Any]) -> None:
         gain = result["refit_gain"]["ndcg@10_ratio"]
         console.print(f"refit vs gated model (NDCG@10 on the removed items): {gain:.2f}x "
                       f"[{low:.2f}, {high:.2f}]")
+    if result["tail_boost_curve"]:
+        curve = Table(title="tail_boost: the serving model's top-10 re-ranked (accuracy vs long tail)")
+        for column in ("tail_boost", "NDCG@10 [95% CI]", "HR@10", "coverage@10", "tail share@10", "novelty (bits)"):
+            curve.add_column(column, justify="right")
+        for point in result["tail_boost_curve"]:
+            curve.add_row(f"{point['tail_boost']:g}", _ci_text(point, "ndcg@10"), f"{point['hr@10']:.4f}",
+                          f"{point['coverage@10']:.3f}", f"{point['tail_share@10']:.3f}", f"{point['novelty']:.2f}")
+        console.print(curve)
     console.print(f"retrain {result['retrain_seconds']:.0f} s ({result['task_seconds']}); "
                   f"{result['seconds']:.0f} s in all")

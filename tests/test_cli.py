@@ -110,7 +110,7 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     result = json.loads(output.read_text())
     stages = result["stages"]
     assert set(stages) == {"extract", "validate", "train", "export", "gate", "refit", "score", "publish",
-                           "publish_past_long_reader", "end_to_end", "daily_warm_retrain"}
+                           "publish_past_long_reader", "explanations", "end_to_end", "daily_warm_retrain"}
     assert all(stage["seconds"] > 0 for stage in stages.values())
     assert all(stages[name]["peak_rss_mb"] > 0 for name in stages if name != "end_to_end")
     assert stages["extract"]["rows"] == 4000
@@ -120,6 +120,8 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
     assert stages["publish"]["copy_vs_executemany"] > 0 and stages["publish"]["reader_errors"] == 0
     behind_reader = stages["publish_past_long_reader"]  # gave way to the long transaction, failed no reader
     assert behind_reader["lock_waits"] >= 1 and behind_reader["reader_errors"] == 0 and behind_reader["reader_queries"] > 0
+    explained = stages["explanations"]  # the same users scored and published with and without because_item_id
+    assert explained["rows"] > 0 and explained["score_and_publish_ratio"] > 0 and explained["publish_ratio"] > 0
     assert set(stages["end_to_end"]["tasks"]) == {"extract", "validate", "train", "export", "gate", "refit",
                                                   "plan_scoring", "score_users[0]", "score_items", "publish"}
     assert 0 <= stages["end_to_end"]["airflow_overhead_share"] < 1
