@@ -70,7 +70,8 @@ SETTING_RANGES: dict[str, Range] = {
     "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
     "gate_champion_tolerance": SHARE, "refit_epochs": Range(0, 1000),
     "top_k": Range(1, 1000), "similar_k": Range(1, 1000), "popular_k": Range(1, 10_000),
-    "popular_window_days": Range(0, 36_500, low_open=True), "score_batch_size": Range(1, 1_000_000),
+    "popular_window_days": Range(0, 36_500, low_open=True), "popular_min_users": COUNT,
+    "score_batch_size": Range(1, 1_000_000),
     "score_shards": Range(1, 1024), "keep_versions": Range(1, 1000), "tail_boost": Range(0, 100),
 }
 
@@ -283,6 +284,9 @@ class PipelineConfig:
     similar_k: int = 10
     popular_k: int = 100
     popular_window_days: float = 14.0
+    # ... or as much longer as it takes for this many users to be in it: the fallback list of every new
+    # user should be many users' taste (ml-latest-small's last 14 days hold 12 users).
+    popular_min_users: int = 100
     score_batch_size: int = 1024
     score_shards: int = 1  # user shards scored as separate (mapped) Airflow tasks, on any worker
     keep_versions: int = 3

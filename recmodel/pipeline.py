@@ -590,7 +590,8 @@ def step_score_items(ctx: RunContext, record: StageRecord, gated: Gated) -> Item
         vectors = artifacts.load_item_vectors(Path(gated.model.model_dir))
     similar = score.similar_items(vectors, vocab, inactive_mask(vocab, catalog), k=ctx.config.similar_k)
     popular = score.popular_items(dataset, catalog, k=ctx.config.popular_k,
-                                  window_days=ctx.config.popular_window_days)
+                                  window_days=ctx.config.popular_window_days,
+                                  min_users=ctx.config.popular_min_users)
     similar.to_parquet(ctx.files.similar_items, index=False)
     popular.to_parquet(ctx.files.popular_items, index=False)
     return ItemTables(version=gated.publish_version, similar_items=str(ctx.files.similar_items),

@@ -124,14 +124,24 @@ def similar_items(item_vectors: np.ndarray, vocab: Vocab, excluded: np.ndarray, 
     return pd.concat(frames, ignore_index=True)
 
 
-def popular_items(dataset: pd.DataFrame, catalog: pd.DataFrame, *, k: int, window_days: float) -> pd.DataFrame:
-    """Most-interacted active items over the last `window_days` of the data: rank, item_id, score.
+def popular_items(dataset: pd.DataFrame, catalog: pd.DataFrame, *, k: int, window_days: float,
+                  min_users: int) -> pd.DataFrame:
+    """Most-interacted active items over the last `window_days` of the data, or over as much more as it
+    takes for `min_users` users to have interacted (or all of it): rank, item_id, score.
 
-    The score is the item's share of interactions in the window, so it reads the same across runs.
+    The window grows because real logs are old and sparse: the last 14 days of ml-latest-small hold 12
+    users, whose taste would be every new user's fallback. The score is the item's share of
+    interactions in the window, so it reads the same across runs.
     """
     if dataset.empty:
         return pd.DataFrame({"rank": [], "item_id": [], "score": []})
     since = dataset["occurred_at"].max() - timedelta(days=window_days)
+    newest_first = dataset.sort_values("occurred_at", ascending=False, kind="stable")
+    first_seen = newest_first.drop_duplicates("user_id")["occurred_at"]  # each user's newest interaction
+    if len(first_seen) >= min_users:
+        since = min(since, first_seen.iloc[min_users - 1])
+    else:
+        since = dataset["occurred_at"].min()
     recent = dataset.loc[dataset["occurred_at"] >= since, "item_id"]
     active = set(catalog.loc[is_active(catalog), "item_id"].tolist())
     counts = recent[recent.isin(active)].value_counts()

@@ -374,3 +374,21 @@ def test_the_explanation_is_the_history_item_closest_to_the_recommended_one() ->
     # [1,1] is as close to 1 as to 2: the first (oldest) wins; [-1,0] is closest to 2 (cosine 0, not -1), and
     # to PAD never, though PAD's zero vector would score 0 too
     assert explain(_unit_rows(vectors), histories, recommended).tolist() == [[1, 2], [2, 2]]
+
+
+def test_the_popular_list_grows_its_window_until_enough_users_are_in_it() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from recmodel.score import popular_items
+
+    newest = datetime(2026, 11, 1, tzinfo=UTC)
+    # One user in the last 14 days, who loves item 9; 30 users a year ago, who loved item 1.
+    dataset = pd.DataFrame({"user_id": [0, 0] + list(range(1, 31)), "item_id": [9, 9] + [1] * 30,
+                            "occurred_at": [newest, newest] + [newest - timedelta(days=365)] * 30})
+    catalog = pd.DataFrame({"item_id": [1, 9], "active": [True, True]})
+    one_user = popular_items(dataset, catalog, k=2, window_days=14, min_users=1)
+    assert one_user["item_id"].tolist() == [9]  # the window held enough users already
+    many = popular_items(dataset, catalog, k=2, window_days=14, min_users=20)
+    assert many["item_id"].tolist() == [1, 9] and many["score"].tolist() == pytest.approx([30 / 32, 2 / 32])
+    too_few = popular_items(dataset, catalog, k=2, window_days=14, min_users=100)  # all of it
+    assert too_few["item_id"].tolist() == [1, 9]
