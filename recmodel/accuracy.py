@@ -59,7 +59,7 @@ SELECT_SERVING_MODEL = """
 SELECT r.version, r.kind, r.lineage, r.dataset_path, r.metrics -> 'holdout' AS holdout, r.artifact_dir, r.onnx_path
 FROM recsys.model_registry r JOIN recsys.published_versions p USING (version) WHERE p.serving
 """
-TAIL_BOOSTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the `tail_boost` values of the trade-off curve
+TAIL_BOOSTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the `tail_boost` values of the trade-off curve
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ Incremental: each update reads only the interactions ingested since the last one
 `ingested_at` index, re-reading `LOOKBACK` for rows that committed late) and keeps, per version and
 user, the earliest such event (`recsys.outcome_events`), so a late row can still replace it. Users
 without new interactions are not counted, and a version that served for minutes has few users or
-none: its figures are NULL, not zero. A version whose tables were pruned cannot be judged any more;
-its events are counted as unjudged.
+none: its figures are NULL, not zero. A version whose tables were pruned cannot be judged any more: the
+first new items it would have recorded are counted as unjudged.
 
 This is an observational measure, not an A/B test: the served lists shaped what users did, so a
 model is compared with a popularity list nobody was shown.
@@ -41,10 +41,11 @@ SAVE_PROGRESS = """
 INSERT INTO recsys.outcome_progress (singleton, ingested_through, updated_at) VALUES (true, %(through)s, now())
 ON CONFLICT (singleton) DO UPDATE SET ingested_through = EXCLUDED.ingested_through, updated_at = now()
 """
-# Versions that ever served, with their tables (NULL once pruned).
-SELECT_SERVED_VERSIONS = """
-SELECT DISTINCT s.version, CASE WHEN p.pruned_at IS NULL THEN p.tables END AS tables
+# Versions that served and still have their tables.
+SELECT_JUDGEABLE_VERSIONS = """
+SELECT DISTINCT s.version, p.tables
 FROM recsys.serving_periods s JOIN recsys.published_versions p USING (version)
+WHERE p.pruned_at IS NULL
 ORDER BY s.version
 """
 # Interactions read by this update that occurred while `version` served and touched an item new to the user.
@@ -82,7 +83,22 @@ SET item_id = EXCLUDED.item_id, event_id = EXCLUDED.event_id, occurred_at = EXCL
     had_list = EXCLUDED.had_list, served_rank = EXCLUDED.served_rank, popular_rank = EXCLUDED.popular_rank
 WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id) < (o.occurred_at, o.event_id)
 """
-COUNT_NEW_ITEM_EVENTS = "SELECT count(*) FROM ({new_items}) batch"
+# New-item events read by this update that occurred while a version served whose tables are gone, and
+# that would have been a user's first new item for it (the lookback re-reads events already recorded).
+COUNT_UNJUDGED = """
+SELECT p.version, count(*)
+FROM interactions e
+JOIN recsys.serving_periods p ON e.occurred_at >= p.started_at AND (p.ended_at IS NULL OR e.occurred_at < p.ended_at)
+JOIN recsys.published_versions v ON v.version = p.version AND v.pruned_at IS NOT NULL
+WHERE e.ingested_at > %(since)s AND e.ingested_at <= %(until)s
+  AND NOT EXISTS (SELECT 1 FROM interactions h
+                  WHERE h.user_id = e.user_id AND h.item_id = e.item_id
+                    AND (h.occurred_at, h.event_id) < (e.occurred_at, e.event_id))
+  AND NOT EXISTS (SELECT 1 FROM recsys.outcome_events o
+                  WHERE o.version = p.version AND o.user_id = e.user_id
+                    AND (o.occurred_at, o.event_id) <= (e.occurred_at, e.event_id))
+GROUP BY p.version ORDER BY p.version
+"""
 # Per version, newest first: realized figures, serving periods, the gate's holdout figures, long tail.
 SELECT_VERSION_OUTCOMES = """
 SELECT r.version, r.kind, r.metrics, r.long_tail, s.first_served, s.last_served, s.serving,
@@ -116,7 +132,7 @@ class OutcomeUpdate:
     read_after: datetime | None  # None: nothing has served yet, so nothing was read
     read_through: datetime | None
     users_recorded: int  # (version, user) first new items inserted or moved earlier
-    unjudged: dict[str, int]  # version -> new-item events it can no longer be judged on (tables pruned)
+    unjudged: dict[str, int]  # version -> first new items it can no longer be judged on (tables pruned)
 
     @property
     def message(self) -> str:
@@ -139,15 +155,9 @@ def update(url: str) -> OutcomeUpdate:
             return OutcomeUpdate(None, None, 0, {})
         since = start - LOOKBACK
         until = conn.execute("SELECT now()").fetchone()[0]
-        recorded, unjudged = 0, {}
-        for version, tables in conn.execute(SELECT_SERVED_VERSIONS).fetchall():
-            window = {"since": since, "until": until, "version": version}
-            if tables is None:
-                if count := conn.execute(sql.SQL(COUNT_NEW_ITEM_EVENTS).format(new_items=sql.SQL(NEW_ITEM_EVENTS)),
-                                         window).fetchone()[0]:
-                    unjudged[version] = count
-                continue
-            recorded += _record_first_new_items(conn, tables, window)
+        recorded = sum(_record_first_new_items(conn, tables, {"since": since, "until": until, "version": version})
+                       for version, tables in conn.execute(SELECT_JUDGEABLE_VERSIONS).fetchall())
+        unjudged = dict(conn.execute(COUNT_UNJUDGED, {"since": since, "until": until}).fetchall())
         conn.execute(SAVE_PROGRESS, {"through": until})
     result = OutcomeUpdate(since, until, recorded, unjudged)
     (log.warning if unjudged else log.info)("outcomes: %s", result.message)

@@ -129,3 +129,10 @@ def test_outcomes_dag_reads_back_the_share_of_new_items_the_served_lists_held(
     assert [a["kind"] for a in alerts] == ["underperforming"]
     monkeypatch.setenv("RECSYS_UNDERPERFORM_DAYS", "0")
     assert outcomes.underperformance(url, 0) is None
+
+    # Once a version's tables are pruned it cannot be judged: a late row of its time is counted, not guessed.
+    register(url, "v20261103000000")
+    publish(url, "v20261103000000", outcome_frames(), generated_at=NOW, keep_versions=1)
+    add_events(url, [(15, served_list(15)[0], t[0] - timedelta(seconds=30))])
+    assert outcomes.update(url).unjudged == {"v20261101000000": 1}
+    assert realized(url, "v20261101000000")["hit_rate_at_10"] == pytest.approx((len(hits) + 1) / 20)  # kept

@@ -154,6 +154,6 @@ def test_ml_latest_small_minus_last_ratings_is_served_and_beats_ease(movielens_d
     assert low <= result["refit_gain"]["ndcg@10_ratio"] <= high
     # the tail_boost trade-off curve starts at the published lists and reaches further into the tail
     curve = result["tail_boost_curve"]
-    assert [point["tail_boost"] for point in curve] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+    assert [point["tail_boost"] for point in curve] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
     assert curve[0]["ndcg@10"] == pytest.approx(view["ndcg@10"])
     assert curve[-1]["tail_share@10"] > curve[0]["tail_share@10"] and curve[-1]["novelty"] > curve[0]["novelty"]
