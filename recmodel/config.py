@@ -82,24 +82,22 @@ def _text(variable: str, raw: str) -> str:
     return raw.strip()
 
 
-def _whole(variable: str, raw: str) -> int:
+def _integer(variable: str, raw: str, *, minimum: int) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{variable} must be a whole number, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(f"{variable} must be >= 1, got {raw!r}")
+    if value < minimum:
+        raise ConfigError(f"{variable} must be >= {minimum}, got {raw!r}")
     return value
+
+
+def _whole(variable: str, raw: str) -> int:
+    return _integer(variable, raw, minimum=1)
 
 
 def _days(variable: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{variable} must be a whole number of days, got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{variable} must be >= 0, got {raw!r}")
-    return value
+    return _integer(variable, raw, minimum=0)
 
 
 def _number(variable: str, raw: str, *, positive: bool) -> float:

@@ -248,7 +248,8 @@ def test_every_environment_variable_is_checked_once_and_documented_in_one_table(
         assert f"| `{setting.variable}` | {setting.meaning} | {shown} |" in readme, f"{setting.variable} in README"
     bad = {"RECSYS_RETRAIN_MIN_NEW_ROWS": ["many", "0"], "RECSYS_RETRY_DELAY_SECONDS": ["soon", "-1", "nan"],
            "RECSYS_LIVE_RUN_WAIT_MINUTES": ["-5"], "RECSYS_MAX_SERVING_AGE_HOURS": ["0", "inf"],
-           "RECSYS_ALERT_EMAIL": ["ops"], "RECSYS_TRAIN_QUEUE": ["  "], "RECSYS_RETRAIN_SCHEDULE": [""]}
+           "RECSYS_ALERT_EMAIL": ["ops"], "RECSYS_TRAIN_QUEUE": ["  "], "RECSYS_RETRAIN_SCHEDULE": [""],
+           "RECSYS_UNDERPERFORM_DAYS": ["-1", "often"]}
     for variable, values in bad.items():
         for value in values:
             monkeypatch.setenv(variable, value)
@@ -257,8 +258,10 @@ def test_every_environment_variable_is_checked_once_and_documented_in_one_table(
         monkeypatch.delenv(variable)
     monkeypatch.setenv("RECSYS_ALERT_EMAIL", "ops@example.com, oncall@example.com")
     monkeypatch.setenv("RECSYS_MAX_SERVING_AGE_HOURS", "12.5")
+    monkeypatch.setenv("RECSYS_UNDERPERFORM_DAYS", "0")
     env = settings()
     assert env.alert_emails == ("ops@example.com", "oncall@example.com") and env.max_serving_age_hours == 12.5
+    assert env.underperform_days == 0
 
 
 def test_progress_logs_only_when_due_with_an_estimate_capped_by_the_budget(caplog: pytest.LogCaptureFixture) -> None:
