@@ -74,11 +74,12 @@ class LongTail:
 
 def measure(recommendations: pd.DataFrame, dataset: pd.DataFrame, recommendable_ids: np.ndarray) -> LongTail:
     """`recommendations` (user_id, item_id: every slot) against the interactions of `dataset`."""
+    from recmodel.gate import catalog_stats  # gate imports this module: the head is the gate's head
+
     recommendable_ids = np.unique(np.asarray(recommendable_ids, dtype=np.int64))
     slots = recommendations["item_id"].to_numpy(np.int64)
-    counts = dataset["item_id"].value_counts().reindex(recommendable_ids, fill_value=0)
-    ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
-    head = ranked.index.to_numpy(np.int64)[: max(1, round(HEAD_SHARE * len(ranked)))] if len(ranked) else []
+    head_items = catalog_stats(dataset["item_id"].to_numpy(), recommendable_ids).head_items
+    head = np.fromiter(head_items, dtype=np.int64, count=len(head_items))
     users = max(dataset["user_id"].nunique(), 1)
     reach = dataset.drop_duplicates(["user_id", "item_id"])["item_id"].value_counts()
     share = reach.reindex(slots, fill_value=0).to_numpy(np.float64) / users
