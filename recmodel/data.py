@@ -53,6 +53,16 @@ def is_active(catalog: pd.DataFrame) -> pd.Series:
     return catalog["active"].fillna(True).astype(bool)
 
 
+def inactive_mask(vocab: Vocab, catalog: pd.DataFrame) -> np.ndarray:
+    """(len(vocab),) bool: items marked inactive in the catalog (padding is masked separately). Here, not in
+    export, so that scoring the item tables does not import torch (seconds per task on a worker)."""
+    inactive_ids = catalog.loc[~is_active(catalog), "item_id"].to_numpy(np.int64)
+    mask = np.zeros(len(vocab), dtype=bool)
+    mask[vocab.index_of(inactive_ids)] = True
+    mask[0] = False
+    return mask
+
+
 def item_text(items: pd.DataFrame) -> list[str]:
     """The text the encoder sees for each item: title, description, tags."""
     texts = []

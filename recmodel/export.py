@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from recmodel.artifacts import ITEM_VECTORS_FILE, ONNX_FILE, PARITY_FILE, load_model, open_session, sha256_file
-from recmodel.data import Vocab, is_active, left_pad, pad_batch, user_sequences
+from recmodel.data import Vocab, inactive_mask, left_pad, pad_batch, user_sequences
 from recmodel.longtail import CANDIDATE_POOL_FACTOR
 from recmodel.model import TopKRecommender
 
@@ -94,15 +94,24 @@ def export_onnx(wrapper: TopKRecommender, example: np.ndarray, path: Path) -> No
             dynamic_shapes={"history": {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}},
             dynamo=True, verbose=False,
         )
+    drop_exporter_annotations(path)
 
 
-def inactive_mask(vocab: Vocab, catalog: pd.DataFrame) -> np.ndarray:
-    """(len(vocab),) bool: items marked inactive in the catalog (padding is masked separately)."""
-    inactive_ids = catalog.loc[~is_active(catalog), "item_id"].to_numpy(np.int64)
-    mask = np.zeros(len(vocab), dtype=bool)
-    mask[vocab.index_of(inactive_ids)] = True
-    mask[0] = False
-    return mask
+def drop_exporter_annotations(path: Path) -> None:
+    """Remove the exporter's per-node debug annotations (`namespace`, `pkg.torch.onnx.*`: source stack traces,
+    module names, and reprs such as `<function sym_max at 0x7f58…>` that hold a memory address). Without
+    them the graph file depends only on the model, so one model exported in two processes (two workers,
+    say) gives the same files, byte for byte. The weights stay where the exporter put them (`.onnx.data`
+    beside the graph), untouched."""
+    import onnx
+
+    graph_model = onnx.load(str(path), load_external_data=False)
+    nodes = [*graph_model.graph.node, *(n for f in graph_model.functions for n in f.node)]
+    while nodes:
+        node = nodes.pop()
+        del node.metadata_props[:]
+        nodes.extend(n for a in node.attribute for g in (a.g, *a.graphs) for n in g.node)
+    onnx.save(graph_model, str(path))
 
 
 def sample_histories(dataset: pd.DataFrame, vocab: Vocab, n: int, seed: int) -> np.ndarray:

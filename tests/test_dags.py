@@ -55,6 +55,17 @@ def test_running_stages_without_airflow_never_imports_it() -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_scoring_tasks_never_import_torch() -> None:
+    """The scoring shards and the item tables run ONNX Runtime and numpy; importing torch or transformers
+    would add seconds to every such task on a worker (`score_items` paid 6 of its 7.7 s for it)."""
+    probe = ("import sys\nimport recmodel.pipeline, recmodel.score, recmodel.longtail, recmodel.artifacts\n"
+             "from recmodel.data import Vocab, inactive_mask, vocab_text_matrix\n"
+             "print([m for m in ('torch', 'transformers') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_airflow_reports_no_import_errors(airflow_ready: dict[str, str]) -> None:
     assert airflow_json(airflow_ready, "dags", "list-import-errors", "--local") == []
     listed = airflow_json(airflow_ready, "dags", "list", "--local")
