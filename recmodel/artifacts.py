@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ import numpy as np
 from recmodel.data import Vocab
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
     from recmodel.model import ModelConfig, SequentialRecommender
@@ -75,6 +77,18 @@ class RunFolder:
 
     def user_shard(self, shard: int, shards: int) -> Path:
         return self.path / f"user_recommendations.shard-{shard}-of-{shards}.parquet"
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Parquet written under a temporary name, then renamed into place: whoever reads `path` (the next task,
+    or a retry of this task on another worker) finds a whole file, never one that a dying writer cut short,
+    and two tries writing at once leave one whole file, not a mix."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        frame.to_parquet(partial, index=False)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def run_folder(home: Path, run_key: str) -> RunFolder:

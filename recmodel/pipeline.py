@@ -265,7 +265,7 @@ def step_validate(ctx: RunContext, record: StageRecord, extracted: ExtractResult
         write_quarantine(conn, ctx.run_key, quarantine_rows(report.quarantined))
         if report.passed:
             dataset = extend_dataset(base, report.clean)
-            dataset.to_parquet(ctx.files.dataset, index=False)
+            artifacts.write_parquet(dataset, ctx.files.dataset)
             commit_watermark(conn, ctx.run_key, extracted, rows_clean=len(report.clean),
                              dataset_path=str(ctx.files.dataset), dataset_rows=len(dataset))
             replayed = mark_replayed(conn, ctx.run_key, increment["event_id"].to_numpy())
@@ -560,7 +560,7 @@ def step_score_users(ctx: RunContext, gated: Gated, shard: int = 0, shards: int 
                 batch_size=ctx.config.score_batch_size, tail=TailBoost.of(ctx.config.tail_boost, full, vocab),
                 explain_with=artifacts.load_item_vectors(model_dir), explain_window=ctx.config.max_history)
         path = ctx.files.user_shard(shard, shards)
-        recommendations.to_parquet(path, index=False)
+        artifacts.write_parquet(recommendations, path)
         users = int(recommendations["user_id"].nunique())
         log.info("scored shard %d of %d: %d users on %s", shard + 1, shards, users, provider)
         record.output = ScoredShard(shard=shard, shards=shards, path=str(path), provider=provider, users=users,
@@ -576,8 +576,7 @@ def step_score_items(ctx: RunContext, record: StageRecord, gated: Gated) -> Item
     by item text (the MiniLM embeddings training already cached).
     """
     from recmodel import score
-    from recmodel.data import Vocab, vocab_text_matrix
-    from recmodel.export import inactive_mask
+    from recmodel.data import Vocab, inactive_mask, vocab_text_matrix
 
     scoring_shards(ctx, gated)
     dataset = read_interactions(gated.snapshot.dataset_path)
@@ -592,8 +591,8 @@ def step_score_items(ctx: RunContext, record: StageRecord, gated: Gated) -> Item
     popular = score.popular_items(dataset, catalog, k=ctx.config.popular_k,
                                   window_days=ctx.config.popular_window_days,
                                   min_users=ctx.config.popular_min_users)
-    similar.to_parquet(ctx.files.similar_items, index=False)
-    popular.to_parquet(ctx.files.popular_items, index=False)
+    artifacts.write_parquet(similar, ctx.files.similar_items)
+    artifacts.write_parquet(popular, ctx.files.popular_items)
     return ItemTables(version=gated.publish_version, similar_items=str(ctx.files.similar_items),
                       popular_items=str(ctx.files.popular_items), snapshot=gated.snapshot)
 

@@ -395,3 +395,14 @@ def test_the_popular_list_grows_its_window_until_enough_users_are_in_it() -> Non
     assert many["item_id"].tolist() == [1, 9] and many["score"].tolist() == pytest.approx([30 / 32, 2 / 32])
     too_few = popular_items(dataset, catalog, k=2, window_days=14, min_users=100)  # all of it
     assert too_few["item_id"].tolist() == [1, 9]
+
+
+def test_a_parquet_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    from recmodel.artifacts import write_parquet
+
+    path = tmp_path / "shard.parquet"
+    write_parquet(pd.DataFrame({"user_id": [1, 2]}), path)
+    with pytest.raises(ValueError):  # pyarrow cannot store this column (ArrowInvalid): the write dies part way
+        write_parquet(pd.DataFrame({"user_id": [3, object()]}), path)
+    assert pd.read_parquet(path)["user_id"].tolist() == [1, 2]  # the earlier file, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]  # and no partial file left behind
