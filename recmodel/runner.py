@@ -169,34 +169,74 @@ UI_ADMIN = "admin"
 
 @dataclass
 class AirflowStack:
-    """Airflow's own processes (api-server, scheduler, dag-processor), started for the demo's UI and tests."""
+    """Airflow's own processes (api-server, scheduler, dag-processor, workers), started for the demo's UI and tests.
+
+    Each component leads its own process group (`start_new_session`), so a signal to the group
+    reaches the children that the component itself would leave behind if it died first.
+    """
 
     base_url: str
     username: str
     password: str
     processes: dict[str, subprocess.Popen]
     log_dir: Path
+    environment: dict[str, str]  # what the components run with (this process's environment on top)
+
+    def launch(self, name: str, args: list[str], environment: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `airflow ARGS` as component `name`, its output in `name.log` of the log folder."""
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", "airflow", *args],
+                                       env={**os.environ, **self.environment, **(environment or {})},
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        """SIGKILL component `name` and every process under it, in its group or not, at once."""
+        import psutil
+
+        process = self.processes.pop(name)
+        try:
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _stop_groups([process])
+
+    def halt(self, name: str) -> None:
+        """Stop component `name` as `stop` stops them all (SIGTERM to its group, then SIGKILL after 30 s)."""
+        _stop_groups([self.processes.pop(name)])
 
     def stop(self) -> None:
-        """Stop each component with everything it started (the scheduler's log server and executor workers).
+        """Stop each component with everything it started (the scheduler's log server and executor workers)."""
+        _stop_groups(list(self.processes.values()))
 
-        Each component leads its own process group (`start_new_session`), so a signal to the group
-        reaches the children that the component itself would leave behind if it died first. A leader
-        is reaped only after its group got its last signal: until then its pid, and with it the group
-        id, cannot be handed to an unrelated process (a Postgres backend, say) that the signal would hit.
-        """
-        running = [p for p in self.processes.values() if p.returncode is None]
-        for process in running:
+
+def _stop_groups(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each leader's process group, SIGKILL what is left after 30 s, and reap the leaders.
+
+    A leader is reaped only after its group got its last signal: until then its pid, and with it the
+    group id, cannot be handed to an unrelated process (a Postgres backend, say) that the signal would hit.
+    """
+    running = [p for p in processes if p.returncode is None]
+    for process in running:
+        try:
             os.killpg(process.pid, signal.SIGTERM)
-        for process in running:
-            if not _exited_unreaped(process.pid, timeout=30):
-                os.killpg(process.pid, signal.SIGKILL)
-        for process in running:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)  # children that outlived their leader
-            except ProcessLookupError:
-                pass  # the leader was the group's last member
-            process.wait()
+        except ProcessLookupError:
+            pass
+    for process in running:
+        if not _exited_unreaped(process.pid, timeout=30):
+            os.killpg(process.pid, signal.SIGKILL)
+    for process in running:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # children that outlived their leader
+        except ProcessLookupError:
+            pass  # the leader was the group's last member
+        process.wait()
 
 
 def _exited_unreaped(pid: int, timeout: float) -> bool:
@@ -220,43 +260,48 @@ def free_port() -> int:
 
 
 def stack_environment(variables: dict[str, str], port: int) -> dict[str, str]:
-    """The variables every component needs to find each other: one API URL and one JWT secret."""
+    """The variables every component needs to find each other: one API URL and one JWT secret.
+    The executor, log server port and users may come from `variables` or this process's environment."""
     import secrets
+
+    def given(name: str, default: str) -> str:
+        return variables.get(name) or os.environ.get(name) or default
 
     return {
         **variables,
+        # Task logs, what the UI shows of a run, get the records at this level only, whatever
+        # `namespace_levels` says: above INFO they would be empty. (The CLI's quieter WARNING is for its
+        # own terminal, where DAG.test runs the tasks.)
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "DEBUG" if given("AIRFLOW__LOGGING__LOGGING_LEVEL", "").upper() == "DEBUG"
+                                           else "INFO",
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET") or secrets.token_hex(32),
-        "AIRFLOW__CORE__EXECUTOR": os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor"),
+        "AIRFLOW__API_AUTH__JWT_SECRET": given("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(32)),
+        "AIRFLOW__CORE__EXECUTOR": given("AIRFLOW__CORE__EXECUTOR", "LocalExecutor"),
         # The scheduler's log server would take 8793 and clash with a second stack on the machine.
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": os.environ.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT",
-                                                                   str(free_port())),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
-                                                                   f"{UI_ADMIN}:admin"),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": given("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", str(free_port())),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": given("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", f"{UI_ADMIN}:admin"),
     }
 
 
 def start_stack(variables: dict[str, str], port: int, log_dir: Path, *,
                 components: tuple[str, ...] = UI_COMPONENTS, timeout: float = 180.0) -> AirflowStack:
     """Start Airflow's components as subprocesses and wait until the API server answers."""
-    env = {**os.environ, **stack_environment(variables, port)}
+    env = stack_environment(variables, port)
     log_dir.mkdir(parents=True, exist_ok=True)
-    processes: dict[str, subprocess.Popen] = {}
-    stack = AirflowStack(base_url=f"http://127.0.0.1:{port}", username=UI_ADMIN, password="", processes=processes,
-                         log_dir=log_dir)
+    stack = AirflowStack(base_url=f"http://127.0.0.1:{port}", username=UI_ADMIN, password="", processes={},
+                         log_dir=log_dir, environment=env)
     # The API server first: the scheduler's tasks report to it, and would fail if it were not up yet.
     for component in sorted(components, key=lambda c: c != "api-server"):
-        command = [sys.executable, "-m", "airflow", component]
+        args = [component]
         if component == "api-server":
-            command += ["--port", str(port), "--host", "127.0.0.1", "--workers", "1"]
-        with open(log_dir / f"{component}.log", "ab") as out:
-            processes[component] = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                    start_new_session=True)
+            args += ["--port", str(port), "--host", "127.0.0.1", "--workers", "1"]
+        stack.launch(component, args)
         if component == "api-server":
             _wait_healthy(stack, timeout)
-    passwords = Path(env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
-                     or Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated")
+    seen = {**os.environ, **env}
+    passwords = Path(seen.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
+                     or Path(seen["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated")
     stack.password = json.loads(passwords.read_text()).get(UI_ADMIN, "") if passwords.exists() else ""
     return stack
 
