@@ -82,3 +82,67 @@ def test_every_variable_the_file_reads_is_documented(compose: dict) -> None:
     environment = compose["services"]["airflow-worker"]["environment"]
     undocumented = sorted(k for k in environment if k.startswith("RECSYS_") and f"`{k}`" not in documented)
     assert not undocumented, f"RECSYS_ settings the stack sets but docs/DEPLOY.md does not explain: {undocumented}"
+
+
+# --- the local Celery stack (recmodel.celerystack) reads this file: the same environment, queues and concurrency
+
+
+def test_the_local_stack_takes_the_files_environment_and_workers(compose: dict) -> None:
+    from recmodel.celerystack import HOST_BOUND, read_compose
+
+    shared = compose["x-airflow"]["environment"]
+    assert HOST_BOUND <= set(shared)  # every variable the local stack sets for itself is one the file sets
+    shape = read_compose(COMPOSE, {"AIRFLOW_WORKER_CONCURRENCY": "3", "RECSYS_RETRAIN_SCHEDULE": "@hourly"})
+    assert set(shape.environment) == set(shared) - HOST_BOUND  # and everything else comes from the file
+    assert shape.environment["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert shape.environment["RECSYS_TRAIN_QUEUE"] == "gpu"
+    assert shape.environment["RECSYS_RETRAIN_SCHEDULE"] == "@hourly"  # ${VAR:-default} reads the environment
+    assert {w.service: (w.queues, w.concurrency) for w in shape.workers} == {
+        "airflow-worker": (("default",), 3), "airflow-worker-gpu": (("gpu", "default"), 1)}
+    defaults = read_compose(COMPOSE, {})  # nothing set: the file's defaults, as Compose would use them
+    assert defaults.environment["RECSYS_RETRAIN_SCHEDULE"] == "@daily"
+    assert defaults.environment["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] == "300"
+    assert [w.concurrency for w in defaults.workers] == [4, 1]
+
+
+def test_compose_interpolation() -> None:
+    from recmodel.celerystack import ComposeError, interpolate
+
+    given = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET}/${SET:-d}/${EMPTY:-d}/${EMPTY-d}/${UNSET-d}/${UNSET}", given) == "x/x/d//d/"
+    assert interpolate("$${HOSTNAME} costs $$5", given) == "${HOSTNAME} costs $5"
+    assert interpolate("${SET:?needed}", given) == "x"
+    with pytest.raises(ComposeError, match="requires EMPTY: set it"):
+        interpolate("${EMPTY:?set it}", given)
+    assert interpolate("${EMPTY?set it}", given) == ""  # without the colon, only unset is an error
+
+
+def test_workers_are_planned_so_every_queue_has_one(tmp_path) -> None:
+    from recmodel.celerystack import ComposeError, plan_workers, read_compose
+
+    shape = read_compose(COMPOSE, {})
+
+    def names(count: int) -> list[str]:
+        return [name for name, _ in plan_workers(shape, count)]
+
+    assert names(1) == ["airflow-worker-gpu"]  # it takes gpu and default: the whole DAG
+    assert names(2) == ["airflow-worker-gpu", "airflow-worker"]
+    assert names(4) == ["airflow-worker-gpu", "airflow-worker", "airflow-worker-2", "airflow-worker-3"]
+    with pytest.raises(ComposeError, match="at least 1"):
+        plan_workers(shape, 0)
+    gpu_only = tmp_path / "compose.yaml"
+    gpu_only.write_text(COMPOSE.read_text().replace("--queues gpu,default", "--queues gpu"))
+    with pytest.raises(ComposeError, match="leave queue\\(s\\) default without a worker"):
+        plan_workers(read_compose(gpu_only, {}), 1)
+    assert len(plan_workers(read_compose(gpu_only, {}), 2)) == 2
+
+
+def test_each_local_worker_records_its_own_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recmodel.celerystack import HOSTNAME_CALLABLE, WORKER_NAME, worker_hostname
+
+    module, _, name = HOSTNAME_CALLABLE.rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is worker_hostname  # what Airflow will import
+    monkeypatch.delenv(WORKER_NAME, raising=False)
+    host = worker_hostname()
+    monkeypatch.setenv(WORKER_NAME, "airflow-worker-gpu")
+    assert worker_hostname() == f"airflow-worker-gpu@{host}"
