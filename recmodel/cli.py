@@ -233,6 +233,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from recmodel.synth import seed_database
 
+    if args.executor == "celery":
+        _check_celery_stack(args.workers)
     started = time.perf_counter()
     url = _url()
     console.print(f"database: {db.redact(url)}")
@@ -243,7 +245,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = seed_database(url, users=args.users, items=args.items, events=args.events, seed=args.seed)
         console.print(f"loaded synthetic data: {summary.events_added:,} interactions, {summary.items_added:,} items, "
                       f"{summary.users:,} users")
-    code = run_retrain({}, _parse_as_of(None))
+    if args.executor == "celery":
+        code = run_on_celery(url, workers=args.workers, port=args.port, keep=args.ui)
+    else:
+        code = run_retrain({}, _parse_as_of(None))
     _print_sample(url)
     app_url = db.reader_login(url, DEMO_APP_ROLE, secrets.token_urlsafe(12))
     console.print(f"apps read as a login in [bold]recsys_reader[/] (the serving views and recsys.item_catalog, "
@@ -252,7 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s. Next: `python -m recmodel seed "
                   f"--events 5000` (new activity) then `python -m recmodel retrain`; `python -m recmodel status`; "
                   "`python -m recmodel ui` (Airflow's UI); `python -m recmodel db down` stops the embedded Postgres.")
-    if args.ui and code == 0:
+    if args.ui and code == 0 and args.executor == "local":
         return serve_ui(url, args.port)
     return code
 
@@ -281,10 +286,18 @@ def serve_ui(url: str, port: int) -> int:
     set_paused(DEMO_DAGS, False)
     console.print(f"starting Airflow (api-server on port {port}, scheduler, dag-processor) …")
     stack = start_stack(variables, port, env.airflow_home / "logs" / "ui")
+    try:
+        return _serve_until_interrupted(stack, env.airflow_home)
+    finally:
+        stack.stop()
+
+
+def _serve_until_interrupted(stack: Any, airflow_home: Path) -> int:
+    """Print where the UI is, then wait until Ctrl-C (0) or until a component dies (1); the caller stops `stack`."""
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` and container stops shut Airflow down like Ctrl-C
     try:
         console.print(f"[bold]Airflow UI:[/] {stack.base_url}/  log in as [bold]{stack.username}[/] with password "
-                      f"[bold]{stack.password or '(see ' + str(env.airflow_home) + '/simple_auth_manager_passwords.json.generated)'}[/]")
+                      f"[bold]{stack.password or '(see ' + str(airflow_home) + '/simple_auth_manager_passwords.json.generated)'}[/]")
         console.print(f"[bold]Recommender page:[/] {stack.base_url}/plugin/recommender (nav: Recommender). "
                       f"Component logs: {stack.log_dir}. Ctrl-C stops.")
         while all(p.poll() is None for p in stack.processes.values()):
@@ -297,8 +310,73 @@ def serve_ui(url: str, port: int) -> int:
             signal.signal(signum, signal.SIG_IGN)
         console.print("stopping Airflow …")
         return 0
+
+
+def run_on_celery(url: str, *, workers: int, port: int, keep: bool) -> int:
+    """One recsys_retrain run on the local Celery stack (Redis, Airflow on CeleryExecutor, `workers` Celery
+    workers, as docker-compose.yaml defines them), then where each task ran. With `keep`, the stack stays
+    up until Ctrl-C. Exit 0 only if the run succeeded."""
+    import os
+
+    from recmodel.celerystack import AirflowApi, start_celery_stack
+    from recmodel.runner import prepare_airflow
+
+    env = settings()
+    with heartbeat(lambda: "preparing Airflow (metadata database, DAG parsing)"):
+        variables = prepare_airflow(env, url)
+    # Only the runs you trigger (this one, the UI's "Retrain now", the REST API): unpausing the DAG would
+    # otherwise also start its latest scheduled run.
+    variables["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = os.environ.get("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")
+    console.print(f"starting Redis, Airflow on CeleryExecutor and {workers} Celery worker(s) as docker-compose.yaml "
+                  "defines them …")
+    stack = start_celery_stack(variables, env.airflow_home / "logs" / "celery", workers=workers, port=port)
+    try:
+        api = AirflowApi(stack.base_url, stack.airflow.username, stack.airflow.password)
+        api.wait_for_dag(RETRAIN_DAG_ID)
+        api.set_paused(RETRAIN_DAG_ID, False)
+        as_of = _parse_as_of(None)
+        started = time.perf_counter()
+        # Two scoring shards per worker, so the scoring fan-out spreads over all of them.
+        run_id = api.trigger(RETRAIN_DAG_ID, {"as_of": as_of.isoformat(), "score_shards": 2 * workers})
+        console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC on {', '.join(stack.workers)} …")
+        with heartbeat(lambda: _run_activity(url, as_of)):
+            state = api.wait_for_run(RETRAIN_DAG_ID, run_id, timeout=float("inf"))
+        instances = api.task_instances(RETRAIN_DAG_ID, run_id)
+        _print_placement(instances)
+        _print_run_summary(url, as_of, {_ti_name(ti): ti["state"] for ti in instances}, time.perf_counter() - started)
+        if state != "success":
+            console.print(f"[red]DAG run {run_id} {state}[/]; task logs in {env.airflow_home / 'logs'}")
+            return 1
+        return _serve_until_interrupted(stack, env.airflow_home) if keep else 0
     finally:
         stack.stop()
+
+
+def _check_celery_stack(workers: int) -> None:
+    """Refuse before anything starts: too few workers for the compose file's queues, or no Redis to start."""
+    import shutil
+
+    from recmodel.celerystack import plan_workers, read_compose
+
+    plan_workers(read_compose(), workers)
+    if shutil.which("redis-server") is None:
+        raise UsageError("--executor celery needs redis-server, the Celery broker (Debian: `apt-get install "
+                         "redis-server`; macOS: `brew install redis`)")
+
+
+def _ti_name(ti: dict[str, Any]) -> str:
+    return f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
+
+
+def _print_placement(instances: list[dict[str, Any]]) -> None:
+    """Which worker and queue ran each task, and for how long (Airflow's task-instance records)."""
+    table = Table(title="where each task ran")
+    for column in ("task", "worker", "queue", "seconds", "state"):
+        table.add_column(column)
+    for ti in sorted(instances, key=lambda t: (t["start_date"] or "", t["map_index"])):
+        table.add_row(_ti_name(ti), ti["hostname"] or "", ti["queue"] or "",
+                      f"{ti['duration']:.1f}" if ti["duration"] is not None else "", ti["state"] or "")
+    console.print(table)
 
 
 def _print_run_summary(url: str, as_of: datetime, task_states: dict[str, str], elapsed: float) -> None:
@@ -520,6 +598,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_accuracy(Path(args.movielens), output=output, with_ablations=args.ablations,
                      curves=Path(args.curves) if args.curves else None)
         return 0
+    if args.suite == "celery":
+        from recmodel.bench_scaleout import ScaleoutOptions, run_scaleout
+
+        events = args.events or 500_000
+        if args.users < 10 or args.items < 20 or events < args.users or args.shards < 2 or args.rounds < 1:
+            raise UsageError("bench celery needs --users >= 10, --items >= 20, --events >= --users, --shards >= 2 "
+                             "and --rounds >= 1")
+        _check_celery_stack(2)
+        run_scaleout(ScaleoutOptions(users=args.users, items=args.items, events=events, shards=args.shards,
+                                     rounds=args.rounds, output=output))
+        return 0
+    args.events = args.events or 1_000_000
     from recmodel.bench import BenchOptions, run_bench
 
     if args.events < 1000:
@@ -553,6 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ui", action="store_true",
                       help="then keep Airflow running (api-server, scheduler, dag-processor) with the Recommender page")
     demo.add_argument("--port", type=int, default=8080, help="--ui: the Airflow API server's port")
+    demo.add_argument("--executor", choices=["local", "celery"], default="local",
+                      help="celery: run on the local Celery stack docker-compose.yaml describes (Redis, Airflow on "
+                           "CeleryExecutor, Celery workers; needs redis-server) instead of in this process")
+    demo.add_argument("--workers", type=int, default=2,
+                      help="--executor celery: Celery workers (the first takes the train queue, as the GPU worker)")
     demo.set_defaults(func=cmd_demo)
 
     ui = sub.add_parser("ui", help="Airflow's UI (api-server, scheduler, dag-processor) on the current state, "
@@ -604,10 +699,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks: stage timings (perf) or model vs baselines (accuracy)")
-    bench.add_argument("suite", nargs="?", choices=["perf", "accuracy"], default="perf")
+    bench.add_argument("suite", nargs="?", choices=["perf", "accuracy", "celery"], default="perf",
+                       help="celery: scoring wall time on the local Celery stack with 1 and 2 workers")
     bench.add_argument("--output", help="write results as JSON here")
-    bench.add_argument("--events", type=int, default=1_000_000,
-                       help="perf: synthetic interactions at the main size, where every comparison runs")
+    bench.add_argument("--events", type=int,
+                       help="perf: synthetic interactions at the main size, where every comparison runs "
+                            "(default 1,000,000); celery: interactions (default 500,000)")
+    bench.add_argument("--users", type=int, default=50_000, help="celery: synthetic users, all of them scored")
+    bench.add_argument("--items", type=int, default=5_000, help="celery: synthetic items")
+    bench.add_argument("--shards", type=int, default=4, help="celery: scoring shards")
+    bench.add_argument("--rounds", type=int, default=2, help="celery: timed rounds per worker count")
     bench.add_argument("--sizes", help="perf: more sizes for the scaling table, e.g. 100000,5000000")
     bench.add_argument("--epochs", type=int, default=3, help="perf: training epochs per run")
     bench.add_argument("--score-users", type=int, default=100_000, help="perf: users in the scoring comparison")

@@ -17,8 +17,9 @@ from conftest import REPO_ROOT
 from recmodel import db
 
 
-def recmodel(*args: str, url: str | None, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RECSYS_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+def recmodel(*args: str, url: str | None, home: Path, timeout: float = 300,
+             path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECSYS_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), "PATH": path or os.environ["PATH"]}
     env.pop("RECSYS_DATABASE_URL", None)
     if url is not None:
         env["RECSYS_DATABASE_URL"] = url
@@ -137,6 +138,17 @@ def test_bench_times_every_stage_beside_its_baselines_and_through_airflow(db_url
 def test_bench_refuses_bad_sizes(db_url: str, tmp_path: Path) -> None:
     out = recmodel("bench", "--sizes", "1000,lots", url=db_url, home=tmp_path)
     assert out.returncode == 2 and "--sizes must be comma-separated integers, got '1000,lots'" in out.stdout
+
+
+def test_the_celery_stack_is_refused_before_anything_starts(db_url: str, tmp_path: Path) -> None:
+    out = recmodel("demo", "--executor", "celery", "--workers", "0", url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "--workers must be at least 1, not 0" in out.stdout
+    no_redis = recmodel("demo", "--executor", "celery", url=db_url, home=tmp_path, path=str(Path(sys.executable).parent))
+    assert no_redis.returncode == 2 and "--executor celery needs redis-server" in no_redis.stdout
+    out = recmodel("bench", "celery", "--shards", "1", url=db_url, home=tmp_path)
+    assert out.returncode == 2 and "--shards >= 2" in out.stdout
+    with db.connect(db_url) as conn:  # the demo seeded nothing
+        assert conn.execute("SELECT count(*) FROM interactions").fetchone()[0] == 0
 
 
 def write_movielens(folder: Path, users: int = 60, items: int = 80, events: int = 2400) -> None:
