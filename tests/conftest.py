@@ -100,6 +100,35 @@ def seed_small(url: str, now, *, events: int = 8000, seed: int = 1):
     return seed_database(url, users=200, items=150, events=events, seed=seed, now=now)
 
 
+WAITING_ON_A_LOCK = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+"""
+
+
+def blocked(url: str) -> bool:
+    """Whether some session of this database waits on a lock (one a test holds)."""
+    with db.connect(url) as conn:
+        return conn.execute(WAITING_ON_A_LOCK).fetchone()[0] > 0
+
+
+def staged_tables(url: str) -> int:
+    """Serving tables loaded by a publish that did not switch the views to them (yet)."""
+    with db.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%\\_\\_staging'").fetchone()[0]
+
+
+def serving_state(url: str) -> tuple:
+    """(versions in the view, rows, users, champions in the registry, serving rows in published_versions)."""
+    with db.connect(url) as conn:
+        return conn.execute("""
+            SELECT (SELECT array_agg(DISTINCT model_version) FROM recsys.user_recommendations),
+                   (SELECT count(*) FROM recsys.user_recommendations),
+                   (SELECT count(DISTINCT user_id) FROM recsys.user_recommendations),
+                   (SELECT array_agg(version) FROM recsys.model_registry WHERE status = 'champion'),
+                   (SELECT array_agg(version) FROM recsys.published_versions WHERE serving)""").fetchone()
+
+
 @pytest.fixture(scope="session")
 def airflow_ready(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Airflow configured in this process against a migrated metadata DB on the test Postgres."""

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, UTC
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, SMALL_MODEL, seed_small
+from conftest import REPO_ROOT, SMALL_MODEL, blocked, seed_small, serving_state, staged_tables
 from recmodel import db, pipeline
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -31,10 +31,6 @@ LATER = NOW + timedelta(days=1)
 LENIENT = {**SMALL_MODEL, "gate_champion_tolerance": 1.0}
 CHILD = ("import json, sys\nfrom datetime import datetime\nfrom recmodel import pipeline\n"
          "pipeline.run_all(pipeline.make_context(datetime.fromisoformat(sys.argv[1]), json.loads(sys.argv[2])))\n")
-WAITING_ON_A_LOCK = """
-SELECT count(*) FROM pg_stat_activity
-WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()
-"""
 
 
 def start_run(as_of: datetime) -> subprocess.Popen:
@@ -59,31 +55,10 @@ def kill(process: subprocess.Popen) -> None:
     assert process.wait(timeout=30) == -signal.SIGKILL
 
 
-def blocked(url: str) -> bool:
-    with db.connect(url) as conn:
-        return conn.execute(WAITING_ON_A_LOCK).fetchone()[0] > 0
-
-
-def staged_tables(url: str) -> int:
-    with db.connect(url) as conn:
-        return conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%\\_\\_staging'").fetchone()[0]
-
-
 def stage_of(url: str, run_key: str) -> str | None:
     with db.connect(url) as conn:
         row = conn.execute("SELECT stage FROM recsys.pipeline_runs WHERE run_key = %s", (run_key,)).fetchone()
     return row[0] if row else None
-
-
-def serving_state(url: str) -> tuple:
-    """(versions in the view, rows, users, champions in the registry, serving rows in published_versions)."""
-    with db.connect(url) as conn:
-        return conn.execute("""
-            SELECT (SELECT array_agg(DISTINCT model_version) FROM recsys.user_recommendations),
-                   (SELECT count(*) FROM recsys.user_recommendations),
-                   (SELECT count(DISTINCT user_id) FROM recsys.user_recommendations),
-                   (SELECT array_agg(version) FROM recsys.model_registry WHERE status = 'champion'),
-                   (SELECT array_agg(version) FROM recsys.published_versions WHERE serving)""").fetchone()
 
 
 @pytest.fixture
