@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,8 @@ WORKER_NAME = "RECSYS_WORKER_NAME"  # the worker service a local worker process 
 HOSTNAME_CALLABLE = "recmodel.celerystack.worker_hostname"
 CELERY_APP = "airflow.providers.celery.executors.celery_executor.app"
 SERVER_COMPONENTS = ("api-server", "dag-processor", "scheduler")
-_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+# `$$`, or `${NAME}` with an optional `:-`, `-`, `:?` or `?` part; any other `$` is syntax this reader refuses.
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}$]*))?\}|\$")
 
 
 class ComposeError(ValueError):
@@ -74,6 +75,10 @@ def interpolate(text: str, variables: Mapping[str, str]) -> str:
     def substitute(match: re.Match) -> str:
         if match.group(0) == "$$":
             return "$"
+        if match.group(1) is None:
+            raise ComposeError(f"unsupported interpolation at {text[match.start():match.start() + 20]!r} in "
+                               "docker-compose.yaml: the local stack reads ${X}, ${X:-default}, ${X-default}, "
+                               "${X:?message}, ${X?message} and $$")
         name, operator, argument = match.group(1), match.group(2) or "", match.group(3) or ""
         value = variables.get(name)
         missing = value is None or (operator.startswith(":") and value == "")
@@ -114,7 +119,7 @@ def _command_text(command: str | list | None) -> str:
 def _worker(service: str, command: str) -> WorkerService:
     parser = argparse.ArgumentParser(prog=service, add_help=False, exit_on_error=False)
     parser.add_argument("--queues", "-q", default="default")
-    parser.add_argument("--concurrency", "-c", type=int, default=1)
+    parser.add_argument("--concurrency", "-c", type=int, default=16)  # Airflow's [celery] worker_concurrency
     try:
         options, _ = parser.parse_known_args(shlex.split(command)[2:])
     except argparse.ArgumentError as error:
@@ -174,7 +179,8 @@ class RedisServer:
                                   "the Celery stack needs it as its broker")
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "redis.log", "ab") as out:
-            # Snapshots on shutdown (the default save points) so a restart finds the queued tasks again.
+            # A save point (one change in 60 s) makes Redis snapshot on shutdown, so a restart finds the
+            # queued tasks again, as a Redis with persistence would.
             self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
                                              "--dir", str(self.folder), "--save", "60 1", "--daemonize", "no"],
                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -209,14 +215,21 @@ class RedisServer:
 class CeleryStack:
     """Redis, Airflow's api-server, dag-processor and scheduler on CeleryExecutor, and Celery workers."""
 
-    airflow: AirflowStack
+    airflow: AirflowStack  # its `environment` is what every component, worker or not, runs with
     redis: RedisServer
-    environment: dict[str, str]  # what every component runs with
     workers: dict[str, WorkerService] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
         return self.airflow.base_url
+
+    def check_alive(self) -> None:
+        """Raise, naming it and its log, if Redis or any Airflow component or worker has exited."""
+        if self.redis.process is None or self.redis.process.poll() is not None:
+            raise AirflowRunError(f"redis-server exited (log {self.redis.folder / 'redis.log'})")
+        dead = [name for name, process in self.airflow.processes.items() if process.poll() is not None]
+        if dead:
+            raise AirflowRunError(f"airflow {dead[0]} exited (log {self.airflow.log_dir / (dead[0] + '.log')})")
 
     def start_worker(self, name: str, service: WorkerService) -> None:
         """`airflow celery worker` as the compose service runs it, under its own Celery node name and host name."""
@@ -225,7 +238,7 @@ class CeleryStack:
                 # Every local worker writes task logs into the one shared log folder, which the api-server
                 # reads directly; a log server per worker would only contend for one port.
                 "--skip-serve-logs"]
-        self.airflow.launch(name, args, {**self.environment, WORKER_NAME: name})
+        self.airflow.launch(name, args, {WORKER_NAME: name})
         self.workers[name] = service
 
     def wait_for_workers(self, timeout: float = 120.0) -> None:
@@ -233,7 +246,7 @@ class CeleryStack:
         expected = {f"{name}@{socket.gethostname()}" for name in self.workers}
         deadline = time.monotonic() + timeout
         while True:
-            answered = celery_ping(self.environment)
+            answered = celery_ping(self.airflow.environment)
             if expected <= answered:
                 return
             dead = [name for name in self.workers if self.airflow.processes[name].poll() is not None]
@@ -253,14 +266,20 @@ class CeleryStack:
         self.workers.pop(name, None)
 
     def stop(self) -> None:
-        self.airflow.stop()
-        self.redis.stop()
+        try:
+            self.airflow.stop()
+        finally:
+            self.redis.stop()
 
 
 def celery_ping(environment: Mapping[str, str]) -> set[str]:
     """The Celery node names that answer a ping through the broker (`celery inspect ping`)."""
-    done = subprocess.run([sys.executable, "-m", "celery", "--app", CELERY_APP, "inspect", "ping", "--timeout", "2",
-                           "--json"], env={**os.environ, **environment}, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run([sys.executable, "-m", "celery", "--app", CELERY_APP, "inspect", "ping", "--timeout",
+                               "2", "--json"], env={**os.environ, **environment}, capture_output=True, text=True,
+                              check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        return set()
     for line in reversed(done.stdout.strip().splitlines()):
         try:
             replies = json.loads(line)
@@ -290,14 +309,14 @@ def start_celery_stack(airflow_variables: Mapping[str, str], log_dir: Path, *, w
     shape = read_compose(compose)
     plan = plan_workers(shape, workers)
     redis = RedisServer(port=free_port(), folder=log_dir / "redis")
-    redis.start()
     environment = stack_environment(airflow_variables, redis, shape)
     try:
+        redis.start()
         airflow = start_stack(environment, port or free_port(), log_dir, components=SERVER_COMPONENTS)
     except BaseException:
         redis.stop()
         raise
-    stack = CeleryStack(airflow=airflow, redis=redis, environment={**environment, **airflow.environment})
+    stack = CeleryStack(airflow=airflow, redis=redis)
     try:
         for name, service in plan:
             stack.start_worker(name, service)
@@ -356,9 +375,13 @@ class AirflowApi:
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float) -> str:
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float,
+                     check: Callable[[], None] | None = None) -> str:
+        """The run's final state; `check` (raising to give up, e.g. `CeleryStack.check_alive`) runs at each poll."""
         deadline = time.monotonic() + timeout
         while (state := self.run_state(dag_id, run_id)) not in ("success", "failed"):
+            if check is not None:
+                check()
             if time.monotonic() > deadline:
                 raise AirflowRunError(f"run {run_id} of {dag_id} still {state} after {timeout:.0f} s")
             time.sleep(2)

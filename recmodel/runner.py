@@ -207,9 +207,14 @@ class AirflowStack:
                 pass
         _stop_groups([process])
 
-    def halt(self, name: str) -> None:
-        """Stop component `name` as `stop` stops them all (SIGTERM to its group, then SIGKILL after 30 s)."""
-        _stop_groups([self.processes.pop(name)])
+    def halt(self, name: str, timeout: float = 600.0) -> None:
+        """Stop component `name` as a service manager would: SIGTERM to it alone (a Celery worker then
+        finishes the tasks it runs), SIGKILL to its group if it has not exited after `timeout` s."""
+        process = self.processes.pop(name)
+        process.terminate()
+        if not _exited_unreaped(process.pid, timeout=timeout):
+            os.killpg(process.pid, signal.SIGKILL)
+        _stop_groups([process])
 
     def stop(self) -> None:
         """Stop each component with everything it started (the scheduler's log server and executor workers)."""
@@ -291,14 +296,18 @@ def start_stack(variables: dict[str, str], port: int, log_dir: Path, *,
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = AirflowStack(base_url=f"http://127.0.0.1:{port}", username=UI_ADMIN, password="", processes={},
                          log_dir=log_dir, environment=env)
-    # The API server first: the scheduler's tasks report to it, and would fail if it were not up yet.
-    for component in sorted(components, key=lambda c: c != "api-server"):
-        args = [component]
-        if component == "api-server":
-            args += ["--port", str(port), "--host", "127.0.0.1", "--workers", "1"]
-        stack.launch(component, args)
-        if component == "api-server":
-            _wait_healthy(stack, timeout)
+    try:
+        # The API server first: the scheduler's tasks report to it, and would fail if it were not up yet.
+        for component in sorted(components, key=lambda c: c != "api-server"):
+            args = [component]
+            if component == "api-server":
+                args += ["--port", str(port), "--host", "127.0.0.1", "--workers", "1"]
+            stack.launch(component, args)
+            if component == "api-server":
+                _wait_healthy(stack, timeout)
+    except BaseException:  # a component that did not start, or Ctrl-C while waiting: stop what did
+        stack.stop()
+        raise
     seen = {**os.environ, **env}
     passwords = Path(seen.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
                      or Path(seen["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated")
@@ -307,6 +316,7 @@ def start_stack(variables: dict[str, str], port: int, log_dir: Path, *,
 
 
 def _wait_healthy(stack: AirflowStack, timeout: float) -> None:
+    """Until the API server answers its health check; raises if a component exits or time runs out."""
     import time
     import urllib.error
     import urllib.request
@@ -315,7 +325,6 @@ def _wait_healthy(stack: AirflowStack, timeout: float) -> None:
     while True:
         dead = [name for name, p in stack.processes.items() if p.poll() is not None]
         if dead:
-            stack.stop()
             log_file = stack.log_dir / f"{dead[0]}.log"
             tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
             raise AirflowRunError(f"airflow {dead[0]} exited (log {log_file}):\n" + "\n".join(tail))
@@ -326,7 +335,6 @@ def _wait_healthy(stack: AirflowStack, timeout: float) -> None:
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            stack.stop()
             raise AirflowRunError(f"the Airflow API server did not answer on {stack.base_url} within {timeout:.0f} s "
                                   f"(logs in {stack.log_dir})")
         time.sleep(1)
