@@ -246,9 +246,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"loaded synthetic data: {summary.events_added:,} interactions, {summary.items_added:,} items, "
                       f"{summary.users:,} users")
     if args.executor == "celery":
-        code = run_on_celery(url, workers=args.workers, port=args.port, keep=args.ui)
-    else:
-        code = run_retrain({}, _parse_as_of(None))
+        return _demo_on_celery(url, args, started)
+    code = run_retrain({}, _parse_as_of(None))
+    _finish_demo(url, started)
+    if args.ui and code == 0:
+        return serve_ui(url, args.port)
+    return code
+
+
+def _finish_demo(url: str, started: float) -> None:
+    """Sample lists, an app's login to read them, and what to try next."""
     _print_sample(url)
     app_url = db.reader_login(url, DEMO_APP_ROLE, secrets.token_urlsafe(12))
     console.print(f"apps read as a login in [bold]recsys_reader[/] (the serving views and recsys.item_catalog, "
@@ -257,9 +264,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s. Next: `python -m recmodel seed "
                   f"--events 5000` (new activity) then `python -m recmodel retrain`; `python -m recmodel status`; "
                   "`python -m recmodel ui` (Airflow's UI); `python -m recmodel db down` stops the embedded Postgres.")
-    if args.ui and code == 0 and args.executor == "local":
-        return serve_ui(url, args.port)
-    return code
+
+
+def _demo_on_celery(url: str, args: argparse.Namespace, started: float) -> int:
+    """The demo's run on the local Celery stack; with --ui the stack then stays up until Ctrl-C."""
+    try:
+        with local_celery_stack(url, workers=args.workers, port=args.port) as stack:
+            code = run_on_celery(url, stack)
+            _finish_demo(url, started)
+            if args.ui and code == 0:
+                return _serve_until_interrupted(stack.airflow, settings().airflow_home)
+            return code
+    except KeyboardInterrupt:
+        console.print("stopped")
+        return 130
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -312,44 +330,56 @@ def _serve_until_interrupted(stack: Any, airflow_home: Path) -> int:
         return 0
 
 
-def run_on_celery(url: str, *, workers: int, port: int, keep: bool) -> int:
-    """One recsys_retrain run on the local Celery stack (Redis, Airflow on CeleryExecutor, `workers` Celery
-    workers, as docker-compose.yaml defines them), then where each task ran. With `keep`, the stack stays
-    up until Ctrl-C. Exit 0 only if the run succeeded."""
+@contextmanager
+def local_celery_stack(url: str, *, workers: int, port: int) -> Iterator[Any]:
+    """Redis, Airflow on CeleryExecutor and `workers` Celery workers, as docker-compose.yaml defines them, for
+    the block; stopped on the way out, Ctrl-C and `kill` included."""
     import os
 
-    from recmodel.celerystack import AirflowApi, start_celery_stack
+    from recmodel.celerystack import start_celery_stack
     from recmodel.runner import prepare_airflow
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack like Ctrl-C, not leaving it running
     env = settings()
     with heartbeat(lambda: "preparing Airflow (metadata database, DAG parsing)"):
         variables = prepare_airflow(env, url)
-    # Only the runs you trigger (this one, the UI's "Retrain now", the REST API): unpausing the DAG would
+    # Only the runs you trigger (the demo's, the UI's "Retrain now", the REST API): unpausing the DAG would
     # otherwise also start its latest scheduled run.
     variables["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = os.environ.get("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")
     console.print(f"starting Redis, Airflow on CeleryExecutor and {workers} Celery worker(s) as docker-compose.yaml "
                   "defines them …")
     stack = start_celery_stack(variables, env.airflow_home / "logs" / "celery", workers=workers, port=port)
     try:
-        api = AirflowApi(stack.base_url, stack.airflow.username, stack.airflow.password)
-        api.wait_for_dag(RETRAIN_DAG_ID)
-        api.set_paused(RETRAIN_DAG_ID, False)
-        as_of = _parse_as_of(None)
-        started = time.perf_counter()
-        # Two scoring shards per worker, so the scoring fan-out spreads over all of them.
-        run_id = api.trigger(RETRAIN_DAG_ID, {"as_of": as_of.isoformat(), "score_shards": 2 * workers})
-        console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC on {', '.join(stack.workers)} …")
-        with heartbeat(lambda: _run_activity(url, as_of)):
-            state = api.wait_for_run(RETRAIN_DAG_ID, run_id, timeout=float("inf"))
-        instances = api.task_instances(RETRAIN_DAG_ID, run_id)
-        _print_placement(instances)
-        _print_run_summary(url, as_of, {_ti_name(ti): ti["state"] for ti in instances}, time.perf_counter() - started)
-        if state != "success":
-            console.print(f"[red]DAG run {run_id} {state}[/]; task logs in {env.airflow_home / 'logs'}")
-            return 1
-        return _serve_until_interrupted(stack, env.airflow_home) if keep else 0
+        yield stack
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(signum, signal.SIG_IGN)
+        console.print("stopping Redis and Airflow …")
         stack.stop()
+
+
+def run_on_celery(url: str, stack: Any) -> int:
+    """One recsys_retrain run on a local Celery stack, then where each task ran. Exit 0 only on success."""
+    from recmodel.celerystack import AirflowApi
+
+    api = AirflowApi(stack.base_url, stack.airflow.username, stack.airflow.password)
+    api.wait_for_dag(RETRAIN_DAG_ID)
+    api.set_paused(RETRAIN_DAG_ID, False)
+    as_of = _parse_as_of(None)
+    started = time.perf_counter()
+    # Two scoring shards per worker, so the scoring fan-out spreads over all of them.
+    run_id = api.trigger(RETRAIN_DAG_ID, {"as_of": as_of.isoformat(), "score_shards": 2 * len(stack.workers)})
+    console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC on {', '.join(stack.workers)} …")
+    with heartbeat(lambda: _run_activity(url, as_of)):
+        state = api.wait_for_run(RETRAIN_DAG_ID, run_id, timeout=float("inf"), check=stack.check_alive)
+    instances = api.task_instances(RETRAIN_DAG_ID, run_id)
+    _print_placement(instances)
+    _print_run_summary(url, as_of, {_ti_name(ti): ti["state"] for ti in instances}, time.perf_counter() - started)
+    if state != "success":
+        console.print(f"[red]DAG run {run_id} {state}[/]; component and task logs in {stack.airflow.log_dir} and "
+                      f"{settings().airflow_home / 'logs'}")
+        return 1
+    return 0
 
 
 def _check_celery_stack(workers: int) -> None:
@@ -601,7 +631,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "celery":
         from recmodel.bench_scaleout import ScaleoutOptions, run_scaleout
 
-        events = args.events or 500_000
+        events = 500_000 if args.events is None else args.events
         if args.users < 10 or args.items < 20 or events < args.users or args.shards < 2 or args.rounds < 1:
             raise UsageError("bench celery needs --users >= 10, --items >= 20, --events >= --users, --shards >= 2 "
                              "and --rounds >= 1")
@@ -609,7 +639,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_scaleout(ScaleoutOptions(users=args.users, items=args.items, events=events, shards=args.shards,
                                      rounds=args.rounds, output=output))
         return 0
-    args.events = args.events or 1_000_000
+    args.events = 1_000_000 if args.events is None else args.events
     from recmodel.bench import BenchOptions, run_bench
 
     if args.events < 1000:
