@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,7 +84,7 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     """Parquet written under a temporary name, then renamed into place: whoever reads `path` (the next task,
     or a retry of this task on another worker) finds a whole file, never one that a dying writer cut short,
     and two tries writing at once leave one whole file, not a mix."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # unique across hosts sharing the folder
     try:
         frame.to_parquet(partial, index=False)
         os.replace(partial, path)

@@ -397,12 +397,21 @@ def test_the_popular_list_grows_its_window_until_enough_users_are_in_it() -> Non
     assert too_few["item_id"].tolist() == [1, 9]
 
 
-def test_a_parquet_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+def test_a_parquet_file_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet
+
     from recmodel.artifacts import write_parquet
 
     path = tmp_path / "shard.parquet"
     write_parquet(pd.DataFrame({"user_id": [1, 2]}), path)
-    with pytest.raises(ValueError):  # pyarrow cannot store this column (ArrowInvalid): the write dies part way
-        write_parquet(pd.DataFrame({"user_id": [3, object()]}), path)
+
+    def dies_part_way(table, sink, **options) -> None:  # a writer killed after its first bytes
+        sink.write(b"PAR1 torn")  # pandas hands pyarrow the file it opened
+        raise OSError("killed")
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", dies_part_way)
+    with pytest.raises(OSError, match="killed"):
+        write_parquet(pd.DataFrame({"user_id": [3, 4]}), path)
+    monkeypatch.undo()
     assert pd.read_parquet(path)["user_id"].tolist() == [1, 2]  # the earlier file, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]  # and no partial file left behind
