@@ -5,7 +5,7 @@ same environment, queues and concurrency), with Airflow's metadata in Postgres.
 The workers are the compose file's two: `airflow-worker` on `default`, `airflow-worker-gpu` on `gpu` and
 `default`. One LocalExecutor run and one Celery run score the same snapshot (two databases cloned from
 one seed) and must publish the same lists. Then two faults on the live stack, each on a day of new data:
-a worker SIGKILLed while it holds a scoring shard, and Redis stopped mid-run. Everything is read back
+a worker SIGKILLed while it holds a scoring shard, and Redis stopped while the scheduler queues a task. Everything is read back
 from Airflow's own task-instance records, through its REST API.
 """
 
@@ -209,12 +209,11 @@ def test_the_dag_runs_on_both_workers_and_publishes_what_local_executor_does(clu
     train = next(ti for ti in instances if ti["task_id"] == "train")
     assert (worker_of(train), train["queue"]) == (GPU_WORKER, "gpu")
     assert {worker_of(ti) for ti in instances} <= {GPU_WORKER, CPU_WORKER}
-    # The LocalExecutor ran every task on the scheduler's host, none on a worker.
-    assert {worker_of(ti) for ti in cluster.local_run}.isdisjoint({GPU_WORKER, CPU_WORKER})
 
     # What an operator reads in the UI: the stage's own lines in the task log a worker wrote.
     shard = shards[0]
-    assert any("scored shard" in line for line in cluster.api.task_log(DAG, run_id, "score_users", 1, shard["map_index"]))
+    log = cluster.api.task_log(DAG, run_id, "score_users", shard["try_number"], shard["map_index"])
+    assert any("scored shard" in line for line in log), log
 
     assert_whole(cluster.url, version_of(NOW), users_up_to(cluster.url, NOW))
     # Same snapshot, same training: the same model files, byte for byte, the same gate figures and the same lists.
@@ -240,16 +239,18 @@ def test_a_worker_killed_holding_a_shard_is_replaced_by_the_other(cluster: Clust
         killed = worker_of(victim)
         service = cluster.stack.workers[killed]
         cluster.stack.kill_worker(killed)
-    killed_at = time.monotonic()
-    state = cluster.api.wait_for_run(DAG, run_id, RUN_TIMEOUT)
-    reliability_figure("celery: run finished after a worker's SIGKILL (s)", round(time.monotonic() - killed_at))
-    assert state == "success"
-    tries = cluster.api.tries(DAG, run_id, "score_users", victim["map_index"])
-    assert [(t["try_number"], worker_of(t), t["state"]) for t in tries] == [
-        (1, killed, "failed"), (2, ({GPU_WORKER, CPU_WORKER} - {killed}).pop(), "success")]
-    assert_whole(cluster.url, version_of(later), users_up_to(cluster.url, later))
-    cluster.stack.start_worker(killed, service)  # back to two workers for the next test
-    cluster.stack.wait_for_workers()
+    try:
+        killed_at = time.monotonic()
+        state = cluster.api.wait_for_run(DAG, run_id, RUN_TIMEOUT)
+        reliability_figure("celery: run finished after a worker's SIGKILL (s)", round(time.monotonic() - killed_at))
+        assert state == "success"
+        tries = cluster.api.tries(DAG, run_id, "score_users", victim["map_index"])
+        assert [(t["try_number"], worker_of(t), t["state"]) for t in tries] == [
+            (1, killed, "failed"), (2, ({GPU_WORKER, CPU_WORKER} - {killed}).pop(), "success")]
+        assert_whole(cluster.url, version_of(later), users_up_to(cluster.url, later))
+    finally:  # back to two workers for the next test, whatever happened here
+        cluster.stack.start_worker(killed, service)
+        cluster.stack.wait_for_workers()
 
 
 def test_redis_stopped_mid_run_ends_cleanly(cluster: Cluster, reliability_figure) -> None:
@@ -259,19 +260,19 @@ def test_redis_stopped_mid_run_ends_cleanly(cluster: Cluster, reliability_figure
     run_id = cluster.api.trigger(DAG, {**LENIENT, "as_of": later.isoformat()})
     wait_until(lambda: state_of(cluster.api, run_id, "train") == "running", "training", RUN_TIMEOUT)
     cluster.stack.redis.stop()  # the gpu worker loses its broker mid-task
-    # Training reports to the api-server, not the broker: it finishes, and the scheduler has the next
-    # task to queue while the broker is down.
-    wait_until(lambda: state_of(cluster.api, run_id, "train") in ("success", "failed", "up_for_retry"),
-               "training to end without the broker", RUN_TIMEOUT)
-    time.sleep(5)
-    cluster.stack.redis.start()
+    try:
+        # Training reports to the api-server, not the broker: it finishes. The scheduler then queues the
+        # next task, and that send fails while the broker is down: Airflow marks the task for a retry.
+        def sent_into_the_outage() -> list[str]:
+            return [ti["task_id"] for ti in cluster.api.task_instances(DAG, run_id)
+                    if ti["task_id"] != "train" and ti["state"] in ("up_for_retry", "failed")]
+        failed_sends = wait_until(sent_into_the_outage, "a task queued while Redis was down", RUN_TIMEOUT)
+        assert serving_state(cluster.url) == before  # meanwhile the views serve the previous version whole
+    finally:
+        cluster.stack.redis.start()
     state = cluster.api.wait_for_run(DAG, run_id, RUN_TIMEOUT)
-    instances = cluster.api.task_instances(DAG, run_id)
-    retried = sorted(ti["task_id"] for ti in instances if ti["try_number"] > 1)
-    reliability_figure("celery: run with Redis stopped mid-run", f"{state}, tasks tried again: {retried}")
-    if state == "success":
-        # The broker was down when the scheduler queued the next task: that send failed, and the retry ran.
-        assert retried, "no task was queued while Redis was down: the fault was not exercised"
-        assert_whole(cluster.url, version_of(later), users_up_to(cluster.url, later))
-    else:
-        assert serving_state(cluster.url) == before and staged_tables(cluster.url) == 0
+    reliability_figure("celery: run with Redis stopped mid-run", f"{state}; sends that failed, then ran again: "
+                                                                 f"{failed_sends}")
+    # The broker is back before the retry (RECSYS_RETRY_DELAY_SECONDS later): the run completes, whole.
+    assert state == "success"
+    assert_whole(cluster.url, version_of(later), users_up_to(cluster.url, later))

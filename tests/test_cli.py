@@ -143,7 +143,9 @@ def test_bench_refuses_bad_sizes(db_url: str, tmp_path: Path) -> None:
 def test_the_celery_stack_is_refused_before_anything_starts(db_url: str, tmp_path: Path) -> None:
     out = recmodel("demo", "--executor", "celery", "--workers", "0", url=db_url, home=tmp_path)
     assert out.returncode == 2 and "--workers must be at least 1, not 0" in out.stdout
-    no_redis = recmodel("demo", "--executor", "celery", url=db_url, home=tmp_path, path=str(Path(sys.executable).parent))
+    nothing_on_path = tmp_path / "empty-bin"
+    nothing_on_path.mkdir()
+    no_redis = recmodel("demo", "--executor", "celery", url=db_url, home=tmp_path, path=str(nothing_on_path))
     assert no_redis.returncode == 2 and "--executor celery needs redis-server" in no_redis.stdout
     out = recmodel("bench", "celery", "--shards", "1", url=db_url, home=tmp_path)
     assert out.returncode == 2 and "--shards >= 2" in out.stdout

@@ -115,6 +115,9 @@ def test_compose_interpolation() -> None:
     with pytest.raises(ComposeError, match="requires EMPTY: set it"):
         interpolate("${EMPTY:?set it}", given)
     assert interpolate("${EMPTY?set it}", given) == ""  # without the colon, only unset is an error
+    for unsupported in ("$SET", "${SET:+alt}", "${UNSET:-${SET}}", "${}"):  # syntax the reader does not implement
+        with pytest.raises(ComposeError, match="unsupported interpolation"):
+            interpolate(unsupported, given)
 
 
 def test_workers_are_planned_so_every_queue_has_one(tmp_path) -> None:
