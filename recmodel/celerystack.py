@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import shlex
@@ -31,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from recmodel.runner import REPO_ROOT, AirflowRunError, AirflowStack, free_port, start_stack
-
-log = logging.getLogger(__name__)
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yaml"
 AIRFLOW_ANCHOR = "x-airflow"  # the Compose extension every Airflow service builds on
@@ -227,8 +224,7 @@ class CeleryStack:
         """Raise, naming it and its log, if Redis or any Airflow component or worker has exited."""
         if self.redis.process is None or self.redis.process.poll() is not None:
             raise AirflowRunError(f"redis-server exited (log {self.redis.folder / 'redis.log'})")
-        dead = [name for name, process in self.airflow.processes.items() if process.poll() is not None]
-        if dead:
+        if dead := self.airflow.exited():
             raise AirflowRunError(f"airflow {dead[0]} exited (log {self.airflow.log_dir / (dead[0] + '.log')})")
 
     def start_worker(self, name: str, service: WorkerService) -> None:
@@ -249,7 +245,7 @@ class CeleryStack:
             answered = celery_ping(self.airflow.environment)
             if expected <= answered:
                 return
-            dead = [name for name in self.workers if self.airflow.processes[name].poll() is not None]
+            dead = [name for name in self.airflow.exited() if name in self.workers]
             if dead or time.monotonic() > deadline:
                 raise AirflowRunError(f"worker(s) {', '.join(dead or sorted(expected - answered))} did not come up "
                                       f"(logs in {self.airflow.log_dir})")

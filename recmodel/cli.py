@@ -318,10 +318,9 @@ def _serve_until_interrupted(stack: Any, airflow_home: Path) -> int:
                       f"[bold]{stack.password or '(see ' + str(airflow_home) + '/simple_auth_manager_passwords.json.generated)'}[/]")
         console.print(f"[bold]Recommender page:[/] {stack.base_url}/plugin/recommender (nav: Recommender). "
                       f"Component logs: {stack.log_dir}. Ctrl-C stops.")
-        while all(p.poll() is None for p in stack.processes.values()):
+        while not (dead := stack.exited()):
             time.sleep(1)
-        dead = next(name for name, p in stack.processes.items() if p.poll() is not None)
-        console.print(f"[red]airflow {dead} exited;[/] see {stack.log_dir / (dead + '.log')}")
+        console.print(f"[red]airflow {dead[0]} exited;[/] see {stack.log_dir / (dead[0] + '.log')}")
         return 1
     except KeyboardInterrupt:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short

@@ -182,6 +182,10 @@ class AirflowStack:
     log_dir: Path
     environment: dict[str, str]  # what the components run with (this process's environment on top)
 
+    def exited(self) -> list[str]:
+        """The components that are no longer running."""
+        return [name for name, process in self.processes.items() if process.poll() is not None]
+
     def launch(self, name: str, args: list[str], environment: dict[str, str] | None = None) -> subprocess.Popen:
         """Start `airflow ARGS` as component `name`, its output in `name.log` of the log folder."""
         with open(self.log_dir / f"{name}.log", "ab") as out:
@@ -323,8 +327,7 @@ def _wait_healthy(stack: AirflowStack, timeout: float) -> None:
 
     deadline = time.monotonic() + timeout
     while True:
-        dead = [name for name, p in stack.processes.items() if p.poll() is not None]
-        if dead:
+        if dead := stack.exited():
             log_file = stack.log_dir / f"{dead[0]}.log"
             tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
             raise AirflowRunError(f"airflow {dead[0]} exited (log {log_file}):\n" + "\n".join(tail))
