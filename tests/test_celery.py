@@ -5,8 +5,8 @@ same environment, queues and concurrency), with Airflow's metadata in Postgres.
 The workers are the compose file's two: `airflow-worker` on `default`, `airflow-worker-gpu` on `gpu` and
 `default`. One LocalExecutor run and one Celery run score the same snapshot (two databases cloned from
 one seed) and must publish the same lists. Then two faults on the live stack, each on a day of new data:
-a worker SIGKILLed while it holds a scoring shard, and Redis stopped while the scheduler queues a task. Everything is read back
-from Airflow's own task-instance records, through its REST API.
+a worker SIGKILLed while it holds a scoring shard, and Redis stopped while the scheduler queues a task.
+Everything is read back from Airflow's own task-instance records, through its REST API.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ class Cluster:
     home: Path  # their RECSYS_HOME
     local_url: str  # the LocalExecutor run's clone of it
     local_home: Path
-    local_run: list[dict]  # that run's task instances
 
 
 def version_of(when: datetime) -> str:
@@ -175,15 +174,13 @@ def cluster(pg_server_url: str, airflow_ready: dict[str, str],
                 api = AirflowApi(local.base_url, local.username, local.password)
                 api.wait_for_dag(DAG)
                 api.set_paused(DAG, False)
-                local_id, state = run_through(api, {**CONF, "as_of": NOW.isoformat()})
+                _, state = run_through(api, {**CONF, "as_of": NOW.isoformat()})
                 assert state == "success", f"the LocalExecutor run {state} (logs in {local.log_dir})"
-                local_run = api.task_instances(DAG, local_id)
             finally:
                 local.stop()
             stack = start_celery_stack(variables(url, home), base / "celery-logs", workers=2)
         api = AirflowApi(stack.base_url, stack.airflow.username, stack.airflow.password)
-        yield Cluster(stack=stack, api=api, url=url, home=home, local_url=local_url, local_home=local_home,
-                      local_run=local_run)
+        yield Cluster(stack=stack, api=api, url=url, home=home, local_url=local_url, local_home=local_home)
     finally:
         if stack is not None:
             stack.stop()
