@@ -170,7 +170,8 @@ def test_one_run_at_a_time_and_a_killed_one_is_taken_as_dead(recsys_env: str, tm
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
-        while not registry.live_runs(recsys_env) or registry.live_runs(recsys_env)[0][1] != "train":
+        # One read per look: between two steps the run is briefly not live, so a second read may find no run.
+        while not (live := registry.live_runs(recsys_env)) or live[0][1] != "train":
             assert child.poll() is None, child.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the first run never reached training"
             time.sleep(0.2)
