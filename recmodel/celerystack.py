@@ -237,9 +237,14 @@ class CeleryStack:
         self.airflow.launch(name, args, {WORKER_NAME: name})
         self.workers[name] = service
 
+    @staticmethod
+    def node(name: str) -> str:
+        """The Celery node name of the worker `name` (`--celery-hostname name@%h`): where control commands go."""
+        return f"{name}@{socket.gethostname()}"
+
     def wait_for_workers(self, timeout: float = 120.0) -> None:
         """Until every started worker answers a Celery ping (the compose file's worker health check)."""
-        expected = {f"{name}@{socket.gethostname()}" for name in self.workers}
+        expected = {self.node(name) for name in self.workers}
         deadline = time.monotonic() + timeout
         while True:
             answered = celery_ping(self.airflow.environment)
@@ -270,19 +275,26 @@ class CeleryStack:
 
 def celery_ping(environment: Mapping[str, str]) -> set[str]:
     """The Celery node names that answer a ping through the broker (`celery inspect ping`)."""
+    return set(celery_command(environment, "inspect", "ping") or {})
+
+
+def celery_command(environment: Mapping[str, str], *command: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """A Celery remote-control command (`celery inspect ...`, `celery control ...`) sent through the broker:
+    the workers' replies by node name, or None when none came back in time."""
     try:
-        done = subprocess.run([sys.executable, "-m", "celery", "--app", CELERY_APP, "inspect", "ping", "--timeout",
-                               "2", "--json"], env={**os.environ, **environment}, capture_output=True, text=True,
-                              check=False, timeout=60)
+        done = subprocess.run([sys.executable, "-m", "celery", "--app", CELERY_APP, *command, "--timeout",
+                               str(timeout), "--json"], env={**os.environ, **environment}, capture_output=True,
+                              text=True, check=False, timeout=60 + timeout)
     except subprocess.TimeoutExpired:
-        return set()
+        return None
     for line in reversed(done.stdout.strip().splitlines()):
         try:
             replies = json.loads(line)
         except ValueError:
             continue
-        return set(replies) if isinstance(replies, dict) else set()
-    return set()
+        # `inspect` prints one object by node; `control` a list of one-node objects
+        return {node: reply for one in replies for node, reply in one.items()} if isinstance(replies, list) else replies
+    return None
 
 
 def stack_environment(airflow_variables: Mapping[str, str], redis: RedisServer,
