@@ -45,6 +45,18 @@ def no_process_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) ->
         f"{p.pid} {' '.join((p.info['cmdline'] or [])[:4])}" for p in left)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_the_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`tempfile` in this process writes under the session's folder, which pytest prunes (it keeps the last
+    three): a test's `mkdtemp` never piles up in the machine's /tmp."""
+    import tempfile
+
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = saved
+
+
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a Postgres server's maintenance database, started for this test session."""
