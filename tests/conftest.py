@@ -57,6 +57,17 @@ def temporary_files_in_the_session_folder(tmp_path_factory: pytest.TempPathFacto
     tempfile.tempdir = saved
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_the_commands_tests_start() -> None:
+    """Tests stop `ui` and `demo` with SIGINT, as Ctrl-C would. A shell that starts the session as a background
+    job ignores SIGINT in it, and an ignored signal stays ignored in every process it starts: the command
+    would never stop. With a handler here instead, the processes tests start get the default again."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a Postgres server's maintenance database, started for this test session."""
