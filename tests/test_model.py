@@ -106,6 +106,17 @@ def test_ease_closed_form_and_masking() -> None:
         assert not set(items.tolist()) & set(train[row].nonzero()[1].tolist())
 
 
+def test_symmetric_inverse_matches_lu_and_refuses_an_indefinite_matrix() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.random((40, 30))
+    spd = rows.T @ rows + 0.1 * np.eye(30)
+    inverse = baselines.symmetric_inverse(spd)
+    np.testing.assert_allclose(inverse, np.linalg.inv(spd), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(inverse, inverse.T)
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        baselines.symmetric_inverse(np.diag([1.0, -1.0, 2.0]))
+
+
 def test_item_knn_and_popularity_rank_as_expected() -> None:
     train = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]], dtype=np.float32))
     knn = baselines.fit_item_knn(train, neighbours=1, shrink=0.0)
