@@ -292,8 +292,10 @@ def celery_command(environment: Mapping[str, str], *command: str, timeout: float
             replies = json.loads(line)
         except ValueError:
             continue
-        # `inspect` prints one object by node; `control` a list of one-node objects
-        return {node: reply for one in replies for node, reply in one.items()} if isinstance(replies, list) else replies
+        if isinstance(replies, dict):  # `inspect`: one object by node
+            return replies
+        if isinstance(replies, list):  # `control`: a list of one-node objects
+            return {node: reply for one in replies if isinstance(one, dict) for node, reply in one.items()}
     return None
 
 
