@@ -235,7 +235,9 @@ def test_the_dag_runs_on_both_workers_and_publishes_what_local_executor_does(clu
     assert {ti["state"] for ti in instances} == {"success"}
     shards = [ti for ti in instances if ti["task_id"] == "score_users"]
     assert sorted(ti["map_index"] for ti in shards) == list(range(SHARDS))
-    assert {worker_of(ti) for ti in shards} == {GPU_WORKER, CPU_WORKER}
+    fan_out = sorted((ti["start_date"], ti["task_id"], ti["map_index"], worker_of(ti), ti["duration"]) for ti in instances
+                     if ti["task_id"] in ("plan_scoring", "score_items", "score_users"))
+    assert {worker_of(ti) for ti in shards} == {GPU_WORKER, CPU_WORKER}, fan_out
     assert {ti["queue"] for ti in shards} == {"default"}
     train = next(ti for ti in instances if ti["task_id"] == "train")
     assert (worker_of(train), train["queue"]) == (GPU_WORKER, "gpu")
@@ -262,10 +264,7 @@ def test_a_worker_killed_holding_a_shard_is_replaced_by_the_other(cluster: Clust
     run_id = cluster.api.trigger(DAG, {**LENIENT, "as_of": later.isoformat()})
     wait_until(lambda: state_of(cluster.api, run_id, "refit") == "success", "refit", RUN_TIMEOUT)
     with holding_the_run(cluster.url, later):
-        def running_shard() -> dict | None:
-            return next((ti for ti in cluster.api.task_instances(DAG, run_id)
-                         if ti["task_id"] == "score_users" and ti["state"] == "running"), None)
-        victim = wait_until(running_shard, "a scoring shard to run")
+        victim = wait_until(lambda: running(cluster, run_id, "score_users"), "a scoring shard to run")[0]
         wait_until(lambda: blocked(cluster.url), "the shard to wait on the run's row")
         killed = worker_of(victim)
         service = cluster.stack.workers[killed]
