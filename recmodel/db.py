@@ -23,13 +23,13 @@ from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
 from recmodel.config import Settings
+from recmodel.locks import AdvisoryLock
 
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 RECSYS_DB = "recsys"
 AIRFLOW_DB = "airflow"
-MIGRATION_LOCK_KEY = 7_319_001  # pg_advisory_lock key serialising concurrent `migrate` calls
 
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS public.recsys_schema_migrations (
@@ -209,7 +209,7 @@ def migrate(url: str) -> list[str]:
     """
     applied_now: list[str] = []
     with connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (AdvisoryLock.MIGRATE,))
         try:
             conn.execute(CREATE_MIGRATIONS_TABLE)
             conn.execute(ADD_CHECKSUM_COLUMN)
@@ -227,7 +227,7 @@ def migrate(url: str) -> list[str]:
                 log.info("applied migration %s", path.name)
                 applied_now.append(version)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (AdvisoryLock.MIGRATE,))
     return applied_now
 
 

@@ -29,10 +29,10 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from recmodel import db
+from recmodel.locks import AdvisoryLock, TRANSACTION_LOCK
 
 log = logging.getLogger(__name__)
 
-OUTCOMES_LOCK_KEY = 7_319_003  # one outcomes update at a time (publish uses 7_319_002)
 LOOKBACK = timedelta(minutes=10)  # rows stamped with ingested_at before the last update committed after it
 
 SELECT_PROGRESS = "SELECT ingested_through FROM recsys.outcome_progress"
@@ -148,7 +148,7 @@ class OutcomeUpdate:
 def update(url: str) -> OutcomeUpdate:
     """Fold the interactions ingested since the last update into `recsys.outcome_events`, in one transaction."""
     with db.transaction(url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (OUTCOMES_LOCK_KEY,))
+        conn.execute(TRANSACTION_LOCK, (AdvisoryLock.OUTCOMES,))
         progress = conn.execute(SELECT_PROGRESS).fetchone()
         start = progress[0] if progress else conn.execute(SELECT_FIRST_PERIOD).fetchone()[0]
         if start is None:

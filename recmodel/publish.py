@@ -28,10 +28,10 @@ import psycopg
 from psycopg import sql
 
 from recmodel import db, pgbulk, registry
+from recmodel.locks import AdvisoryLock, TRANSACTION_LOCK
 
 log = logging.getLogger(__name__)
 
-PUBLISH_LOCK_KEY = 7_319_002  # pg_advisory_xact_lock key shared by publish and rollback
 # Repointing a view waits at most this long for its lock; readers arriving meanwhile queue behind the
 # request, so this is also the longest a reader is held up by a swap. Retried with backoff.
 VIEW_LOCK_TIMEOUT_MS = 50
@@ -80,7 +80,6 @@ WHERE NOT serving AND pruned_at IS NULL
 ORDER BY published_at DESC OFFSET %s
 """
 # A session lock per version, held by a publish from its load to its swap (two-int advisory key space).
-STAGING_LOCK_CLASS = 7319
 STAGING_OWNER_LOCK = "SELECT pg_advisory_lock(%s, hashtext(%s))"
 STAGING_OWNER_TRY_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
 STAGING_OWNER_UNLOCK = "SELECT pg_advisory_unlock(%s, hashtext(%s))"
@@ -140,7 +139,7 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
     with its connection.
     """
     with db.connect(url, autocommit=True) as owner:
-        owner.execute(STAGING_OWNER_LOCK, (STAGING_LOCK_CLASS, version))
+        owner.execute(STAGING_OWNER_LOCK, (AdvisoryLock.PUBLISH_STAGING, version))
         row_counts = load_staging(url, version, frames, generated_at)
         swap = swap_in(url, version, row_counts)
     pruned = prune(url, keep_versions)
@@ -157,7 +156,7 @@ def load_staging(url: str, version: str, frames: dict[str, pd.DataFrame], genera
     if missing:
         raise PublishError(f"nothing to publish for {', '.join(missing)}")
     with db.transaction(url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+        conn.execute(TRANSACTION_LOCK, (AdvisoryLock.PUBLISH,))
         _refuse_older(conn, version)
         _drop_leftover_staging(conn)
         return {table.view: _load(conn, table, version, frames[table.view], generated_at) for table in SERVING_TABLES}
@@ -208,7 +207,7 @@ def _with_view_locks(url: str, what: str, work: Callable[[psycopg.Connection], N
     while True:
         try:
             with db.transaction(url) as conn:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+                conn.execute(TRANSACTION_LOCK, (AdvisoryLock.PUBLISH,))
                 _give_way_to_readers(conn)
                 work(conn)
             return waits
@@ -248,9 +247,9 @@ def _drop_leftover_staging(conn: psycopg.Connection) -> None:
     publish holds (between its load and its swap, another publish may be loading)."""
     for (name,) in conn.execute(SELECT_STAGING_TABLES).fetchall():
         version = name.split("__")[1]
-        if not conn.execute(STAGING_OWNER_TRY_LOCK, (STAGING_LOCK_CLASS, version)).fetchone()[0]:
+        if not conn.execute(STAGING_OWNER_TRY_LOCK, (AdvisoryLock.PUBLISH_STAGING, version)).fetchone()[0]:
             continue  # a live publish is between its load and its swap
-        conn.execute(STAGING_OWNER_UNLOCK, (STAGING_LOCK_CLASS, version))
+        conn.execute(STAGING_OWNER_UNLOCK, (AdvisoryLock.PUBLISH_STAGING, version))
         conn.execute(sql.SQL("DROP TABLE recsys.{}").format(sql.Identifier(name)))
         log.warning("dropped %s, left by a publish that was interrupted before its swap", name)
 
@@ -340,7 +339,7 @@ def prune(url: str, keep_versions: int) -> list[str]:
     for version, tables in prunable:
         try:
             with db.transaction(url) as conn:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+                conn.execute(TRANSACTION_LOCK, (AdvisoryLock.PUBLISH,))
                 if conn.execute(LOCK_PRUNABLE, (version,)).fetchone() is None:
                     continue  # rolled back to (or pruned) since it was listed
                 _give_way_to_readers(conn)

@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from recmodel import db
 from recmodel.config import ENV_VARIABLE, settings
 from recmodel.errors import PermanentError
+from recmodel.locks import AdvisoryLock, TRANSACTION_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s
 WHERE run_key = %(run_key)s AND status = 'running'
 """
 CLEAR_STEP = "UPDATE recsys.pipeline_runs SET active_step = NULL WHERE run_key = %s AND active_step IS NOT NULL"
-# Serialises the claim of a new run (check for live runs, then start) across processes.
-RUN_CLAIM_LOCK_KEY = 7_319_003
 # Other retrain runs alive now: what `one run at a time` is checked against. Alive is a step executing
 # (fresh heartbeat), or a run between its extract and the end of its validation, whose window is read
 # but not yet committed: another run reading it then would take the same rows.
@@ -320,7 +319,7 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
     immutable, and a rerun of their interval would overwrite their files and registry row.
     """
     with db.transaction(url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (RUN_CLAIM_LOCK_KEY,))
+        conn.execute(TRANSACTION_LOCK, (AdvisoryLock.RUN_CLAIM,))
         dead = [row[0] for row in conn.execute(MARK_DEAD_RUNS, {"stale": STALE_AFTER_SECONDS})]
         live = conn.execute(SELECT_LIVE_RUNS, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
         if live is not None:
