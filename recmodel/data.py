@@ -227,6 +227,9 @@ def within_training_window(dataset: pd.DataFrame, window_days: float | None) -> 
 
 # The interactions table's columns, as extract reads them and every snapshot keeps them.
 INTERACTION_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "occurred_at", "ingested_at")
+# An increment's extra column: the source's occurred_at as text where no snapshot can hold it (infinity,
+# -infinity, BC, years past 9999; occurred_at is NULL then), else NULL. Validation quarantines such rows.
+RAW_OCCURRED_AT = "occurred_at_raw"
 
 
 def extend_dataset(base: pd.DataFrame | None, clean_increment: pd.DataFrame) -> pd.DataFrame:

@@ -25,11 +25,15 @@ from psycopg import sql
 
 from recmodel import db, pgbulk, registry
 from recmodel.artifacts import CATALOG_FILE, INCREMENT_FILE
+from recmodel.data import RAW_OCCURRED_AT
 from recmodel.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 262_144  # rows buffered per Parquet row group: bounds the extract's memory
+EVENT_TYPE_MAX_CHARS = 256  # longer event types are cut at the source (no setting names one this long)
+TEXT_MAX_CHARS = 2_000  # default cap per item text field (title, description, each tag) in the catalog snapshot
+MAX_TAGS = 64  # tags kept per item in the catalog snapshot
 
 INTERACTION_SCHEMA = pa.schema([
     ("event_id", pa.int64()),
@@ -39,6 +43,7 @@ INTERACTION_SCHEMA = pa.schema([
     ("value", pa.float64()),
     ("occurred_at", pa.timestamp("us", tz="UTC")),
     ("ingested_at", pa.timestamp("us", tz="UTC")),
+    (RAW_OCCURRED_AT, pa.string()),
 ])
 CATALOG_SCHEMA = pa.schema([
     ("item_id", pa.int64()),
@@ -64,15 +69,28 @@ WHERE run_key <> {run_key} AND (replayed_by IS NULL OR replayed_by = {run_key})
                    AND (replayed_by IS NULL OR replayed_by = {run_key}))
 GROUP BY event_id HAVING bool_and(replay_requested_at IS NOT NULL)
 """
+# Every value the source's column types accept must reach validation, so the columns are read in forms the
+# bulk reader always parses: occurred_at only within the years 1..9999 (infinity, -infinity, BC dates and
+# years past 9999 come as NULL, with their text in RAW_OCCURRED_AT), event_type cut to EVENT_TYPE_MAX_CHARS
+# (an unbounded field would outgrow the reader's block), and numeric values beyond float8 as +-Infinity
+# (a plain cast would fail the whole COPY). Validation then quarantines each such row with its reason.
+READABLE_OCCURRED_AT = "occurred_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'"
+INCREMENT_COLUMNS = f"""
+event_id, user_id, item_id, left(event_type, {EVENT_TYPE_MAX_CHARS}),
+CASE WHEN value IS NULL OR value = 'NaN' OR abs(value) <= 1e308 THEN value::float8
+     WHEN value > 0 THEN 'Infinity'::float8 ELSE '-Infinity'::float8 END,
+CASE WHEN {READABLE_OCCURRED_AT} THEN occurred_at END,
+ingested_at,
+CASE WHEN NOT ({READABLE_OCCURRED_AT}) THEN occurred_at::text END"""
 # Two branches rather than one OR, so the window keeps its index range scan on a large table.
-SELECT_INCREMENT = """
-SELECT event_id, user_id, item_id, event_type, value::float8, occurred_at, ingested_at
+SELECT_INCREMENT = f"""
+SELECT {INCREMENT_COLUMNS}
 FROM interactions
-WHERE ingested_at > {low} AND ingested_at <= {high}
+WHERE ingested_at > {{low}} AND ingested_at <= {{high}}
 UNION ALL
-SELECT event_id, user_id, item_id, event_type, value::float8, occurred_at, ingested_at
+SELECT {INCREMENT_COLUMNS}
 FROM interactions
-WHERE ingested_at <= {low} AND event_id IN (""" + REPLAY_PENDING + """)
+WHERE ingested_at <= {{low}} AND event_id IN (""" + REPLAY_PENDING + """)
 """
 # Quarantined by an earlier run and not (or not yet) up for replay: never read again.
 SELECT_QUARANTINED_IN_WINDOW = """
@@ -91,9 +109,25 @@ UPDATE recsys.quarantine SET replay_requested_at = now()
 WHERE reason = %(reason)s AND replayed_by IS NULL AND replay_requested_at IS NULL
   AND (%(run_key)s::text IS NULL OR run_key = %(run_key)s)
 """
-# Tags travel as JSON: COPY's text form of an array is not something Arrow parses.
+# Tags travel as JSON: COPY's text form of an array is not something Arrow parses. Text is cut to a
+# bound (`item_text_max_chars` per field, MAX_TAGS tags): the encoder reads a few hundred tokens of
+# it anyway, and one unbounded row would outgrow the bulk reader's block. created_at is read where a
+# snapshot can hold it (else NULL: no creation time known), like interactions' occurred_at.
 SELECT_CATALOG = """
-SELECT item_id, title, description, array_to_json(tags)::text, created_at, active FROM items ORDER BY item_id
+SELECT item_id, left(title, {max_chars}), left(description, {max_chars}),
+       CASE WHEN tags IS NOT NULL THEN array_to_json(ARRAY(
+           SELECT left(t.tag, {max_chars}) FROM unnest(tags[1:{max_tags}]) WITH ORDINALITY AS t(tag, n)
+           ORDER BY t.n))::text END,
+       CASE WHEN created_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'
+            THEN created_at END,
+       active
+FROM items ORDER BY item_id
+"""
+COUNT_TRUNCATED_TEXT = """
+SELECT count(*) FILTER (WHERE length(title) > %(max_chars)s OR length(description) > %(max_chars)s
+                        OR cardinality(tags) > %(max_tags)s
+                        OR EXISTS (SELECT 1 FROM unnest(tags) AS tag WHERE length(tag) > %(max_chars)s))
+FROM items
 """
 CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
 
@@ -133,9 +167,11 @@ class ExtractResult:
     high_watermark: datetime
     base_dataset_path: str | None  # the previous run's dataset, which this increment extends
     catalog_items: int
+    catalog_items_truncated: int = 0  # items whose text was cut to `item_text_max_chars` (or MAX_TAGS tags)
 
 
-def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback: timedelta) -> ExtractResult:
+def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback: timedelta,
+            text_max_chars: int = TEXT_MAX_CHARS) -> ExtractResult:
     """Write this run's increment and a catalog snapshot under `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with db.connect(url) as conn:
@@ -151,14 +187,20 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         increment_path = run_dir / INCREMENT_FILE
         rows, skipped = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids)
         catalog_path = run_dir / CATALOG_FILE
-        catalog_items = _snapshot_catalog(url, catalog_path)
+        catalog_items = _snapshot_catalog(conn, url, catalog_path, text_max_chars)
+        truncated = conn.execute(COUNT_TRUNCATED_TEXT, {"max_chars": text_max_chars, "max_tags": MAX_TAGS}).fetchone()[0]
     if catalog_items == 0:
         raise ExtractError("the items table is empty: load a catalog (seed, import movielens, or your app) first")
     log.info("extracted %d new interactions with ingested_at in (%s, %s] (%d re-read rows already used)",
              rows, read_from, high, skipped)
+    if truncated:
+        log.warning("%d items have text longer than item_text_max_chars=%d characters per field (or more than %d "
+                    "tags): the snapshot keeps the first %d of each, which is more than the text encoder reads",
+                    truncated, text_max_chars, MAX_TAGS, text_max_chars)
     return ExtractResult(increment_path=str(increment_path), catalog_path=str(catalog_path), rows=rows,
                          rows_already_seen=skipped, low_watermark=low, high_watermark=high,
-                         base_dataset_path=base_dataset, catalog_items=catalog_items)
+                         base_dataset_path=base_dataset, catalog_items=catalog_items,
+                         catalog_items_truncated=truncated)
 
 
 def check_source_schema(conn) -> None:
@@ -223,9 +265,11 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
     return rows, skipped
 
 
-def _snapshot_catalog(url: str, path: Path) -> int:
-    """The items table via COPY (a 50k-item catalog: 0.33 s as Python rows before)."""
-    wire = pa.Table.from_batches(list(pgbulk.read_batches(url, SELECT_CATALOG, CATALOG_WIRE_SCHEMA)),
+def _snapshot_catalog(conn, url: str, path: Path, text_max_chars: int) -> int:
+    """The items table via COPY (a 50k-item catalog: 0.33 s as Python rows before), text cut to its bound."""
+    query = sql.SQL(SELECT_CATALOG).format(max_chars=sql.Literal(text_max_chars),
+                                           max_tags=sql.Literal(MAX_TAGS)).as_string(conn)
+    wire = pa.Table.from_batches(list(pgbulk.read_batches(url, query, CATALOG_WIRE_SCHEMA)),
                                  schema=CATALOG_WIRE_SCHEMA)
     tags = pa.array([None if t is None else json.loads(t) for t in wire.column("tags").to_pylist()],
                     type=pa.list_(pa.string()))

@@ -49,12 +49,19 @@ COPY_ITEMS = "COPY items (item_id, title, description, tags, created_at, active)
 COPY_INTERACTIONS = (
     "COPY interactions (user_id, item_id, event_type, value, occurred_at, ingested_at) FROM STDIN"
 )
+# New events continue after the existing ones. Times no Python datetime holds (infinity, BC, past 9999: rows
+# validation quarantines) are left out rather than stop the seed.
 SELECT_INTERACTION_STATE = """
-SELECT count(*), max(occurred_at), max(ingested_at) FROM interactions
+SELECT count(*), max(occurred_at) FILTER (WHERE occurred_at BETWEEN '0001-01-01' AND '9999-01-01'),
+       max(ingested_at) FILTER (WHERE ingested_at BETWEEN '0001-01-01' AND '9999-01-01')
+FROM interactions
 """
 # A NULL id (a source whose column allows it) is no user to continue: the validation quarantines such rows.
 SELECT_USER_IDS = "SELECT DISTINCT user_id FROM interactions WHERE user_id IS NOT NULL ORDER BY user_id"
-SELECT_ITEMS = "SELECT item_id, title, tags, created_at, active FROM items ORDER BY item_id"
+SELECT_ITEMS = """
+SELECT item_id, title, tags, CASE WHEN created_at BETWEEN '0001-01-01' AND '9999-01-01' THEN created_at END, active
+FROM items ORDER BY item_id
+"""
 LOCK_SOURCE_TABLES = "LOCK TABLE items, interactions IN SHARE ROW EXCLUSIVE MODE"
 
 
@@ -486,7 +493,8 @@ def seed_database(url: str, *, users: int, items: int, events: int, seed: int = 
             data = generate(users, items, events, days=days, seed=seed, end=now, first_item_id=first_item_id)
         else:
             _check_positive(users=users, items=items, events=events)
-            start = max(latest_occurred, latest_ingested) + timedelta(seconds=1)
+            known = [t for t in (latest_occurred, latest_ingested) if t is not None]
+            start = (max(known) if known else now - timedelta(days=days)) + timedelta(seconds=1)
             data = _continuation(conn, users=users, items=items, events=events, seed=seed + n_existing,
                                  start=start, now=now, first_item_id=first_item_id, existing_items=existing_items)
         copy_frames(conn, data.items, data.interactions)

@@ -42,11 +42,11 @@ from great_expectations.data_context.types.resource_identifiers import Validatio
 from great_expectations.expectations import Expectation
 
 from recmodel.config import PipelineConfig
-from recmodel.data import INTERACTION_COLUMNS
+from recmodel.data import INTERACTION_COLUMNS, RAW_OCCURRED_AT
 from recmodel.errors import PermanentError
 
 REASONS = ("null_user_id", "null_item_id", "non_positive_id", "unknown_item", "bad_event_type",
-           "non_finite_value", "value_out_of_range", "null_occurred_at", "future_timestamp",
+           "non_finite_value", "value_out_of_range", "null_occurred_at", "timestamp_out_of_range", "future_timestamp",
            "timestamp_before_floor", "duplicate", "near_duplicate")
 
 DUPLICATE_KEY = ["user_id", "item_id", "event_type", "occurred_at"]
@@ -64,6 +64,8 @@ REASON_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "non_finite_value": ("value is NaN, Infinity or -Infinity (NULL means no value and is allowed)", ()),
     "value_out_of_range": ("value is outside [value_min, value_max]", ("value_min", "value_max")),
     "null_occurred_at": ("occurred_at is NULL", ()),
+    "timestamp_out_of_range": (("occurred_at is infinity, -infinity, a BC date or after 9999-12-31 (its text is in "
+                                f"{RAW_OCCURRED_AT})"), ()),
     "future_timestamp": ("occurred_at is later than the run's as-of time plus future_tolerance_seconds",
                          ("future_tolerance_seconds",)),
     "timestamp_before_floor": ("occurred_at is before min_occurred_at", ("min_occurred_at",)),
@@ -213,14 +215,16 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
     result_ids: list[ValidationResultIdentifier] = []
 
     schema_result = _run(context, SCHEMA, [gx.expectations.ExpectTableColumnsToMatchSet(
-        column_set=list(INTERACTION_COLUMNS), exact_match=True)], increment, DATASET_RESULT_FORMAT, run_id, result_ids)
+        column_set=list(INTERACTION_COLUMNS), exact_match=True)], increment.drop(columns=[RAW_OCCURRED_AT],
+                                                                                 errors="ignore"),
+        DATASET_RESULT_FORMAT, run_id, result_ids)
     outcomes = [_dataset_outcome(r) for r in schema_result.results]
     dataset_failures = [_failure_message(r) for r in schema_result.results if not r.success]
 
     bad_ids: dict[str, set[int]] = {reason: set() for reason in REASONS}
     if set(INTERACTION_COLUMNS) <= set(increment.columns):
         rows_result = _run(context, ROWS, _row_expectations(catalog_item_ids, as_of, config),
-                           _row_frame(increment, config.near_duplicate_seconds), ROW_RESULT_FORMAT, run_id, result_ids)
+                           _row_frame(increment, config.near_duplicate_seconds, as_of), ROW_RESULT_FORMAT, run_id, result_ids)
         for result in sorted(rows_result.results, key=lambda r: REASONS.index(r.expectation_config.meta["reason"])):
             reason = result.expectation_config.meta["reason"]
             outcomes.append(_row_outcome(result, reason))
@@ -228,7 +232,8 @@ def validate_increment(increment: pd.DataFrame, catalog_item_ids: np.ndarray, *,
                 dataset_failures.append(_failure_message(result))
             bad_ids[reason].update(_unexpected_event_ids(result))
         quarantined = _quarantined(increment, bad_ids)
-        clean = _plain_dtypes(increment[~increment["event_id"].isin(quarantined["event_id"])])
+        clean = _plain_dtypes(increment[~increment["event_id"].isin(quarantined["event_id"])]
+                              .drop(columns=[RAW_OCCURRED_AT], errors="ignore"))
     else:
         quarantined = pd.DataFrame(columns=["event_id", "reason", *(c for c in increment.columns if c != "event_id")])
         clean = increment.iloc[:0]
@@ -332,6 +337,7 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
         E.ExpectColumnValuesToBeBetween(column="value", min_value=config.value_min, max_value=config.value_max,
                                         meta={"reason": "value_out_of_range"}),
         E.ExpectColumnValuesToNotBeNull(column="occurred_at", meta={"reason": "null_occurred_at"}),
+        E.ExpectColumnValuesToBeNull(column=RAW_OCCURRED_AT, meta={"reason": "timestamp_out_of_range"}),
         E.ExpectColumnValuesToBeBetween(column="occurred_at", max_value=newest_allowed,
                                         meta={"reason": "future_timestamp"}),
         E.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"reason": "duplicate"}),
@@ -344,17 +350,23 @@ def _row_expectations(catalog_item_ids: np.ndarray, as_of: datetime, config: Pip
     return expectations
 
 
-def _row_frame(increment: pd.DataFrame, near_window_seconds: float) -> pd.DataFrame:
+def _row_frame(increment: pd.DataFrame, near_window_seconds: float, as_of: datetime) -> pd.DataFrame:
     """The increment as GX sees it for row checks: indexed by `event_id`, plus the helper columns.
 
     `non_finite_value` is 1 where value is NaN or ±Infinity: pandas (and so GX) would take a NaN for a
     NULL, which is allowed, so NaN is told apart here, where the increment still keeps them apart
     (`extract.read_increment`). The value column GX range-checks then holds finite values or NaN.
+
+    A row whose occurred_at no snapshot can hold has it NULL and its text in RAW_OCCURRED_AT; its
+    occurred_at reads as `as_of` here, so it is quarantined for that alone, not also as a NULL.
     """
+    raw = (increment[RAW_OCCURRED_AT] if RAW_OCCURRED_AT in increment.columns
+           else pd.Series(None, index=increment.index, dtype=object))
+    occurred_at = increment["occurred_at"].where(raw.isna(), pd.Timestamp(as_of))
     values = increment["value"].to_numpy(dtype=np.float64, na_value=np.nan)
     non_finite = ~np.isfinite(values) & increment["value"].notna().to_numpy()  # a NULL is no value, not a NaN
     return increment.assign(
-        value=np.where(non_finite, np.nan, values),
+        value=np.where(non_finite, np.nan, values), occurred_at=occurred_at, **{RAW_OCCURRED_AT: raw},
         non_finite_value=pd.arrays.IntegerArray(np.ones(len(values), dtype=np.int64), mask=~non_finite),
         duplicate_of=_duplicate_of(increment),
         near_duplicate_of=_near_duplicate_of(increment, near_window_seconds)).set_index("event_id")

@@ -131,3 +131,16 @@ def test_append_needs_time_after_the_newest_event(db_url: str) -> None:
     synth.seed_database(db_url, users=20, items=10, events=100, now=END)
     with pytest.raises(ValueError, match="nothing can be appended"):
         synth.seed_database(db_url, users=20, items=10, events=100, now=END - timedelta(days=1))
+
+
+@pytest.mark.reliability
+def test_seed_appends_after_rows_whose_times_python_cannot_hold(db_url: str) -> None:
+    """An `infinity` or BC occurred_at (validation quarantines such rows) must not stop `seed`."""
+    synth.seed_database(db_url, users=20, items=10, events=100, now=END - timedelta(days=2))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO items (item_id, title, created_at) VALUES (1000, 'odd', '-infinity')")
+        conn.execute("INSERT INTO interactions (user_id, item_id, event_type, occurred_at, ingested_at) "
+                     "SELECT 1, 1, 'view', t::timestamptz, %s FROM unnest(ARRAY['infinity', '0001-01-01 BC', "
+                     "'12000-01-01']) AS t", (END - timedelta(days=1),))
+    appended = synth.seed_database(db_url, users=20, items=10, events=100, now=END)
+    assert appended.appended and appended.events_added == 100
