@@ -6,12 +6,23 @@ up in the list that version served them and in its popularity list, skipping in 
 user had touched before it (an app hides what a user already has). Hit rate@10 and NDCG@10 follow;
 the popularity list's are the counterfactual floor on the same users.
 
-Incremental: each update reads only the interactions ingested since the last one (by the
-`ingested_at` index, re-reading `LOOKBACK` for rows that committed late) and keeps, per version and
-user, the earliest such event (`recsys.outcome_events`), so a late row can still replace it. Users
-without new interactions are not counted, and a version that served for minutes has few users or
-none: its figures are NULL, not zero. A version whose tables were pruned cannot be judged any more: the
-first new items it would have recorded are counted as unjudged.
+Incremental and idempotent: a user's first new item for a version depends on all their interactions up
+to the end of its periods, so each update finds the users with interactions ingested since the last one
+(by the `ingested_at` index, re-reading `LOOKBACK` for rows that committed late) and, for each version
+that served at or after the earliest of those rows, recomputes that user's first new item from all the
+user's interactions (`interactions_user_item_idx`): the row in `recsys.outcome_events` is inserted,
+changed (a late row may make the recorded item not new, move it earlier or later, or change its rank)
+or removed. The cost follows the users touched, and for every version whose tables are kept the result
+is the one an update from scratch (outcome tables and progress emptied) records. Users without new
+interactions are not counted, and a version that served for minutes has few users or none: its figures
+are NULL, not zero.
+
+A version whose tables were pruned cannot be judged any more: what was recorded for it stays as it was
+judged, and a first new item that differs from it (or that appeared since) is kept, once per version and
+user, in `recsys.outcome_unjudged`; re-reading the same interactions counts nothing again. What no update
+sees: a row that commits more than `LOOKBACK` after its `ingested_at`, rows updated or deleted in place,
+and serving periods re-dated afterwards; after those, recompute from scratch (delete the outcome tables'
+rows and the progress row), which records a pruned version's first new items as unjudged.
 
 This is an observational measure, not an A/B test: the served lists shaped what users did, so a
 model is compared with a popularity list nobody was shown.
@@ -48,56 +59,86 @@ FROM recsys.serving_periods s JOIN recsys.published_versions p USING (version)
 WHERE p.pruned_at IS NULL
 ORDER BY s.version
 """
-# Interactions read by this update that occurred while `version` served and touched an item new to the user.
-NEW_ITEM_EVENTS = """
-SELECT e.event_id, e.user_id, e.item_id, e.occurred_at
-FROM interactions e
-WHERE e.ingested_at > %(since)s AND e.ingested_at <= %(until)s
-  AND EXISTS (SELECT 1 FROM recsys.serving_periods p
-              WHERE p.version = %(version)s AND e.occurred_at >= p.started_at
-                AND (p.ended_at IS NULL OR e.occurred_at < p.ended_at))
-  AND NOT EXISTS (SELECT 1 FROM interactions h
-                  WHERE h.user_id = e.user_id AND h.item_id = e.item_id
-                    AND (h.occurred_at, h.event_id) < (e.occurred_at, e.event_id))
-"""
+# The (version, user) pairs whose first new item the interactions read by this update (ingested in the
+# window) can change, and that first new item recomputed from ALL the user's interactions (none: it has none).
+# A row can change the pairs of the versions that served at or after it occurred (where it is the new item,
+# or a touch that makes a later item not new). The window's rows are found by the `ingested_at` index, each
+# touched user's history by `interactions_user_item_idx`; `{versions}` restricts the versions.
+FIRST_NEW_ITEMS = """
+WITH read_users AS (
+    SELECT user_id, min(occurred_at) AS earliest FROM interactions
+    WHERE ingested_at > %(since)s AND ingested_at <= %(until)s
+    GROUP BY user_id
+), touched AS (
+    SELECT DISTINCT p.version, r.user_id
+    FROM read_users r JOIN recsys.serving_periods p ON p.ended_at IS NULL OR p.ended_at > r.earliest
+    WHERE {versions}
+), new_items AS (  -- each touched user's first touch of each item
+    SELECT DISTINCT ON (e.user_id, e.item_id) e.user_id, e.item_id, e.event_id, e.occurred_at
+    FROM interactions e WHERE e.user_id IN (SELECT user_id FROM read_users)
+    ORDER BY e.user_id, e.item_id, e.occurred_at, e.event_id
+), firsts AS (
+    SELECT DISTINCT ON (p.version, n.user_id) p.version, n.user_id, n.item_id, n.event_id, n.occurred_at
+    FROM new_items n
+    JOIN recsys.serving_periods p
+      ON n.occurred_at >= p.started_at AND (p.ended_at IS NULL OR n.occurred_at < p.ended_at)
+    WHERE (p.version, n.user_id) IN (SELECT version, user_id FROM touched)
+    ORDER BY p.version, n.user_id, n.occurred_at, n.event_id
+)"""
 # `f`'s user touched list item `a` before its new item: such items are skipped when ranking a list for it.
 SEEN_BEFORE = """EXISTS (SELECT 1 FROM interactions h WHERE h.user_id = f.user_id AND h.item_id = a.item_id
                     AND (h.occurred_at, h.event_id) < (f.occurred_at, f.event_id))"""
+# One judgeable version's touched pairs: their rows become the recomputed first new items, ranked in its lists
+# (a pair without one loses its row). Returns how many rows were inserted, changed or removed.
 RECORD_FIRST_NEW_ITEMS = """
-WITH firsts AS (
-    SELECT DISTINCT ON (user_id) event_id, user_id, item_id, occurred_at
-    FROM ({new_items}) batch ORDER BY user_id, occurred_at, event_id
+{first_new_items}, removed AS (
+    DELETE FROM recsys.outcome_events o USING touched t
+    WHERE o.version = t.version AND o.user_id = t.user_id
+      AND NOT EXISTS (SELECT 1 FROM firsts f WHERE f.version = t.version AND f.user_id = t.user_id)
+    RETURNING 1
+), recorded AS (
+    INSERT INTO recsys.outcome_events AS o (version, user_id, item_id, event_id, occurred_at, had_list, served_rank,
+                                            popular_rank)
+    SELECT f.version, f.user_id, f.item_id, f.event_id, f.occurred_at,
+           EXISTS (SELECT 1 FROM recsys.{served} r WHERE r.user_id = f.user_id),
+           (SELECT r.rank - (SELECT count(*) FROM recsys.{served} a
+                             WHERE a.user_id = f.user_id AND a.rank < r.rank AND {seen})
+            FROM recsys.{served} r WHERE r.user_id = f.user_id AND r.item_id = f.item_id),
+           (SELECT p.rank - (SELECT count(*) FROM recsys.{popular} a WHERE a.rank < p.rank AND {seen})
+            FROM recsys.{popular} p WHERE p.item_id = f.item_id)
+    FROM firsts f
+    ON CONFLICT (version, user_id) DO UPDATE
+    SET item_id = EXCLUDED.item_id, event_id = EXCLUDED.event_id, occurred_at = EXCLUDED.occurred_at,
+        had_list = EXCLUDED.had_list, served_rank = EXCLUDED.served_rank, popular_rank = EXCLUDED.popular_rank
+    WHERE (o.item_id, o.event_id, o.occurred_at, o.had_list, o.served_rank, o.popular_rank)
+          IS DISTINCT FROM (EXCLUDED.item_id, EXCLUDED.event_id, EXCLUDED.occurred_at, EXCLUDED.had_list,
+                            EXCLUDED.served_rank, EXCLUDED.popular_rank)
+    RETURNING 1
 )
-INSERT INTO recsys.outcome_events AS o (version, user_id, item_id, event_id, occurred_at, had_list, served_rank,
-                                        popular_rank)
-SELECT %(version)s, f.user_id, f.item_id, f.event_id, f.occurred_at,
-       EXISTS (SELECT 1 FROM recsys.{served} r WHERE r.user_id = f.user_id),
-       (SELECT r.rank - (SELECT count(*) FROM recsys.{served} a
-                         WHERE a.user_id = f.user_id AND a.rank < r.rank AND {seen})
-        FROM recsys.{served} r WHERE r.user_id = f.user_id AND r.item_id = f.item_id),
-       (SELECT p.rank - (SELECT count(*) FROM recsys.{popular} a WHERE a.rank < p.rank AND {seen})
-        FROM recsys.{popular} p WHERE p.item_id = f.item_id)
-FROM firsts f
-ON CONFLICT (version, user_id) DO UPDATE
-SET item_id = EXCLUDED.item_id, event_id = EXCLUDED.event_id, occurred_at = EXCLUDED.occurred_at,
-    had_list = EXCLUDED.had_list, served_rank = EXCLUDED.served_rank, popular_rank = EXCLUDED.popular_rank
-WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id) < (o.occurred_at, o.event_id)
+SELECT (SELECT count(*) FROM removed) + (SELECT count(*) FROM recorded)
 """
-# New-item events read by this update that occurred while a version served whose tables are gone, and
-# that would have been a user's first new item for it (the lookback re-reads events already recorded).
-COUNT_UNJUDGED = """
-SELECT p.version, count(*)
-FROM interactions e
-JOIN recsys.serving_periods p ON e.occurred_at >= p.started_at AND (p.ended_at IS NULL OR e.occurred_at < p.ended_at)
-JOIN recsys.published_versions v ON v.version = p.version AND v.pruned_at IS NOT NULL
-WHERE e.ingested_at > %(since)s AND e.ingested_at <= %(until)s
-  AND NOT EXISTS (SELECT 1 FROM interactions h
-                  WHERE h.user_id = e.user_id AND h.item_id = e.item_id
-                    AND (h.occurred_at, h.event_id) < (e.occurred_at, e.event_id))
-  AND NOT EXISTS (SELECT 1 FROM recsys.outcome_events o
-                  WHERE o.version = p.version AND o.user_id = e.user_id
-                    AND (o.occurred_at, o.event_id) <= (e.occurred_at, e.event_id))
-GROUP BY p.version ORDER BY p.version
+# Every touched pair of a version whose tables are gone: a recomputed first new item that outcome_events does not
+# hold as judged (before the tables went) is kept as unjudged, once; any other unjudged row of a touched pair goes
+# (that of a version republished since, too). Returns, per version, the unjudged items inserted or changed.
+RECORD_UNJUDGED = """
+{first_new_items}, unjudged AS (
+    SELECT f.* FROM firsts f
+    WHERE NOT EXISTS (SELECT 1 FROM recsys.published_versions v WHERE v.version = f.version AND v.pruned_at IS NULL)
+      AND NOT EXISTS (SELECT 1 FROM recsys.outcome_events o
+                      WHERE o.version = f.version AND o.user_id = f.user_id AND o.event_id = f.event_id)
+), removed AS (
+    DELETE FROM recsys.outcome_unjudged u USING touched t
+    WHERE u.version = t.version AND u.user_id = t.user_id
+      AND NOT EXISTS (SELECT 1 FROM unjudged n WHERE n.version = t.version AND n.user_id = t.user_id)
+), recorded AS (
+    INSERT INTO recsys.outcome_unjudged AS u (version, user_id, item_id, event_id, occurred_at)
+    SELECT version, user_id, item_id, event_id, occurred_at FROM unjudged
+    ON CONFLICT (version, user_id) DO UPDATE
+    SET item_id = EXCLUDED.item_id, event_id = EXCLUDED.event_id, occurred_at = EXCLUDED.occurred_at
+    WHERE u.event_id <> EXCLUDED.event_id
+    RETURNING u.version
+)
+SELECT version, count(*) FROM recorded GROUP BY version ORDER BY version
 """
 # Per version, newest first: realized figures, serving periods, the gate's holdout figures, long tail.
 SELECT_VERSION_OUTCOMES = """
@@ -127,26 +168,27 @@ SELECT_SERVING_VERSION = "SELECT version FROM recsys.serving_periods WHERE ended
 
 @dataclass(frozen=True)
 class OutcomeUpdate:
-    """What one update read and recorded."""
+    """What one update read and changed."""
 
     read_after: datetime | None  # None: nothing has served yet, so nothing was read
     read_through: datetime | None
-    users_recorded: int  # (version, user) first new items inserted or moved earlier
-    unjudged: dict[str, int]  # version -> first new items it can no longer be judged on (tables pruned)
+    users_recorded: int  # (version, user) first new items inserted, changed or removed
+    unjudged: dict[str, int]  # version -> first new items newly kept as unjudged (tables pruned), or changed
 
     @property
     def message(self) -> str:
         if self.read_after is None:
             return "nothing has served yet: no outcomes to measure"
         text = (f"read interactions ingested {self.read_after:%Y-%m-%d %H:%M:%S} .. {self.read_through:%H:%M:%S} UTC: "
-                f"{self.users_recorded} users' first new items recorded")
+                f"{self.users_recorded} users' first new items recorded, changed or removed")
         if self.unjudged:
             text += "; not judged (tables pruned): " + ", ".join(f"{v} {n}" for v, n in self.unjudged.items())
         return text
 
 
 def update(url: str) -> OutcomeUpdate:
-    """Fold the interactions ingested since the last update into `recsys.outcome_events`, in one transaction."""
+    """Recompute the first new items of the (version, user) pairs that the interactions ingested since the last
+    update can change, in one transaction: judged in `recsys.outcome_events`, unjudged in `recsys.outcome_unjudged`."""
     with db.transaction(url) as conn:
         conn.execute(TRANSACTION_LOCK, (AdvisoryLock.OUTCOMES,))
         progress = conn.execute(SELECT_PROGRESS).fetchone()
@@ -155,20 +197,33 @@ def update(url: str) -> OutcomeUpdate:
             return OutcomeUpdate(None, None, 0, {})
         since = start - LOOKBACK
         until = conn.execute("SELECT now()").fetchone()[0]
-        recorded = sum(_record_first_new_items(conn, tables, {"since": since, "until": until, "version": version})
+        window = {"since": since, "until": until}
+        recorded = sum(_record_first_new_items(conn, version, tables, window)
                        for version, tables in conn.execute(SELECT_JUDGEABLE_VERSIONS).fetchall())
-        unjudged = dict(conn.execute(COUNT_UNJUDGED, {"since": since, "until": until}).fetchall())
+        unjudged = _record_unjudged(conn, window)
         conn.execute(SAVE_PROGRESS, {"through": until})
     result = OutcomeUpdate(since, until, recorded, unjudged)
     (log.warning if unjudged else log.info)("outcomes: %s", result.message)
     return result
 
 
-def _record_first_new_items(conn: psycopg.Connection, tables: dict[str, str], window: dict[str, Any]) -> int:
+def _first_new_items(versions: sql.Composable) -> sql.Composed:
+    return sql.SQL(FIRST_NEW_ITEMS).format(versions=versions)
+
+
+def _record_first_new_items(conn: psycopg.Connection, version: str, tables: dict[str, str],
+                            window: dict[str, Any]) -> int:
     statement = sql.SQL(RECORD_FIRST_NEW_ITEMS).format(
-        new_items=sql.SQL(NEW_ITEM_EVENTS), served=sql.Identifier(tables["user_recommendations"]),
-        popular=sql.Identifier(tables["popular_items"]), seen=sql.SQL(SEEN_BEFORE))
-    return conn.execute(statement, window).rowcount
+        first_new_items=_first_new_items(sql.SQL("p.version = %(version)s")),
+        served=sql.Identifier(tables["user_recommendations"]), popular=sql.Identifier(tables["popular_items"]),
+        seen=sql.SQL(SEEN_BEFORE))
+    return conn.execute(statement, {**window, "version": version}).fetchone()[0]
+
+
+def _record_unjudged(conn: psycopg.Connection, window: dict[str, Any]) -> dict[str, int]:
+    statement = sql.SQL(RECORD_UNJUDGED).format(
+        first_new_items=_first_new_items(sql.SQL("true")))
+    return dict(conn.execute(statement, window).fetchall())
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import random
 from datetime import datetime, timedelta, UTC
 
 import numpy as np
 import pandas as pd
 import pytest
+from psycopg import sql
 
-from recmodel import db
+from recmodel import db, outcomes
+from recmodel.publish import publish
 from test_publish import register
 
 NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
@@ -136,3 +139,114 @@ def test_outcomes_dag_reads_back_the_share_of_new_items_the_served_lists_held(
     add_events(url, [(15, served_list(15)[0], t[0] - timedelta(seconds=30))])
     assert outcomes.update(url).unjudged == {"v20261101000000": 1}
     assert realized(url, "v20261101000000")["hit_rate_at_10"] == pytest.approx((len(hits) + 1) / 20)  # kept
+
+
+# What an update leaves behind: each judged first new item, each unjudged one.
+RECORDED = "SELECT version, user_id, item_id, event_id, occurred_at, had_list, served_rank, popular_rank " \
+           "FROM recsys.outcome_events"
+UNJUDGED = "SELECT version, user_id, item_id, event_id, occurred_at FROM recsys.outcome_unjudged"
+OUTCOME_STATE = ("outcome_events", "outcome_unjudged", "outcome_progress")
+
+
+def recorded(url: str) -> tuple[set[tuple], set[tuple]]:
+    with db.connect(url) as conn:
+        return set(conn.execute(RECORDED).fetchall()), set(conn.execute(UNJUDGED).fetchall())
+
+
+def recomputed_from_scratch(url: str) -> tuple[set[tuple], set[tuple]]:
+    """What one update records with no outcomes and no progress kept (as after deleting them); what the
+    incremental updates recorded is put back afterwards, so they can go on."""
+    with db.transaction(url) as conn:
+        for table in OUTCOME_STATE:
+            conn.execute(sql.SQL("CREATE TABLE recsys.{} AS SELECT * FROM recsys.{}").format(
+                sql.Identifier(f"saved_{table}"), sql.Identifier(table)))
+            conn.execute(sql.SQL("DELETE FROM recsys.{}").format(sql.Identifier(table)))
+    outcomes.update(url)
+    scratch = recorded(url)
+    with db.transaction(url) as conn:
+        for table in OUTCOME_STATE:
+            conn.execute(sql.SQL("DELETE FROM recsys.{}").format(sql.Identifier(table)))
+            conn.execute(sql.SQL("INSERT INTO recsys.{} SELECT * FROM recsys.{}").format(
+                sql.Identifier(table), sql.Identifier(f"saved_{table}")))
+            conn.execute(sql.SQL("DROP TABLE recsys.{}").format(sql.Identifier(f"saved_{table}")))
+    return scratch
+
+
+def serve(url: str, version: str, started_at: datetime, *, keep_versions: int = 3) -> None:
+    """Publish `version` and date its serving period from `started_at` (ending the previous one there)."""
+    register(url, version)
+    publish(url, version, outcome_frames(), generated_at=NOW, keep_versions=keep_versions)
+    with db.transaction(url) as conn:
+        conn.execute("UPDATE recsys.serving_periods SET ended_at = %s WHERE version <> %s AND ended_at >= %s",
+                     (started_at, version, started_at))
+        conn.execute("UPDATE recsys.serving_periods SET started_at = %s WHERE version = %s", (started_at, version))
+
+
+def first_new_items(url: str, version: str) -> dict[int, tuple[int, int | None]]:
+    """user -> (first new item, its rank in the served list after skipping seen items)."""
+    with db.connect(url) as conn:
+        rows = conn.execute("SELECT user_id, item_id, served_rank FROM recsys.outcome_events WHERE version = %s",
+                            (version,)).fetchall()
+    return {user: (item, rank) for user, item, rank in rows}
+
+
+def test_a_late_row_that_makes_the_first_new_item_seen_moves_it_to_the_next_new_item(db_url: str) -> None:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    serve(db_url, "v20261101000000", start)
+    at = [start + timedelta(minutes=m) for m in range(1, 10)]
+    add_events(db_url, [(1, served_list(1)[2], at[1]), (1, served_list(1)[4], at[2]),  # ranks 3, then 5
+                        (2, served_list(2)[6], at[1])])  # user 2's only new item
+    outcomes.update(db_url)
+    assert first_new_items(db_url, "v20261101000000") == {1: (served_list(1)[2], 3), 2: (served_list(2)[6], 7)}
+
+    # Rows that arrive late: both users had touched those items before the version served.
+    add_events(db_url, [(1, served_list(1)[2], start - timedelta(days=1)),
+                        (2, served_list(2)[6], start - timedelta(days=1))])
+    result = outcomes.update(db_url)
+    # User 1's first new item is the next one, rank 5 less the item at rank 3 now seen; user 2 has none.
+    assert first_new_items(db_url, "v20261101000000") == {1: (served_list(1)[4], 4)}
+    assert result.users_recorded == 2  # one moved, one removed
+    assert recorded(db_url) == recomputed_from_scratch(db_url)
+
+
+def test_first_new_items_that_cannot_be_judged_are_kept_once_not_counted_on_every_update(db_url: str) -> None:
+    start = datetime.now(UTC) - timedelta(hours=2)
+    serve(db_url, "v20261101000000", start)
+    at = [start + timedelta(minutes=m) for m in range(1, 10)]
+    add_events(db_url, [(1, 77_001, at[2]), (2, served_list(2)[0], at[2])])
+    outcomes.update(db_url)
+    judged_before = first_new_items(db_url, "v20261101000000")
+    serve(db_url, "v20261102000000", start + timedelta(hours=1))
+    serve(db_url, "v20261103000000", start + timedelta(hours=1, minutes=30), keep_versions=1)  # prunes the first
+
+    # Late rows of the first version's time: user 1's first new item changes, user 3 has one at last.
+    add_events(db_url, [(1, served_list(1)[0], at[1]), (3, 77_003, at[1])])
+    assert outcomes.update(db_url).unjudged == {"v20261101000000": 2}
+    for _ in range(2):  # the same rows read again (the lookback) and nothing new: nothing more to count
+        assert outcomes.update(db_url).unjudged == {}
+    _, unjudged = recorded(db_url)
+    assert sorted((v, user, item) for v, user, item, _, _ in unjudged) == [
+        ("v20261101000000", 1, served_list(1)[0]), ("v20261101000000", 3, 77_003)]
+    assert first_new_items(db_url, "v20261101000000") == judged_before  # what was judged stays as judged
+
+    # An even earlier row of user 3 moves its unjudged item: still one, counted as changed once.
+    add_events(db_url, [(3, 77_333, at[0])])
+    assert outcomes.update(db_url).unjudged == {"v20261101000000": 1}
+    assert len(recorded(db_url)[1]) == 2
+
+
+def test_incremental_updates_record_what_one_update_from_scratch_does(db_url: str) -> None:
+    """Batches of rows, many of them late (occurred before rows already read), over two versions' periods:
+    after each update, the outcomes recorded are those a recompute from scratch records."""
+    rng = random.Random(28)
+    start = datetime.now(UTC) - timedelta(hours=3)
+    serve(db_url, "v20261101000000", start)
+    serve(db_url, "v20261102000000", start + timedelta(hours=1))
+    users = range(1, 9)
+    items = {user: [*served_list(user)[:6], *POPULAR[:4], 90_000 + user, 90_100] for user in users}
+    for batch in range(6):
+        add_events(db_url, [(user, rng.choice(items[user]), start + timedelta(minutes=rng.uniform(-60, 150)))
+                            for user in rng.sample(users, 4) for _ in range(rng.randint(1, 3))])
+        outcomes.update(db_url)
+        assert recorded(db_url) == recomputed_from_scratch(db_url), f"after batch {batch}"
+    assert {version for version, *_ in recorded(db_url)[0]} == {"v20261101000000", "v20261102000000"}
