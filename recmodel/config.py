@@ -310,10 +310,17 @@ class PipelineConfig:
         """Every setting within its documented range (SETTING_RANGES), before any work starts."""
         for name, allowed in SETTING_RANGES.items():
             value = getattr(self, name)
+            if isinstance(value, bool):  # an int to Python, so a range would take true for 1
+                raise ConfigError(f"{name} must be a number, got {value!r}")
             if value is not None and not allowed.contains(value):
                 raise ConfigError(f"{name} must be within {allowed}, got {value!r}")
         if not self.event_types or not all(t.strip() for t in self.event_types):
             raise ConfigError("event_types must name at least one non-empty event type")
+        repeated = sorted({t for t in self.event_types if self.event_types.count(t) > 1})
+        if repeated:
+            raise ConfigError(f"event_types lists {', '.join(map(repr, repeated))} more than once")
+        if self.min_epochs > self.epochs:
+            raise ConfigError(f"min_epochs ({self.min_epochs}) must not exceed epochs ({self.epochs})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.value_min > self.value_max:
@@ -364,6 +371,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 raise TypeError
             return int(value)
         if isinstance(default, float):
+            if isinstance(value, bool):  # float(True) is 1.0: a JSON true is no number
+                raise TypeError
             return float(value)
         if isinstance(default, str):
             if not isinstance(value, str):

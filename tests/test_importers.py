@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime, UTC
 from pathlib import Path
 
@@ -127,3 +128,70 @@ def test_malformed_folder_leaves_the_database_empty(db_url: str, tmp_path: Path)
         importers.import_movielens(db_url, folder)
     with psycopg.connect(db_url) as conn:
         assert conn.execute(COUNT_ROWS).fetchone() == (0, 0)
+
+
+# Above 2**53 a float64 rounds ids (...993 to ...992); an id written "7.0" made pandas read the column as floats.
+BIG_IDS = ("9007199254740993", "9007199254740995", "7.0", str(2**63 - 1), str(-(2**63)))
+
+
+@pytest.mark.parametrize("layout", ["latest", "100k"])
+def test_ids_are_imported_exactly(db_url: str, tmp_path: Path, layout: str) -> None:
+    if layout == "latest":
+        folder = _latest(tmp_path / "ml", ratings="userId,movieId,rating,timestamp\n" + "".join(
+            f"{user},1,4.0,964982703\n" for user in BIG_IDS))
+    else:
+        folder = _ml100k(tmp_path / "ml")
+        _write(folder, {"u.data": "".join(f"{user}\t10\t4\t881250949\n" for user in BIG_IDS)})
+    importers.import_movielens(db_url, folder)
+    with psycopg.connect(db_url) as conn:
+        stored = conn.execute("SELECT array_agg(user_id ORDER BY user_id) FROM interactions").fetchone()[0]
+    assert stored == [-(2**63), 7, 9007199254740993, 9007199254740995, 2**63 - 1]
+
+
+def test_timestamps_from_year_1_to_9999_are_imported(db_url: str, tmp_path: Path) -> None:
+    seconds = [-62135596800, 0, 253402300799]  # 0001-01-01T00:00:00Z, 1970, 9999-12-31T23:59:59Z
+    folder = _latest(tmp_path / "ml", ratings="userId,movieId,rating,timestamp\n" + "".join(
+        f"1,1,4.0,{second}\n" for second in seconds))
+    importers.import_movielens(db_url, folder)
+    with psycopg.connect(db_url) as conn:
+        stored = conn.execute("SELECT array_agg(extract(epoch FROM occurred_at)::bigint ORDER BY occurred_at), "
+                              "min(occurred_at) = '0001-01-01T00:00:00Z' FROM interactions").fetchone()
+    assert stored == (seconds, True)
+
+
+TOO_BIG = "10000000000000000000"
+BIGINT_RANGE = "outside the bigint range -9223372036854775808..9223372036854775807"
+UNIX_RANGE = "outside -62135596800..253402300799 (unix seconds of 0001-01-01 to 9999-12-31 UTC)"
+HEADER = "userId,movieId,rating,timestamp\n"
+FLAGS = "|".join("0" * 19)
+
+
+@pytest.mark.parametrize(("file", "text", "message"), [
+    ("ratings.csv", f"{HEADER}1,1,4.0,1\n{TOO_BIG},1,4.0,2\n", f"ratings.csv line 3: userId is '{TOO_BIG}', {BIGINT_RANGE}"),
+    ("ratings.csv", f"{HEADER}-9223372036854775809,1,4.0,2\n",
+     f"ratings.csv line 2: userId is '-9223372036854775809', {BIGINT_RANGE}"),
+    ("ratings.csv", f"{HEADER}1,1,4.0,1\r\n\r\n1.5,1,4.0,2\r\n", "ratings.csv line 4: userId is '1.5', not a whole number"),
+    ("ratings.csv", f"{HEADER}1,1,4.0,99999999999999\n", f"ratings.csv line 2: timestamp is '99999999999999', {UNIX_RANGE}"),
+    ("ratings.csv", f"{HEADER}1,1,4.0,1\n1,2,4.0,9.6e8\n", "ratings.csv line 3: timestamp is '9.6e8', not a whole number"),
+    ("ratings.csv", f"{HEADER}1,1,4.0,1\n1,1,1e400,1\n", "ratings.csv line 3: rating is '1e400', not a finite number"),
+    ("ratings.csv", f"{HEADER}1,1,nan,1\n", "ratings.csv line 2: rating is 'nan', not a finite number"),
+    ("ratings.csv", f"{HEADER}1,1,4.0,1\n1,1,,1\n", "ratings.csv line 3: rating is missing"),
+    ("ratings.csv", f"{HEADER}1,1,4.0,1,5\n", "ratings.csv line 2 has 5 fields; expected 4 (userId, movieId"),
+    ("movies.csv", f"movieId,title,genres\n1,A (1995),Drama\n{TOO_BIG},B (1996),Drama\n",
+     f"movies.csv line 3: movieId is '{TOO_BIG}', {BIGINT_RANGE}"),
+    ("tags.csv", "userId,movieId,tag,timestamp\n1,1,x,1\n1,9007199254740993.5,y,1\n",
+     "tags.csv line 3: movieId is '9007199254740993.5', not a whole number"),
+    ("u.data", f"1\t10\t4\t881250949\n{TOO_BIG}\t10\t4\t881250949\n", f"u.data line 2: user is '{TOO_BIG}', {BIGINT_RANGE}"),
+    ("u.data", "1\t10\t4\t881250949\n2\t10\t-inf\t881250949\n", "u.data line 2: rating is '-inf', not a finite number"),
+    ("u.data", "1\t10\tfour\t881250949\n", "u.data line 1: rating is 'four', not a number"),
+    ("u.data", "1\t10\t4\t-99999999999\n", f"u.data line 1: timestamp is '-99999999999', {UNIX_RANGE}"),
+    ("u.item", f"10|A (2001)|||x|{FLAGS}\n1.5|B (1996)|||y|{FLAGS}\n", "u.item line 2: movie id is '1.5', not a whole number"),
+], ids=["id above bigint", "id below bigint", "fractional id after a blank line", "timestamp past 9999",
+        "timestamp as float", "rating overflows", "rating nan", "rating missing", "extra field", "movies id",
+        "tags id", "100k id", "100k rating -inf", "100k rating text", "100k timestamp before year 1", "100k item id"])
+def test_a_malformed_value_is_refused_naming_file_line_and_value(tmp_path: Path, file: str, text: str,
+                                                                 message: str) -> None:
+    folder = _ml100k(tmp_path / "ml") if file.startswith("u.") else _latest(tmp_path / "ml")
+    _write(folder, {file: text})
+    with pytest.raises(importers.MalformedDatasetError, match=re.escape(f"{folder}/{message}")):
+        importers.read_movielens(folder)

@@ -209,6 +209,24 @@ def test_config_overrides_are_checked() -> None:
         PipelineConfig.from_overrides({"d_model": 30, "n_heads": 4})
 
 
+def test_a_json_boolean_is_refused_for_every_numeric_setting() -> None:
+    from recmodel.config import SETTING_RANGES
+
+    for name in SETTING_RANGES:  # bool is an int subclass: float(True) == 1.0 and [0, 100] contains True
+        with pytest.raises(ConfigError, match=rf"^setting '{name}' expects (int|float), got True$"):
+            PipelineConfig.from_overrides({name: True})
+        with pytest.raises(ConfigError, match=rf"^{name} must be a number, got False$"):
+            dataclasses.replace(PipelineConfig(), **{name: False}).check()
+
+
+def test_event_types_must_be_distinct_and_min_epochs_at_most_epochs() -> None:
+    with pytest.raises(ConfigError, match=r"^event_types lists 'click' more than once$"):
+        PipelineConfig.from_overrides({"event_types": ["view", "click", "rating", "click"]})
+    with pytest.raises(ConfigError, match=r"^min_epochs \(5\) must not exceed epochs \(3\)$"):
+        PipelineConfig.from_overrides({"epochs": 3, "min_epochs": 5})
+    assert PipelineConfig.from_overrides({"epochs": 3, "min_epochs": 3}).min_epochs == 3
+
+
 def test_length_sorted_batches_cover_every_sequence_once_with_little_padding() -> None:
     sequences = [np.arange(1, n + 1) for n in (5, 1, 9, 2, 5, 3, 8)]
     batches = list(length_sorted_batches(sequences, 3))
