@@ -20,12 +20,11 @@ from recmodel.config import settings
 def recsys_fresh_data():
     @task(multiple_outputs=False, outlets=[FRESH_INTERACTIONS])
     def count_fresh_interactions() -> dict:
-        from recmodel import db
+        from recmodel import taskenv
         from recmodel.extract import fresh_interactions
 
-        env = settings()
-        threshold = env.retrain_min_new_rows
-        rows, running = fresh_interactions(db.resolve_url(env))
+        threshold = settings().retrain_min_new_rows
+        rows, running = fresh_interactions(taskenv.database_url())
         if running:
             raise AirflowSkipException(f"{rows:,} new interactions, but a retrain is running; it will read them")
         if rows < threshold:

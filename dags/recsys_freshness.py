@@ -19,10 +19,9 @@ from recmodel.config import settings
 def recsys_freshness():
     @task(multiple_outputs=False)
     def check_serving_freshness() -> dict:
-        from recmodel import alerts, db, registry
-        from recmodel.config import settings
+        from recmodel import alerts, registry, taskenv
 
-        freshness = registry.serving_freshness(db.resolve_url(settings()))
+        freshness = registry.serving_freshness(taskenv.database_url())
         if freshness.version is None:
             raise AirflowSkipException(freshness.message)
         if freshness.stale:

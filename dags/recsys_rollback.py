@@ -27,11 +27,10 @@ from recmodel.notifier import RecsysNotifier
 def recsys_rollback():
     @task(multiple_outputs=False)
     def rollback(**context) -> dict:
-        from recmodel import db, registry
-        from recmodel.config import settings
+        from recmodel import registry, taskenv
         from recmodel.publish import rollback as switch
 
-        url = db.resolve_url(settings())
+        url = taskenv.database_url()
         version = context["params"]["version"]
         run_key = f"rollback:{context['run_id']}"
         registry.record_event(url, run_key, kind="rollback", status="running", stage="rollback",

@@ -57,10 +57,11 @@ class RollbackBody(BaseModel):
 
 
 def _url() -> str:
-    from recmodel import db
-    from recmodel.config import settings
+    """The recsys database, found as the DAG tasks find it (`recsys_db` connection first), so the page
+    shows and acts on the database the tasks write to."""
+    from recmodel import taskenv
 
-    return db.resolve_url(settings())
+    return taskenv.database_url()
 
 
 def _home() -> Path:
