@@ -56,7 +56,8 @@ SHARE = Range(0, 1)
 SETTING_RANGES: dict[str, Range] = {
     "value_min": Range(-1e9, 1e9), "value_max": Range(-1e9, 1e9),
     "late_data_lookback_hours": Range(0, 8760), "future_tolerance_seconds": Range(0, 86_400),
-    "near_duplicate_seconds": Range(0, 86_400), "training_window_days": Range(0, 36_500, low_open=True),
+    "near_duplicate_seconds": Range(0, 86_400), "item_text_max_chars": Range(100, 100_000),
+    "training_window_days": Range(0, 36_500, low_open=True),
     "max_quarantine_share": SHARE, "volume_min_ratio": SHARE, "volume_max_ratio": Range(1, 1e6),
     "volume_history_runs": Range(1, 1000), "volume_min_history": Range(1, 1000), "drift_min_rows": COUNT,
     "max_event_type_divergence": SHARE, "max_items_per_user_divergence": SHARE,
@@ -226,6 +227,9 @@ class PipelineConfig:
     # e.g. "2000-01-01T00:00:00+00:00", for a source whose broken clocks write 1970).
     min_occurred_at: str | None = None
     near_duplicate_seconds: float = 2.0  # same user, item and type again within this: a double click; 0 = off
+    # Item text kept per field (title, description, each tag) in the catalog snapshot: MiniLM reads the first
+    # 256 tokens (about 1,000 characters) of an item's text, and one unbounded title outgrew the bulk reader.
+    item_text_max_chars: int = 2_000
     training_window_days: float | None = None  # None: all history
     max_quarantine_share: float = 0.2  # dataset-level: more than this quarantined fails the run
     volume_min_ratio: float = 0.1  # increment rows vs the median of the last runs' increments

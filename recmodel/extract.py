@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg import sql
 
 from recmodel import db, pgbulk, registry
 from recmodel.artifacts import CATALOG_FILE, INCREMENT_FILE
+from recmodel.config import PipelineConfig
 from recmodel.data import RAW_OCCURRED_AT
 from recmodel.errors import PermanentError
 
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 262_144  # rows buffered per Parquet row group: bounds the extract's memory
 EVENT_TYPE_MAX_CHARS = 256  # longer event types are cut at the source (no setting names one this long)
-TEXT_MAX_CHARS = 2_000  # default cap per item text field (title, description, each tag) in the catalog snapshot
 MAX_TAGS = 64  # tags kept per item in the catalog snapshot
 
 INTERACTION_SCHEMA = pa.schema([
@@ -55,7 +56,7 @@ CATALOG_SCHEMA = pa.schema([
 ])
 
 SELECT_PREVIOUS_WATERMARK = """
-SELECT run_key, high_watermark, dataset_path
+SELECT run_key, high_watermark, dataset_path, max_event_id
 FROM recsys.extract_watermarks
 WHERE high_watermark < %(as_of)s AND run_key <> %(run_key)s
 ORDER BY high_watermark DESC LIMIT 1
@@ -82,7 +83,9 @@ CASE WHEN value IS NULL OR value = 'NaN' OR abs(value) <= 1e308 THEN value::floa
 CASE WHEN {READABLE_OCCURRED_AT} THEN occurred_at END,
 ingested_at,
 CASE WHEN NOT ({READABLE_OCCURRED_AT}) THEN occurred_at::text END"""
-# Two branches rather than one OR, so the window keeps its index range scan on a large table.
+# Branches rather than one OR, so each keeps its index range scan on a large table: the ingested_at window;
+# rows no earlier run read whose ingested_at is already behind it (appended with a historical ingested_at:
+# found by an event_id above any read before); and quarantined rows up for replay.
 SELECT_INCREMENT = f"""
 SELECT {INCREMENT_COLUMNS}
 FROM interactions
@@ -90,8 +93,13 @@ WHERE ingested_at > {{low}} AND ingested_at <= {{high}}
 UNION ALL
 SELECT {INCREMENT_COLUMNS}
 FROM interactions
-WHERE ingested_at <= {{low}} AND event_id IN (""" + REPLAY_PENDING + """)
+WHERE event_id > {{max_seen}} AND ingested_at <= {{low}}
+UNION ALL
+SELECT {INCREMENT_COLUMNS}
+FROM interactions
+WHERE ingested_at <= {{low}} AND event_id <= {{max_seen}} AND event_id IN (""" + REPLAY_PENDING + """)
 """
+NO_EVENT_ID = -(2**63)  # below every event_id: on a first run every row is above what was read before
 # Quarantined by an earlier run and not (or not yet) up for replay: never read again.
 SELECT_QUARANTINED_IN_WINDOW = """
 SELECT DISTINCT q.event_id
@@ -131,10 +139,13 @@ FROM items
 """
 CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
 
-# What the fresh-data check counts: rows ingested after the data the newest judged model (or baseline)
-# learned from. Not after the newest snapshot: a snapshot whose training failed has taught nothing.
+# What the fresh-data check counts: rows ingested after the data the newest served (or settled) version
+# learned from, plus rows no extract has read yet whatever their ingested_at (appended with a historical one).
+# Not after the newest snapshot: a snapshot whose training failed has taught nothing.
 COUNT_SINCE_TRAINED = f"""
-SELECT count(*) FROM interactions WHERE ingested_at > COALESCE(({registry.SELECT_TRAINED_THROUGH}), '-infinity')
+SELECT count(*) FROM interactions
+WHERE ingested_at > COALESCE(({registry.SELECT_TRAINED_THROUGH}), '-infinity')
+   OR event_id > COALESCE((SELECT max(max_event_id) FROM recsys.extract_watermarks), {2**63 - 1})
 """
 # The source's column types, checked before reading: a changed type would otherwise surface as an
 # Arrow parse error deep in the COPY, or worse, as silently different values.
@@ -168,10 +179,12 @@ class ExtractResult:
     base_dataset_path: str | None  # the previous run's dataset, which this increment extends
     catalog_items: int
     catalog_items_truncated: int = 0  # items whose text was cut to `item_text_max_chars` (or MAX_TAGS tags)
+    max_event_id: int | None = None  # the highest event_id read by this run or any before it
+    rows_behind_watermark: int = 0  # rows read whose ingested_at was already behind the watermark (appended late)
 
 
 def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback: timedelta,
-            text_max_chars: int = TEXT_MAX_CHARS) -> ExtractResult:
+            text_max_chars: int = PipelineConfig.item_text_max_chars) -> ExtractResult:
     """Write this run's increment and a catalog snapshot under `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with db.connect(url) as conn:
@@ -179,20 +192,26 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         previous = conn.execute(SELECT_PREVIOUS_WATERMARK, {"as_of": as_of, "run_key": run_key}).fetchone()
         low = previous[1] if previous else None
         base_dataset = previous[2] if previous else None
-        read_from = (low - lookback) if low else datetime(1970, 1, 1, tzinfo=as_of.tzinfo)
+        max_seen = _max_event_id_read(previous)
+        read_from = (low - lookback) if low else datetime(1, 1, 1, tzinfo=UTC)
         # Never past the database's clock: rows stamped later have not arrived yet, and a watermark
         # beyond now would hide them from every later run.
         high = min(as_of, conn.execute("SELECT now()").fetchone()[0].astimezone(UTC))
         used_ids = _already_used_ids(conn, run_key, base_dataset, read_from, high)
         increment_path = run_dir / INCREMENT_FILE
-        rows, skipped = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids)
+        streamed = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids, max_seen)
         catalog_path = run_dir / CATALOG_FILE
         catalog_items = _snapshot_catalog(conn, url, catalog_path, text_max_chars)
         truncated = conn.execute(COUNT_TRUNCATED_TEXT, {"max_chars": text_max_chars, "max_tags": MAX_TAGS}).fetchone()[0]
     if catalog_items == 0:
         raise ExtractError("the items table is empty: load a catalog (seed, import movielens, or your app) first")
+    rows, skipped = streamed.rows, streamed.skipped
     log.info("extracted %d new interactions with ingested_at in (%s, %s] (%d re-read rows already used)",
              rows, read_from, high, skipped)
+    if streamed.behind_watermark:
+        log.warning("%d of them were added with an ingested_at already behind the previous run's watermark (a "
+                    "historical import after the first run?): found by their event_id, they are read now",
+                    streamed.behind_watermark)
     if truncated:
         log.warning("%d items have text longer than item_text_max_chars=%d characters per field (or more than %d "
                     "tags): the snapshot keeps the first %d of each, which is more than the text encoder reads",
@@ -200,7 +219,8 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
     return ExtractResult(increment_path=str(increment_path), catalog_path=str(catalog_path), rows=rows,
                          rows_already_seen=skipped, low_watermark=low, high_watermark=high,
                          base_dataset_path=base_dataset, catalog_items=catalog_items,
-                         catalog_items_truncated=truncated)
+                         catalog_items_truncated=truncated, max_event_id=streamed.max_event_id,
+                         rows_behind_watermark=streamed.behind_watermark)
 
 
 def check_source_schema(conn) -> None:
@@ -231,24 +251,49 @@ def _already_used_ids(conn, run_key: str, base_dataset: str | None, low: datetim
     return np.unique(np.concatenate(used))
 
 
+def _max_event_id_read(previous: tuple | None) -> int:
+    """The highest event_id an earlier run read (NO_EVENT_ID before any); for a run recorded before the
+    watermark kept it, the highest in its dataset."""
+    if previous is None:
+        return NO_EVENT_ID
+    if previous[3] is not None:
+        return int(previous[3])
+    event_ids = pq.read_table(previous[2], columns=["event_id"]).column("event_id")
+    return int(pc.max(event_ids).as_py() or NO_EVENT_ID) if len(event_ids) else NO_EVENT_ID
+
+
+@dataclass(frozen=True)
+class _Streamed:
+    rows: int  # written to the increment
+    skipped: int  # read again but already used (in the previous dataset, or quarantined by an earlier run)
+    behind_watermark: int  # written rows found by event_id although their ingested_at is behind the window
+    max_event_id: int | None  # the highest event_id read by this run or an earlier one
+
+
 def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetime, path: Path,
-                      used_ids: np.ndarray) -> tuple[int, int]:
-    """COPY the window (and rows up for replay) into Parquet, ROW_GROUP_ROWS at a time, so memory
-    stays flat as rows grow."""
+                      used_ids: np.ndarray, max_seen: int) -> _Streamed:
+    """COPY the window (and rows up for replay, and rows appended behind the watermark) into Parquet,
+    ROW_GROUP_ROWS at a time, so memory stays flat as rows grow."""
     query = sql.SQL(SELECT_INCREMENT).format(low=sql.Literal(low), high=sql.Literal(high),
-                                             run_key=sql.Literal(run_key)).as_string(conn)
-    rows = skipped = 0
+                                             run_key=sql.Literal(run_key),
+                                             max_seen=sql.Literal(max_seen)).as_string(conn)
+    rows = skipped = behind = 0
+    highest = max_seen
     tmp = path.with_suffix(".tmp")
     # Dictionary-encoding only event_type: ids and timestamps gain nothing from it but cost 40% of the write.
     with pq.ParquetWriter(tmp, INTERACTION_SCHEMA, use_dictionary=["event_type"]) as writer:
         def flush(batches: list[pa.RecordBatch]) -> None:
-            nonlocal rows, skipped
+            nonlocal rows, skipped, behind, highest
             table = pa.Table.from_batches(batches, schema=INTERACTION_SCHEMA)
-            used = np.isin(table.column("event_id").to_numpy(), used_ids)
+            event_ids = table.column("event_id").to_numpy()
+            highest = max(highest, int(event_ids.max()))
+            used = np.isin(event_ids, used_ids)
             if used.any():
                 table = table.filter(pa.array(~used))
             skipped += int(used.sum())
             rows += table.num_rows
+            behind += int(np.sum((table.column("event_id").to_numpy() > max_seen)
+                                 & (table.column("ingested_at").to_numpy() <= np.datetime64(low.astimezone(UTC).replace(tzinfo=None)))))
             writer.write_table(table)
 
         pending: list[pa.RecordBatch] = []
@@ -262,7 +307,8 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
         if pending:
             flush(pending)
     tmp.replace(path)
-    return rows, skipped
+    return _Streamed(rows=rows, skipped=skipped, behind_watermark=behind,
+                     max_event_id=None if highest == NO_EVENT_ID else highest)
 
 
 def _snapshot_catalog(conn, url: str, path: Path, text_max_chars: int) -> int:
@@ -328,12 +374,14 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
 
 UPSERT_WATERMARK = """
 INSERT INTO recsys.extract_watermarks (run_key, low_watermark, high_watermark, rows_extracted, rows_clean,
-    dataset_path, dataset_rows)
-VALUES (%(run_key)s, %(low)s, %(high)s, %(rows_extracted)s, %(rows_clean)s, %(dataset_path)s, %(dataset_rows)s)
+    dataset_path, dataset_rows, max_event_id)
+VALUES (%(run_key)s, %(low)s, %(high)s, %(rows_extracted)s, %(rows_clean)s, %(dataset_path)s, %(dataset_rows)s,
+        %(max_event_id)s)
 ON CONFLICT (run_key) DO UPDATE
 SET low_watermark = EXCLUDED.low_watermark, high_watermark = EXCLUDED.high_watermark,
     rows_extracted = EXCLUDED.rows_extracted, rows_clean = EXCLUDED.rows_clean,
-    dataset_path = EXCLUDED.dataset_path, dataset_rows = EXCLUDED.dataset_rows, committed_at = now()
+    dataset_path = EXCLUDED.dataset_path, dataset_rows = EXCLUDED.dataset_rows,
+    max_event_id = EXCLUDED.max_event_id, committed_at = now()
 """
 
 
@@ -343,7 +391,7 @@ def commit_watermark(conn, run_key: str, extracted: ExtractResult, *, rows_clean
     conn.execute(UPSERT_WATERMARK, {
         "run_key": run_key, "low": extracted.low_watermark, "high": extracted.high_watermark,
         "rows_extracted": extracted.rows, "rows_clean": rows_clean, "dataset_path": dataset_path,
-        "dataset_rows": dataset_rows,
+        "dataset_rows": dataset_rows, "max_event_id": extracted.max_event_id,
     })
 
 

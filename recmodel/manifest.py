@@ -33,6 +33,7 @@ from recmodel.gate import HoldoutPlan
 
 if TYPE_CHECKING:
     from recmodel.alerts import Alert
+    from recmodel.registry import Claim
 
 T = TypeVar("T")
 # Recorded in the manifest: what a rebuilt model depends on beyond the data and the settings.
@@ -206,6 +207,7 @@ class StageRecord:
     details: dict[str, Any] = field(default_factory=dict)  # merged into pipeline_runs.details
     output: Any = None  # the stage's typed result
     alert: Alert | None = None  # sent once the record is written
+    claim: Claim | None = None  # the run's claim the stage works under: its writes check it is still current
 
     def end(self, status: str, message: str) -> None:
         self.status, self.message = status, message

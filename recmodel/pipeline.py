@@ -123,9 +123,12 @@ def context_from_airflow(context: dict[str, Any]) -> RunContext:
 # --- bookkeeping -------------------------------------------------------------------------------------
 
 @contextmanager
-def recorded(ctx: RunContext, name: str, key: str | None = None) -> Iterator[StageRecord]:
+def recorded(ctx: RunContext, name: str, key: str | None = None,
+             claim: registry.Claim | None = None) -> Iterator[StageRecord]:
     """Run one stage's work under its bookkeeping; the work fills in the `StageRecord` it is given.
 
+    The stage works under the run's claim (`claim`, or the current one, which a run declared dead or
+    claimed again by another Airflow run no longer has: `LostClaim`); `record.claim` fences its writes.
     While the block runs, the run's heartbeat names the stage. On the way out, whatever happened, the
     record goes to the run's row (status, message, counts, details) and, with the stage's outcome,
     timing, output and the sha256 of its artifacts, to the run manifest (row and manifest.json); then
@@ -133,11 +136,12 @@ def recorded(ctx: RunContext, name: str, key: str | None = None) -> Iterator[Sta
     are recorded in the manifest and left to Airflow's retries and failure alert.
     """
     stage = stages.BY_NAME[name]
-    record = StageRecord(name=key or name, started_at=datetime.now(UTC))
+    claim = claim or registry.resume_claim(ctx.url, ctx.run_key, ctx.dag_run_id)
+    record = StageRecord(name=key or name, started_at=datetime.now(UTC), claim=claim)
     started = time.monotonic()
     outcome, error = "done", None
-    with registry.heartbeat(ctx.url, ctx.run_key, name):
-        registry.enter_stage(ctx.url, ctx.run_key, stage.run_stage)
+    with registry.heartbeat(ctx.url, claim, name):
+        registry.enter_stage(ctx.url, claim, stage.run_stage)
         try:
             yield record
         except RunEnds as end:
@@ -157,14 +161,15 @@ def _write_record(ctx: RunContext, record: StageRecord, outcome: str, error: str
 
     try:
         registry.update_run(ctx.url, ctx.run_key, status=record.status, message=record.message,
-                            details=record.details, **record.columns)
+                            details=record.details, claim=record.claim, **record.columns)
         paths = manifest.artifact_paths(record.output) if record.output is not None else {}
         entry = {"outcome": outcome, "status": record.status, "started_at": record.started_at.isoformat(),
                  "seconds": round(seconds, 3), "error": error,
                  "output": manifest.to_json(record.output) if record.output is not None else None}
         whole = registry.merge_manifest(ctx.url, ctx.run_key, run=run_header(ctx), stages={record.name: entry},
                                         artifacts={name: {"path": path, "sha256": artifacts.sha256_file(Path(path))}
-                                                   for name, path in paths.items() if Path(path).is_file()})
+                                                   for name, path in paths.items() if Path(path).is_file()},
+                                        claim=record.claim)
         manifest.write_file(ctx.files.manifest, whole)
     except Exception as exc:
         if error is None:
@@ -209,8 +214,8 @@ def step_extract(ctx: RunContext) -> ExtractResult:
     deadline = time.monotonic() + ctx.live_run_wait_seconds
     while True:
         try:
-            dead = registry.claim_run(ctx.url, ctx.run_key, ctx.as_of, ctx.dag_run_id,
-                                      [ctx.version, baseline_version(ctx.version)])
+            claim, dead = registry.claim_run(ctx.url, ctx.run_key, ctx.as_of, ctx.dag_run_id,
+                                             [ctx.version, baseline_version(ctx.version)])
             break
         except registry.AnotherRunIsLive as exc:
             if time.monotonic() + LIVE_RUN_POLL_SECONDS > deadline:
@@ -219,12 +224,15 @@ def step_extract(ctx: RunContext) -> ExtractResult:
             time.sleep(LIVE_RUN_POLL_SECONDS)
     for run_key in dead:
         log.warning("run %s had stopped without finishing (no heartbeat); marked failed", run_key)
-    with recorded(ctx, "extract") as record:
+    with recorded(ctx, "extract", claim=claim) as record:
         result = extract(ctx.url, ctx.run_key, ctx.as_of, ctx.run_dir,
-                         lookback=timedelta(hours=ctx.config.late_data_lookback_hours))
+                         lookback=timedelta(hours=ctx.config.late_data_lookback_hours),
+                         text_max_chars=ctx.config.item_text_max_chars)
         record.columns["rows_extracted"] = result.rows
         record.note(extract={"low_watermark": result.low_watermark, "rows": result.rows,
-                             "rows_already_seen": result.rows_already_seen})
+                             "rows_already_seen": result.rows_already_seen,
+                             "rows_behind_watermark": result.rows_behind_watermark,
+                             "catalog_items_truncated": result.catalog_items_truncated})
         record.output = result
     return result
 
@@ -261,7 +269,7 @@ def step_validate(ctx: RunContext, record: StageRecord, extracted: ExtractResult
     }
     record.columns["rows_quarantined"] = quarantined
     record.note(validate=summary)
-    with db.transaction(ctx.url) as conn:
+    with registry.fenced_transaction(ctx.url, record.claim) as conn:
         write_quarantine(conn, ctx.run_key, quarantine_rows(report.quarantined))
         if report.passed:
             dataset = extend_dataset(base, report.clean)
@@ -383,7 +391,7 @@ def step_export(ctx: RunContext, record: StageRecord, trained: Trained) -> Expor
     catalog = read_catalog(trained.snapshot.catalog_path)
     result = export(Path(trained.model_dir), catalog, dataset, top_k=ctx.config.top_k, seed=ctx.config.seed)
     registry.register_candidate(
-        ctx.url, version=ctx.version, parent_version=trained.parent_version, run_key=ctx.run_key,
+        ctx.url, claim=record.claim, version=ctx.version, parent_version=trained.parent_version, run_key=ctx.run_key,
         dataset_path=trained.snapshot.dataset_path, watermark=ctx.as_of, train_rows=trained.train_events,
         n_items=trained.n_items, device=trained.device, artifact_dir=trained.model_dir,
         onnx_path=result.onnx_path, onnx_sha256=result.onnx_sha256)
@@ -450,7 +458,7 @@ def step_gate(ctx: RunContext, record: StageRecord, exported: Exported) -> Gated
     if champion_record is not None:
         metrics["holdout"]["champion_version"] = champion_record.version
     registry.record_decision(ctx.url, ctx.version, decision=decision.outcome, reasons=decision.reasons,
-                             metrics=metrics)
+                             metrics=metrics, claim=record.claim)
     record.note(gate=metrics)
     gated = Gated(snapshot=trained.snapshot, decision=decision.outcome, reasons=tuple(decision.reasons),
                   serve=SERVE_MODEL if decision.accepted else None, publish_version=ctx.version, model=exported.model)
@@ -471,7 +479,7 @@ def step_gate(ctx: RunContext, record: StageRecord, exported: Exported) -> Gated
             ctx.url, version=gated.publish_version, run_key=ctx.run_key, dataset_path=trained.snapshot.dataset_path,
             watermark=ctx.as_of, train_rows=len(dataset), n_items=len(active_ids), artifact_dir=str(ctx.run_dir),
             reasons=list(gated.reasons), metrics={"baseline": metrics.get("popularity", {}), "holdout": metrics["holdout"]},
-            lineage={"instead_of": ctx.version, "gate": decision.outcome})
+            lineage={"instead_of": ctx.version, "gate": decision.outcome}, claim=record.claim)
         record.message = f"{message}; {why}"
         log.warning("%s; %s", message, why)
     else:
@@ -508,14 +516,15 @@ def step_refit(ctx: RunContext, record: StageRecord, gated: Gated) -> Gated:
         lineage["refit_failed"] = str(exc)
         registry.record_refit(ctx.url, ctx.version, artifact_dir=gated.model.model_dir,
                               onnx_path=gated.model.onnx_path, onnx_sha256=gated.model.onnx_sha256,
-                              train_rows=gated.model.train_rows, lineage=lineage)
+                              train_rows=gated.model.train_rows, lineage=lineage, claim=record.claim)
         log.warning("refit of %s dropped (%s); the gated model serves", ctx.version, exc)
         return gated
     lineage["refit"] = {"artifact_dir": str(refit_dir), "onnx_path": exported.onnx_path,
                         "train_rows": result.train_events, "epochs": result.epochs, "from": "gated",
                         "parity": {"max_score_diff": exported.max_score_diff, "topk_agreement": exported.topk_agreement}}
     registry.record_refit(ctx.url, ctx.version, artifact_dir=str(refit_dir), onnx_path=exported.onnx_path,
-                          onnx_sha256=exported.onnx_sha256, train_rows=result.train_events, lineage=lineage)
+                          onnx_sha256=exported.onnx_sha256, train_rows=result.train_events, lineage=lineage,
+                          claim=record.claim)
     record.note(refit={"train": asdict(result), "export": asdict(exported)})
     log.info("refit %s on all %d interactions (%d epochs from the gated weights)", ctx.version, result.train_events,
              result.epochs)
@@ -624,9 +633,10 @@ def step_publish(ctx: RunContext, record: StageRecord, user_shards: list[ScoredS
                        "users": sum(s.users for s in user_shards), "rows": sum(s.rows for s in user_shards)})
     frames = load_scored(scored)
     long_tail = measure_long_tail(frames["user_recommendations"], item_tables)
-    registry.record_long_tail(ctx.url, scored.version, long_tail.as_dict())
+    registry.record_long_tail(ctx.url, scored.version, long_tail.as_dict(), claim=record.claim)
     record.note(long_tail=long_tail.as_dict())
-    result = publish(ctx.url, scored.version, frames, generated_at=ctx.as_of, keep_versions=ctx.config.keep_versions)
+    result = publish(ctx.url, scored.version, frames, generated_at=ctx.as_of, keep_versions=ctx.config.keep_versions,
+                     claim=record.claim)
     kind = "the popularity baseline " if result.version.endswith("-baseline") else ""
     record.end("success", f"published {kind}{result.version}")
     record.columns["model_version"] = result.version

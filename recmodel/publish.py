@@ -131,8 +131,11 @@ def table_name(view: str, version: str, staging: bool = False) -> str:
 
 
 def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generated_at: datetime,
-            keep_versions: int) -> PublishResult:
+            keep_versions: int, claim: registry.Claim | None = None) -> PublishResult:
     """Load `frames` (view name -> rows without model_version/generated_at) and switch to them.
+
+    With a run's `claim`, both the load and the swap land only while the run still holds it: a run
+    declared dead while paused publishes nothing when it wakes.
 
     From load to swap this publish holds a session lock on its version (STAGING_OWNER_LOCK): its staging
     tables are in use, not leftovers, for any other publish that looks. A killed publish's lock goes
@@ -140,8 +143,8 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
     """
     with db.connect(url, autocommit=True) as owner:
         owner.execute(STAGING_OWNER_LOCK, (AdvisoryLock.PUBLISH_STAGING, version))
-        row_counts = load_staging(url, version, frames, generated_at)
-        swap = swap_in(url, version, row_counts)
+        row_counts = load_staging(url, version, frames, generated_at, claim)
+        swap = swap_in(url, version, row_counts, claim)
     pruned = prune(url, keep_versions)
     log.info("published %s (%s) in a %.3f s swap (%d lock waits); pruned %s", version,
              ", ".join(f"{v}: {n} rows" for v, n in row_counts.items()), swap.seconds, swap.lock_waits,
@@ -150,12 +153,13 @@ def publish(url: str, version: str, frames: dict[str, pd.DataFrame], *, generate
                          lock_waits=swap.lock_waits, pruned=pruned)
 
 
-def load_staging(url: str, version: str, frames: dict[str, pd.DataFrame], generated_at: datetime) -> dict[str, int]:
+def load_staging(url: str, version: str, frames: dict[str, pd.DataFrame], generated_at: datetime,
+                 claim: registry.Claim | None = None) -> dict[str, int]:
     """Step 1: fill and check the version's staging tables (committed; nothing readers use changes)."""
     missing = [t.view for t in SERVING_TABLES if t.view not in frames]
     if missing:
         raise PublishError(f"nothing to publish for {', '.join(missing)}")
-    with db.transaction(url) as conn:
+    with registry.fenced_transaction(url, claim) as conn:
         conn.execute(TRANSACTION_LOCK, (AdvisoryLock.PUBLISH,))
         _refuse_older(conn, version)
         _drop_leftover_staging(conn)
@@ -168,9 +172,10 @@ class Swap:
     lock_waits: int  # attempts that gave up on a lock a reader held
 
 
-def swap_in(url: str, version: str, row_counts: dict[str, int]) -> Swap:
+def swap_in(url: str, version: str, row_counts: dict[str, int], claim: registry.Claim | None = None) -> Swap:
     """Step 2: repoint the views to the staged tables and mark the version serving, in one transaction."""
     def switch(conn: psycopg.Connection) -> None:
+        registry.check_claim(conn, claim)
         _refuse_older(conn, version)  # again: the champion may have changed while we loaded
         served_by = _served_by(conn, version)
         for table in SERVING_TABLES:

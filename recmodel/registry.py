@@ -33,12 +33,29 @@ from recmodel.locks import AdvisoryLock, TRANSACTION_LOCK
 log = logging.getLogger(__name__)
 
 UPSERT_RUN = """
-INSERT INTO recsys.pipeline_runs (run_key, dag_run_id, as_of, status, stage, message, heartbeat_at, active_step)
-VALUES (%(run_key)s, %(dag_run_id)s, %(as_of)s, 'running', 'extract', NULL, now(), 'extract')
+INSERT INTO recsys.pipeline_runs (run_key, dag_run_id, as_of, status, stage, message, heartbeat_at, active_step,
+                                  claim_generation)
+VALUES (%(run_key)s, %(dag_run_id)s, %(as_of)s, 'running', 'extract', NULL, now(), 'extract', 1)
 ON CONFLICT (run_key) DO UPDATE
 SET dag_run_id = EXCLUDED.dag_run_id, started_at = now(), finished_at = NULL, status = 'running',
-    stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract', manifest = '{}'::jsonb
+    stage = 'extract', message = NULL, heartbeat_at = now(), active_step = 'extract', manifest = '{}'::jsonb,
+    claim_generation = recsys.pipeline_runs.claim_generation + 1
+RETURNING claim_generation
 """
+# The row of the run key being claimed, when it is running and was active lately: then a process is (or may
+# still be) executing it, and a second claim of the same key is refused.
+SELECT_SAME_KEY_ACTIVE = """
+SELECT dag_run_id, COALESCE(active_step, stage), extract(epoch FROM now() - heartbeat_at), active_step IS NOT NULL
+FROM recsys.pipeline_runs
+WHERE run_key = %(run_key)s AND kind = 'retrain' AND status = 'running'
+  AND heartbeat_at >= now() - make_interval(secs => %(stale)s)
+"""
+# What a step checks before it writes: the run's claim, locked against a concurrent "declare dead" until the
+# writing transaction ends.
+HOLD_CLAIM = """
+SELECT status, claim_generation, dag_run_id, message FROM recsys.pipeline_runs WHERE run_key = %s FOR SHARE
+"""
+SELECT_CLAIM = "SELECT status, claim_generation, dag_run_id, message FROM recsys.pipeline_runs WHERE run_key = %s"
 SELECT_RECENT_ALERTS = """
 SELECT r.run_key, r.kind, a.alert
 FROM recsys.pipeline_runs r CROSS JOIN LATERAL jsonb_array_elements(r.alerts) AS a(alert)
@@ -48,9 +65,12 @@ ORDER BY (a.alert ->> 'at')::timestamptz DESC LIMIT %(limit)s
 # Only a running run's row is stamped: a refused rerun must not touch the row of the run it would repeat.
 BEAT = """
 UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s
-WHERE run_key = %(run_key)s AND status = 'running'
+WHERE run_key = %(run_key)s AND status = 'running' AND claim_generation = %(generation)s
 """
-CLEAR_STEP = "UPDATE recsys.pipeline_runs SET active_step = NULL WHERE run_key = %s AND active_step IS NOT NULL"
+CLEAR_STEP = """
+UPDATE recsys.pipeline_runs SET active_step = NULL
+WHERE run_key = %(run_key)s AND active_step IS NOT NULL AND claim_generation = %(generation)s
+"""
 # Other retrain runs alive now: what `one run at a time` is checked against. Alive is a step executing
 # (fresh heartbeat), or a run between its extract and the end of its validation, whose window is read
 # but not yet committed: another run reading it then would take the same rows.
@@ -66,7 +86,7 @@ ORDER BY started_at
 # the reason, instead of `running` forever.
 MARK_DEAD_RUNS = f"""
 UPDATE recsys.pipeline_runs
-SET status = 'failed', finished_at = now(), active_step = NULL,
+SET status = 'failed', finished_at = now(), active_step = NULL, claim_generation = claim_generation + 1,
     message = format('the run died: no heartbeat from step %%s since %%s UTC (its process was killed or lost its '
                      'worker); nothing it had not committed was kept, and the next run reads its rows',
                      COALESCE(active_step, stage), to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
@@ -75,10 +95,15 @@ WHERE kind = 'retrain' AND status = 'running'
        OR COALESCE(heartbeat_at, started_at) < now() - interval '1 day')
 RETURNING run_key
 """
-# The newest data a model was trained and judged on (or a baseline was built from): a retrain is due
-# only when a snapshot is newer than this.
+# The newest data whose run settled: a version built on it was published, or its model was judged and not
+# accepted with nothing published instead (the champion kept serving). A retrain is due only when a snapshot
+# is newer than this. An accepted model (or a baseline) that never published, its run killed in refit,
+# scoring or publish, settled nothing: the next run trains on its snapshot again.
 SELECT_TRAINED_THROUGH = """
-SELECT max(watermark) FROM recsys.model_registry WHERE decision IS NOT NULL OR kind = 'baseline'
+SELECT max(r.watermark) FROM recsys.model_registry r
+WHERE EXISTS (SELECT 1 FROM recsys.published_versions p WHERE p.version = r.version)
+   OR (r.kind = 'model' AND r.decision IS NOT NULL AND r.decision <> 'accepted'
+       AND NOT EXISTS (SELECT 1 FROM recsys.model_registry b WHERE b.kind = 'baseline' AND b.run_key = r.run_key))
 """
 # Versions a rerun must not overwrite: published once, or serving.
 SELECT_IMMUTABLE = """
@@ -311,12 +336,79 @@ class VersionIsPublished(RunRefused):
     """The run's version was published: a rerun would overwrite an immutable version."""
 
 
-def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, versions: list[str]) -> list[str]:
-    """Start (or restart) run `run_key`, one at a time per database; returns the dead runs marked failed.
+class RunKeyTaken(RunRefused):
+    """Another process (or Airflow run) is running the same run key: the same as-of claimed twice."""
 
-    Refuses while another retrain is alive (see LIVE; its heartbeat is fresh), and when one of
-    `versions` (the run's model and baseline versions) was published or serves: published versions are
-    immutable, and a rerun of their interval would overwrite their files and registry row.
+
+class LostClaim(PermanentError, RuntimeError):
+    """This process's run no longer holds its claim (declared dead, or claimed again by another run): it must
+    write nothing more."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run's claim as one process holds it: writes that matter check that `generation` is still current."""
+
+    run_key: str
+    generation: int
+
+
+def _lost_claim(run_key: str, row: tuple | None, held: int | None = None) -> LostClaim:
+    """Why a process of run `run_key` (holding generation `held`, None: none yet) may not write: its row now."""
+    if row is None:
+        return LostClaim(f"run {run_key} lost its claim: its row in recsys.pipeline_runs is gone; it writes nothing "
+                         "more")
+    status, generation, dag_run_id, message = row
+    if status == "failed":
+        why = f"it was marked failed ({message})"
+    else:
+        why = f"the run key was claimed again (by Airflow run {dag_run_id or 'of the CLI'})"
+    holds = f" (this process holds generation {held})" if held is not None else ""
+    return LostClaim(f"run {run_key} lost the claim to generation {generation} of its key{holds}: {why}. It writes "
+                     "nothing more; the run that holds the claim (or the next one) reads its rows")
+
+
+def check_claim(conn: psycopg.Connection, claim: Claim | None) -> None:
+    """In the caller's transaction: refuse (`LostClaim`) unless `claim` is still the run's current claim, and
+    hold it (a row lock) until the transaction ends. None: a write outside a run (tests, operator tools)."""
+    if claim is None:
+        return
+    row = conn.execute(HOLD_CLAIM, (claim.run_key,)).fetchone()
+    if row is None or row[0] == "failed" or row[1] != claim.generation:
+        raise _lost_claim(claim.run_key, row, claim.generation)
+
+
+@contextmanager
+def fenced_transaction(url: str, claim: Claim | None) -> Iterator[psycopg.Connection]:
+    """A transaction whose writes land only while `claim` is current (see `check_claim`)."""
+    with db.transaction(url) as conn:
+        check_claim(conn, claim)
+        yield conn
+
+
+def resume_claim(url: str, run_key: str, dag_run_id: str | None) -> Claim:
+    """The claim a step of an already claimed run works under: the run's current generation, refused when the
+    run was declared dead (or failed) or another Airflow run has claimed its key since."""
+    with db.connect(url) as conn:
+        row = conn.execute(SELECT_CLAIM, (run_key,)).fetchone()
+    if row is None:
+        raise LostClaim(f"run {run_key} was never claimed (its extract did not start): nothing to resume")
+    status, generation, owner, _ = row
+    if status == "failed" or (dag_run_id is not None and owner is not None and owner != dag_run_id):
+        raise _lost_claim(run_key, row)
+    return Claim(run_key, generation)
+
+
+def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None,
+              versions: list[str]) -> tuple[Claim, list[str]]:
+    """Start (or restart) run `run_key`, one at a time per database; returns its claim and the dead runs
+    marked failed.
+
+    Refuses while another retrain is alive (see LIVE; its heartbeat is fresh); while the same run key is
+    running elsewhere (a step of it executes now, or another Airflow run holds it: a double click, or an
+    `--as-of` equal to a scheduled interval's end); and when one of `versions` (the run's model and
+    baseline versions) was published or serves: published versions are immutable, and a rerun of their
+    interval would overwrite their files and registry row. Each claim is a new generation (`Claim`).
     """
     with db.transaction(url) as conn:
         conn.execute(TRANSACTION_LOCK, (AdvisoryLock.RUN_CLAIM,))
@@ -324,6 +416,13 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
         live = conn.execute(SELECT_LIVE_RUNS, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
         if live is not None:
             raise AnotherRunIsLive(_another_run_is_live(*live))
+        same_key = conn.execute(SELECT_SAME_KEY_ACTIVE, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
+        if same_key is not None and (same_key[3] or same_key[0] != dag_run_id):
+            owner, step, silent, _ = same_key
+            raise RunKeyTaken(f"run {run_key} (as-of {as_of:%Y-%m-%d %H:%M:%S} UTC) is already running"
+                              f"{f' as Airflow run {owner}' if owner else ''} (step {step}, last heartbeat "
+                              f"{silent:.0f} s ago); the same as-of is claimed once. Wait for it, or retrain another "
+                              f"as-of; a run whose process died is released after {STALE_AFTER_SECONDS:.0f} s")
         published = conn.execute(SELECT_IMMUTABLE, {"versions": versions}).fetchone()
         if published is not None:
             version, status, published_at = published
@@ -332,8 +431,9 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None, v
                                      f"{as_of:%Y-%m-%d %H:%M:%S} UTC; published versions are immutable, so this "
                                      "rerun is refused. Retrain a new interval (retrain without --as-of), or roll "
                                      "back to serve an earlier version")
-        conn.execute(UPSERT_RUN, {"run_key": run_key, "as_of": as_of, "dag_run_id": dag_run_id})
-    return dead
+        generation = conn.execute(UPSERT_RUN, {"run_key": run_key, "as_of": as_of,
+                                               "dag_run_id": dag_run_id}).fetchone()[0]
+    return Claim(run_key, generation), dead
 
 
 def live_runs(url: str) -> list[tuple[str, str, datetime, float]]:
@@ -362,18 +462,26 @@ def trained_through(conn: psycopg.Connection) -> datetime | None:
 
 
 @contextmanager
-def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
+def heartbeat(url: str, claim: Claim, step: str) -> Iterator[None]:
     """Stamp the run as alive, executing `step`, every HEARTBEAT_SECONDS until the block ends.
 
     On the way out the step is cleared: between steps the run holds no claim on the database, except
     between extract and validation (see LIVE), which lasts until its heartbeat is STALE_AFTER_SECONDS
     old (covering Airflow's retry delay). A killed process simply stops stamping and counts as dead.
+    A beat that finds the claim gone (the run was declared dead while this process was paused) says so
+    once; the step's next fenced write then fails with `LostClaim`.
     """
     stop = threading.Event()
+    run_key = claim.run_key
+    lost = threading.Event()
 
     def beat() -> None:
         with db.transaction(url) as conn:
-            conn.execute(BEAT, {"run_key": run_key, "step": step})
+            stamped = conn.execute(BEAT, {"run_key": run_key, "step": step, "generation": claim.generation}).rowcount
+        if not stamped and not lost.is_set():
+            lost.set()
+            log.error("run %s lost its claim while step %s ran (declared dead, or claimed again): its writes will be "
+                      "refused", run_key, step)
 
     def keep_beating() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
@@ -392,21 +500,21 @@ def heartbeat(url: str, run_key: str, step: str) -> Iterator[None]:
         thread.join()
         try:
             with db.transaction(url) as conn:
-                conn.execute(CLEAR_STEP, (run_key,))
+                conn.execute(CLEAR_STEP, {"run_key": run_key, "generation": claim.generation})
         except Exception as exc:  # noqa: BLE001 - never mask the step's own outcome
             log.warning("could not clear the active step of run %s: %s", run_key, exc)
 
 
-def enter_stage(url: str, run_key: str, stage: str) -> None:
-    with db.transaction(url) as conn:
-        conn.execute(ENTER_STAGE, {"run_key": run_key, "stage": stage})
+def enter_stage(url: str, claim: Claim, stage: str) -> None:
+    with fenced_transaction(url, claim) as conn:
+        conn.execute(ENTER_STAGE, {"run_key": claim.run_key, "stage": stage})
 
 
 def update_run(url: str, run_key: str, *, stage: str | None = None, status: str | None = None,
                rows_extracted: int | None = None, rows_quarantined: int | None = None,
                model_version: str | None = None, message: str | None = None,
-               details: dict[str, Any] | None = None) -> None:
-    with db.transaction(url) as conn:
+               details: dict[str, Any] | None = None, claim: Claim | None = None) -> None:
+    with fenced_transaction(url, claim) as conn:
         conn.execute(UPDATE_RUN, {
             "run_key": run_key, "stage": stage, "status": status, "rows_extracted": rows_extracted,
             "rows_quarantined": rows_quarantined, "model_version": model_version, "message": message,
@@ -415,9 +523,9 @@ def update_run(url: str, run_key: str, *, stage: str | None = None, status: str 
 
 
 def merge_manifest(url: str, run_key: str, *, run: dict[str, Any], stages: dict[str, Any],
-                   artifacts: dict[str, Any]) -> dict[str, Any]:
+                   artifacts: dict[str, Any], claim: Claim | None = None) -> dict[str, Any]:
     """Merge into the run's manifest (top-level fields, stage entries, artifacts) and return all of it."""
-    with db.transaction(url) as conn:
+    with fenced_transaction(url, claim) as conn:
         row = conn.execute(MERGE_MANIFEST, {
             "run_key": run_key, "run": json.dumps(run, default=str), "stages": json.dumps(stages, default=str),
             "artifacts": json.dumps(artifacts, default=str)}).fetchone()
@@ -430,22 +538,22 @@ def run_manifest(url: str, run_key: str) -> dict[str, Any] | None:
     return row[0] if row and row[0] else None
 
 
-def register_candidate(url: str, **fields: Any) -> None:
-    with db.transaction(url) as conn:
+def register_candidate(url: str, *, claim: Claim | None = None, **fields: Any) -> None:
+    with fenced_transaction(url, claim) as conn:
         conn.execute(UPSERT_CANDIDATE, fields)
 
 
 def record_decision(url: str, version: str, *, decision: str, reasons: list[str],
-                    metrics: dict[str, Any]) -> None:
+                    metrics: dict[str, Any], claim: Claim | None = None) -> None:
     """The gate's outcome (accepted, rejected or undecided), its reasons and metrics."""
-    with db.transaction(url) as conn:
+    with fenced_transaction(url, claim) as conn:
         conn.execute(RECORD_DECISION, {"version": version, "decision": decision, "reasons": json.dumps(reasons),
                                        "metrics": json.dumps(metrics)})
 
 
 def record_refit(url: str, version: str, *, artifact_dir: str, onnx_path: str, onnx_sha256: str, train_rows: int,
-                 lineage: dict[str, Any]) -> None:
-    with db.transaction(url) as conn:
+                 lineage: dict[str, Any], claim: Claim | None = None) -> None:
+    with fenced_transaction(url, claim) as conn:
         conn.execute(RECORD_REFIT, {"version": version, "artifact_dir": artifact_dir, "onnx_path": onnx_path,
                                     "onnx_sha256": onnx_sha256, "train_rows": train_rows,
                                     "lineage": json.dumps(lineage, default=str)})
@@ -453,8 +561,8 @@ def record_refit(url: str, version: str, *, artifact_dir: str, onnx_path: str, o
 
 def register_baseline(url: str, *, version: str, run_key: str, dataset_path: str, watermark: datetime,
                       train_rows: int, n_items: int, artifact_dir: str, reasons: list[str], metrics: dict[str, Any],
-                      lineage: dict[str, Any]) -> None:
-    with db.transaction(url) as conn:
+                      lineage: dict[str, Any], claim: Claim | None = None) -> None:
+    with fenced_transaction(url, claim) as conn:
         conn.execute(UPSERT_BASELINE, {
             "version": version, "run_key": run_key, "dataset_path": dataset_path, "watermark": watermark,
             "train_rows": train_rows, "n_items": n_items, "artifact_dir": artifact_dir,
@@ -472,9 +580,9 @@ def promote(conn: psycopg.Connection, version: str) -> None:
     conn.execute(START_SERVING_PERIOD, {"version": version})
 
 
-def record_long_tail(url: str, version: str, long_tail: dict[str, Any]) -> None:
+def record_long_tail(url: str, version: str, long_tail: dict[str, Any], claim: Claim | None = None) -> None:
     """The long-tail figures of the lists `version` publishes (`recmodel.longtail.LongTail`)."""
-    with db.transaction(url) as conn:
+    with fenced_transaction(url, claim) as conn:
         conn.execute(RECORD_LONG_TAIL, {"version": version, "long_tail": json.dumps(long_tail)})
 
 

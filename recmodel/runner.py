@@ -20,6 +20,8 @@ from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from recmodel import db
 from recmodel.config import Settings
 from recmodel.stages import RETRAIN_DAG_ID
@@ -31,6 +33,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class AirflowRunError(RuntimeError):
     """Airflow could not be set up or the DAG run did not succeed."""
+
+
+class DagRunInProgress(AirflowRunError):
+    """A run of the DAG with the same logical date is running already (a second `retrain --as-of` of it)."""
 
 
 @dataclass(frozen=True)
@@ -143,10 +149,15 @@ def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> Dag
     dag = bag.get_dag(dag_id)
     if dag is None:
         raise AirflowRunError(f"DAG {dag_id!r} not found in {REPO_ROOT / 'dags'}")
+    # DAG.test clears the task instances of a run with the same logical date before it starts: a second
+    # `retrain --as-of A` beside the first must be refused before it does.
+    _refuse_a_run_in_progress(dag_id, logical_date)
     task_logs, ours = TaskLogFiles(), logging.getLogger("recmodel")
     ours.addHandler(task_logs)
     try:
         dag_run = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
+    except IntegrityError:  # both created the run at the same moment; the other one goes on
+        raise DagRunInProgress(_in_progress_message(dag_id, logical_date)) from None
     finally:
         ours.removeHandler(task_logs)
     instances = dag_run.get_task_instances()
@@ -155,6 +166,21 @@ def run_dag(dag_id: str, *, conf: dict[str, Any], logical_date: datetime) -> Dag
                     for ti in instances if ti.start_date and ti.end_date}
     state = str(dag_run.state.value if hasattr(dag_run.state, "value") else dag_run.state)
     return DagRunOutcome(run_id=dag_run.run_id, state=state, task_states=task_states, task_seconds=task_seconds)
+
+
+def _refuse_a_run_in_progress(dag_id: str, logical_date: datetime) -> None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.state import DagRunState
+
+    for state in (DagRunState.QUEUED, DagRunState.RUNNING):
+        if DagRun.find(dag_id=dag_id, logical_date=logical_date, state=state):
+            raise DagRunInProgress(_in_progress_message(dag_id, logical_date))
+
+
+def _in_progress_message(dag_id: str, logical_date: datetime) -> str:
+    return (f"a run of {dag_id} for {logical_date:%Y-%m-%d %H:%M:%S} UTC is already in progress (started by another "
+            "`retrain` with the same --as-of, or the scheduler): one run per as-of. Wait for it to finish, or retrain "
+            "another as-of")
 
 
 def _task_name(ti: Any) -> str:

@@ -152,6 +152,8 @@ def reason_summaries(quarantined: pd.DataFrame, config: PipelineConfig) -> list[
         rule, names = REASON_RULES[reason]
         first = rows.sort_values("event_id", kind="stable").iloc[0].drop(labels=["reason"])
         example = {key: _plain(value) for key, value in first.items()}
+        if RAW_OCCURRED_AT in first and pd.isna(first[RAW_OCCURRED_AT]):  # only an unreadable occurred_at has one
+            del example[RAW_OCCURRED_AT]
         out.append(ReasonSummary(reason=reason, rows=int(rows["event_id"].nunique()), rule=rule,
                                  settings={name: _setting_value(config, name) for name in names}, example=example))
     return out

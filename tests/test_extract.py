@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from recmodel import db
-from recmodel.extract import TEXT_MAX_CHARS, ExtractError, commit_watermark, extract
+from recmodel.config import PipelineConfig
+from recmodel.extract import ExtractError, commit_watermark, extract
 
 pytestmark = pytest.mark.reliability  # late rows, reruns, changed schemas
 
@@ -127,7 +128,6 @@ CATALOG_ROWS = st.lists(st.tuples(
 def test_no_value_the_schema_accepts_stops_extract_or_validation(db_url: str, tmp_path: Path, events, items) -> None:
     """Rows over the full range of every interactions/items column type: the extract and validation complete,
     every extracted row is either clean or quarantined with a named reason, and the snapshot holds the clean."""
-    from recmodel.config import PipelineConfig
     from recmodel.data import extend_dataset
     from recmodel.extract import read_catalog, read_increment
     from recmodel.validate import REASONS, validate_increment
@@ -149,7 +149,7 @@ def test_no_value_the_schema_accepts_stops_extract_or_validation(db_url: str, tm
     assert extracted.catalog_items == 3 + len(items)
     increment = read_increment(extracted.increment_path)
     catalog = read_catalog(extracted.catalog_path)
-    assert catalog["title"].str.len().max() <= TEXT_MAX_CHARS
+    assert catalog["title"].str.len().max() <= PipelineConfig.item_text_max_chars
     report = validate_increment(increment, catalog["item_id"].to_numpy(), as_of=T0, config=PipelineConfig(),
                                 gx_dir=tmp_path / "gx", run_key="run-a")
     quarantined = set(report.quarantined["event_id"])
