@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -49,6 +50,7 @@ SELECT (SELECT count(*) FROM recsys.user_recommendations),
 """
 COUNT_INTERACTIONS = "SELECT count(*) FROM interactions"
 RUN_ACTIVITY = "SELECT active_step, stage FROM recsys.pipeline_runs WHERE run_key = %s"
+RUN_EXISTS = "SELECT 1 FROM recsys.pipeline_runs WHERE run_key = %s"
 
 
 DEMO_APP_ROLE = "recsys_app"
@@ -494,11 +496,47 @@ def _print_sample(url: str, users: int = 3, k: int = 5) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """Serve an earlier version again, recorded in `recsys.pipeline_runs` (kind 'rollback') as the
+    `recsys_rollback` DAG records it: running, then success or failed with the reason."""
+    from recmodel import registry
     from recmodel.publish import rollback
 
-    previous = rollback(_url(), args.version)
-    console.print(f"{args.version} now serves (was {previous or 'nothing'})")
+    url = _url()
+    db.require_tables(url)
+    run_key = f"rollback:cli__{datetime.now(UTC).isoformat()}"
+
+    def record(status: str, message: str, model_version: str | None = None) -> None:
+        registry.record_event(url, run_key, kind="rollback", status=status, stage="rollback", message=message,
+                              model_version=model_version)
+
+    record("running", f"rolling back to {args.version}")
+    try:
+        previous = rollback(url, args.version)
+    except BaseException as exc:  # Ctrl-C too: no row may stay 'running'
+        record("failed", f"rollback failed: {type(exc).__name__}: {exc}")
+        raise
+    message = f"{args.version} now serves (was {previous or 'nothing'})"
+    record("success", message, args.version)
+    console.print(message)
     return 0
+
+
+def _known_run_key(url: str, text: str) -> str:
+    """`text` when it is the key of a recorded run (20261101T120000Z, as `status` lists runs), else UsageError:
+    it names a folder, so it is checked before any path is built from it."""
+    from recmodel.registry import RUN_KEY_FORMAT
+
+    try:
+        well_formed = datetime.strptime(text, RUN_KEY_FORMAT).strftime(RUN_KEY_FORMAT) == text
+    except ValueError:
+        well_formed = False
+    if not well_formed:
+        raise UsageError(f"{text!r} is not a run key: runs are keyed by their as-of time in UTC, like "
+                         f"{datetime(2026, 11, 1, 12, tzinfo=UTC).strftime(RUN_KEY_FORMAT)}")
+    with db.connect(url) as conn:
+        if conn.execute(RUN_EXISTS, (text,)).fetchone() is None:
+            raise UsageError(f"no run {text} in recsys.pipeline_runs: `status` lists the recent runs")
+    return text
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -506,8 +544,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     url = _url()
     db.require_tables(url)
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"reproduce-{args.run_key}-"))
-    result = reproduce(url, args.run_key, out_dir)
+    run_key = _known_run_key(url, args.run_key)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"reproduce-{run_key}-"))
+    try:
+        result = reproduce(url, run_key, out_dir)
+    except BaseException:
+        if not args.out:  # a run that cannot be rebuilt leaves no empty or half-written folder of ours behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     verdict = ("identical weights" if result.identical else
                f"weights differ by up to {result.max_weight_diff:.3g} (the original stopped by {result.stopped_by})")
     console.print(f"run {result.run_key}: rebuilt into {result.model_dir}: {verdict}")

@@ -57,6 +57,50 @@ def test_rollback_to_an_unknown_version(db_url: str, tmp_path: Path) -> None:
     assert out.returncode == 2 and "no such version in the registry" in out.stdout
 
 
+def test_rollback_is_recorded_in_pipeline_runs_as_the_dag_records_it(db_url: str, tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from recmodel.publish import publish
+    from test_publish import frames, register
+
+    first, second = "v20261101000000", "v20261102000000"
+    register(db_url, first, second)
+    for n, version in enumerate((first, second)):
+        publish(db_url, version, frames(5, 3, seed=n), generated_at=datetime(2026, 11, 2, tzinfo=UTC), keep_versions=3)
+    done = recmodel("rollback", first, url=db_url, home=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    refused = recmodel("rollback", first, url=db_url, home=tmp_path)  # it serves already
+    assert refused.returncode == 2 and "already serving" in refused.stdout
+    with db.connect(db_url) as conn:
+        rows = conn.execute("SELECT kind, status, stage, model_version, message, finished_at IS NOT NULL, run_key "
+                            "FROM recsys.pipeline_runs ORDER BY started_at").fetchall()
+    assert [row[:6] for row in rows] == [
+        ("rollback", "success", "rollback", first, f"{first} now serves (was {second})", True),
+        ("rollback", "failed", "rollback", None,
+         f"rollback failed: PublishError: {first} is already serving; nothing to roll back", True)]
+    assert all(row[6].startswith("rollback:cli__") for row in rows) and rows[0][6] != rows[1][6]
+
+
+def test_reproduce_refuses_a_malformed_or_unknown_run_key_before_creating_anything(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recmodel import registry
+
+    temp = tmp_path / "tmp"
+    (temp / "reproduce-a").mkdir(parents=True)  # so that `a/../x` could climb out of it
+    monkeypatch.setenv("TMPDIR", str(temp))
+    hostile = recmodel("reproduce", "a/../x", url=db_url, home=tmp_path)
+    assert hostile.returncode == 2 and "'a/../x' is not a run key" in hostile.stdout, hostile.stdout
+    unknown = recmodel("reproduce", "20261201T235959Z", url=db_url, home=tmp_path)
+    assert unknown.returncode == 2 and "no run 20261201T235959Z" in unknown.stdout, unknown.stdout
+    registry.record_event(db_url, "20261130T000000Z", kind="retrain", status="skipped", stage="extract",
+                          message="nothing new")
+    untrained = recmodel("reproduce", "20261130T000000Z", url=db_url, home=tmp_path)
+    assert untrained.returncode == 2 and "has no manifest with a train stage" in untrained.stdout, untrained.stdout
+    # Nothing created, nothing left behind (the libraries' own caches aside: torch keeps one there).
+    assert [p.name for p in temp.iterdir() if p.name.startswith(("reproduce-", "x-"))] == ["reproduce-a"]
+    assert not any((temp / "reproduce-a").iterdir())
+
+
 @pytest.mark.parametrize("layout", ["missing", "ratings_only"])
 def test_malformed_movielens_folder(db_url: str, tmp_path: Path, layout: str) -> None:
     folder = tmp_path / "ml"
