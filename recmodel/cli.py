@@ -188,7 +188,7 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
     """One run of recsys_retrain through Airflow, then the summary. Exit 0 only on success."""
     from recmodel.config import PipelineConfig
     from recmodel.pipeline import check_as_of
-    from recmodel.registry import refuse_if_another_run_is_live
+    from recmodel.registry import command_holds_as_of, refuse_if_another_run_is_live
     from recmodel.runner import prepare_airflow, run_dag
 
     overrides = {k: v for k, v in conf.items() if k != "as_of"}
@@ -204,7 +204,7 @@ def run_retrain(conf: dict[str, Any], as_of: datetime) -> int:
                                    "`python -m recmodel import movielens DIR` first")
     started = time.perf_counter()
     console.print(f"[bold]recsys_retrain[/] as of {as_of:%Y-%m-%d %H:%M:%S} UTC through Airflow …")
-    with heartbeat(lambda: _run_activity(url, as_of)):
+    with command_holds_as_of(url, as_of), heartbeat(lambda: _run_activity(url, as_of)):
         prepare_airflow(settings(), url)
         outcome = run_dag(RETRAIN_DAG_ID, conf={**overrides, "as_of": as_of.isoformat()}, logical_date=as_of)
     elapsed = time.perf_counter() - started

@@ -99,7 +99,7 @@ SELECT {INCREMENT_COLUMNS}
 FROM interactions
 WHERE ingested_at <= {{low}} AND event_id <= {{max_seen}} AND event_id IN (""" + REPLAY_PENDING + """)
 """
-NO_EVENT_ID = -(2**63)  # below every event_id: on a first run every row is above what was read before
+MAX_EVENT_ID = 2**63 - 1  # what a first run has "read": no row is above it, so its window reads everything
 # Quarantined by an earlier run and not (or not yet) up for replay: never read again.
 SELECT_QUARANTINED_IN_WINDOW = """
 SELECT DISTINCT q.event_id
@@ -251,15 +251,14 @@ def _already_used_ids(conn, run_key: str, base_dataset: str | None, low: datetim
     return np.unique(np.concatenate(used))
 
 
-def _max_event_id_read(previous: tuple | None) -> int:
-    """The highest event_id an earlier run read (NO_EVENT_ID before any); for a run recorded before the
-    watermark kept it, the highest in its dataset."""
+def _max_event_id_read(previous: tuple | None) -> int | None:
+    """The highest event_id an earlier run read (None before any); for a run recorded before the watermark
+    kept it, the highest in its dataset."""
     if previous is None:
-        return NO_EVENT_ID
+        return None
     if previous[3] is not None:
         return int(previous[3])
-    event_ids = pq.read_table(previous[2], columns=["event_id"]).column("event_id")
-    return int(pc.max(event_ids).as_py() or NO_EVENT_ID) if len(event_ids) else NO_EVENT_ID
+    return pc.max(pq.read_table(previous[2], columns=["event_id"]).column("event_id")).as_py()
 
 
 @dataclass(frozen=True)
@@ -271,14 +270,17 @@ class _Streamed:
 
 
 def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetime, path: Path,
-                      used_ids: np.ndarray, max_seen: int) -> _Streamed:
+                      used_ids: np.ndarray, max_seen: int | None) -> _Streamed:
     """COPY the window (and rows up for replay, and rows appended behind the watermark) into Parquet,
     ROW_GROUP_ROWS at a time, so memory stays flat as rows grow."""
     query = sql.SQL(SELECT_INCREMENT).format(low=sql.Literal(low), high=sql.Literal(high),
                                              run_key=sql.Literal(run_key),
-                                             max_seen=sql.Literal(max_seen)).as_string(conn)
+                                             max_seen=sql.Literal(MAX_EVENT_ID if max_seen is None else max_seen)
+                                             ).as_string(conn)
     rows = skipped = behind = 0
     highest = max_seen
+    behind_from = MAX_EVENT_ID if max_seen is None else max_seen
+    window_start = np.datetime64(low.astimezone(UTC).replace(tzinfo=None))
     tmp = path.with_suffix(".tmp")
     # Dictionary-encoding only event_type: ids and timestamps gain nothing from it but cost 40% of the write.
     with pq.ParquetWriter(tmp, INTERACTION_SCHEMA, use_dictionary=["event_type"]) as writer:
@@ -286,14 +288,15 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
             nonlocal rows, skipped, behind, highest
             table = pa.Table.from_batches(batches, schema=INTERACTION_SCHEMA)
             event_ids = table.column("event_id").to_numpy()
-            highest = max(highest, int(event_ids.max()))
+            newest = int(event_ids.max())
+            highest = newest if highest is None else max(highest, newest)
             used = np.isin(event_ids, used_ids)
             if used.any():
                 table = table.filter(pa.array(~used))
             skipped += int(used.sum())
             rows += table.num_rows
-            behind += int(np.sum((table.column("event_id").to_numpy() > max_seen)
-                                 & (table.column("ingested_at").to_numpy() <= np.datetime64(low.astimezone(UTC).replace(tzinfo=None)))))
+            behind += int(np.sum((table.column("event_id").to_numpy() > behind_from)
+                                 & (table.column("ingested_at").to_numpy() <= window_start)))
             writer.write_table(table)
 
         pending: list[pa.RecordBatch] = []
@@ -307,8 +310,7 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
         if pending:
             flush(pending)
     tmp.replace(path)
-    return _Streamed(rows=rows, skipped=skipped, behind_watermark=behind,
-                     max_event_id=None if highest == NO_EVENT_ID else highest)
+    return _Streamed(rows=rows, skipped=skipped, behind_watermark=behind, max_event_id=highest)
 
 
 def _snapshot_catalog(conn, url: str, path: Path, text_max_chars: int) -> int:

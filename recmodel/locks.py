@@ -18,6 +18,8 @@ class AdvisoryLock(IntEnum):
     RUN_CLAIM = 7_319_003  # transaction lock: check for live runs and claim one, atomically
     OUTCOMES = 7_319_004  # transaction lock: one outcomes update at a time
     PUBLISH_STAGING = 7_319_005  # (class, hashtext(version)) session lock: who owns a version's staging tables
+    RETRAIN_COMMAND = 7_319_006  # (class, hashtext(run key)) session lock: one `retrain` command per as-of
 
 
 TRANSACTION_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+TRY_KEYED_SESSION_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"  # (class, text key); ends with the session

@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from recmodel import db
 from recmodel.config import ENV_VARIABLE, settings
 from recmodel.errors import PermanentError
-from recmodel.locks import AdvisoryLock, TRANSACTION_LOCK
+from recmodel.locks import AdvisoryLock, TRANSACTION_LOCK, TRY_KEYED_SESSION_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,23 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None,
         generation = conn.execute(UPSERT_RUN, {"run_key": run_key, "as_of": as_of,
                                                "dag_run_id": dag_run_id}).fetchone()[0]
     return Claim(run_key, generation), dead
+
+
+@contextmanager
+def command_holds_as_of(url: str, as_of: datetime) -> Iterator[None]:
+    """While the block runs, this process is the only `retrain` command for `as_of` on the database.
+
+    Two `retrain --as-of A` started together both pass every check before their DAG runs exist; the
+    second's `DAG.test` would then clear the first run's task instances or fail on Airflow's unique
+    logical date. A session lock per run key, taken before Airflow starts, refuses the second at once
+    (`RunKeyTaken`); it is released when this process ends, however it ends.
+    """
+    run_key = run_key_for(as_of)
+    with db.connect(url, autocommit=True) as conn:
+        if not conn.execute(TRY_KEYED_SESSION_LOCK, (AdvisoryLock.RETRAIN_COMMAND, run_key)).fetchone()[0]:
+            raise RunKeyTaken(f"another `retrain` of as-of {as_of:%Y-%m-%d %H:%M:%S} UTC (run {run_key}) is running "
+                              "on this database: the same as-of is run once. Wait for it, or retrain another as-of")
+        yield
 
 
 def live_runs(url: str) -> list[tuple[str, str, datetime, float]]:

@@ -8,14 +8,18 @@ already behind the watermark (a historical import after the first run).
 
 from __future__ import annotations
 
+import re
+import threading
 from datetime import datetime, timedelta, UTC
 
+import psycopg
 import pytest
 
-from conftest import SMALL_MODEL, seed_small, serving_state, staged_tables
+from conftest import REPO_ROOT, SMALL_MODEL, seed_small, serving_state, staged_tables
 from recmodel import db, pipeline, registry
 from recmodel.errors import NothingNew
 from recmodel.extract import fresh_interactions
+from recmodel.locks import TRANSACTION_LOCK, AdvisoryLock
 from recmodel.publish import publish
 
 pytestmark = pytest.mark.reliability
@@ -125,3 +129,67 @@ def test_with_nothing_new_and_nothing_stranded_the_run_ends(recsys_env: str) -> 
     following = pipeline.make_context(NOW + timedelta(hours=1), SMALL_MODEL)
     with pytest.raises(NothingNew):
         pipeline.step_validate(following, pipeline.step_extract(following))
+
+
+def test_a_long_outcomes_update_does_not_hold_up_a_runs_claim(recsys_env: str) -> None:
+    """The outcomes update and the run claim once shared one advisory-lock key: a 25 s outcomes transaction
+    blocked `claim_run` for 23.5 s, silently."""
+    claimed = threading.Event()
+
+    def claim() -> None:
+        registry.claim_run(recsys_env, registry.run_key_for(NOW), NOW, None, [])
+        claimed.set()
+
+    with psycopg.connect(recsys_env) as outcomes_update:  # holds the outcomes lock in its open transaction
+        outcomes_update.execute(TRANSACTION_LOCK, (AdvisoryLock.OUTCOMES,))
+        claimer = threading.Thread(target=claim)
+        claimer.start()
+        claimer.join(timeout=10)
+        assert claimed.is_set(), "claim_run waited on the outcomes update's lock"
+    claimer.join()
+
+
+def test_every_advisory_lock_takes_its_key_from_one_place() -> None:
+    """No module passes a key of its own: each `pg_advisory*` call gets an `AdvisoryLock` member."""
+    calls = []
+    for path in sorted((REPO_ROOT / "recmodel").rglob("*.py")):
+        source = path.read_text()
+        calls += [(path.name, line) for line in source.splitlines() if re.search(r"pg_(try_)?advisory", line)]
+        calls += [(path.name, line) for line in source.splitlines() if "TRANSACTION_LOCK, (" in line]
+    assert calls
+    for name, line in calls:
+        if "execute(" in line:
+            assert "AdvisoryLock." in line, f"{name}: {line.strip()}"
+        else:
+            assert not re.search(r"\d{4}", line), f"{name} names a lock key of its own: {line.strip()}"
+    assert len(set(AdvisoryLock)) == len(AdvisoryLock.__members__)
+
+
+@pytest.mark.slow
+def test_two_retrains_of_the_same_as_of_at_once_run_it_once(recsys_env: str, tmp_path) -> None:
+    """Two `retrain --as-of A` started together: one runs, the other is refused with a clear message (it died
+    on SQLAlchemy's IntegrityError for the DAG run's logical date, or cleared the first run's tasks)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    seed_small(recsys_env, NOW)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "recmodel", "retrain", "--as-of", NOW.isoformat(), "--conf", json.dumps(SMALL_MODEL)]
+    both = [subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+    try:
+        while all(p.poll() is None for p in both):
+            threading.Event().wait(0.2)
+        [refused] = [p for p in both if p.poll() is not None]
+        output = refused.stdout.read()
+        assert refused.returncode == 2, output
+        assert re.search(r"another `retrain` of as-of .* is running on this database", output), output
+        assert "IntegrityError" not in output and "Traceback" not in output
+    finally:
+        for process in both:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(timeout=120)
