@@ -281,14 +281,15 @@ def extract_comparison(url: str, as_of: datetime, rows: int) -> dict[str, Any]:
     import pyarrow as pa
     import psycopg2
 
-    from recmodel.extract import INTERACTION_SCHEMA, SELECT_INCREMENT, extract
+    from recmodel.extract import INTERACTION_SCHEMA, MAX_EVENT_ID, SELECT_INCREMENT, extract
 
     with tempfile.TemporaryDirectory(prefix="recsys-bench-extract-") as tmp:
         started = time.perf_counter()
         extract(url, "bench-reread", as_of, Path(tmp), lookback=timedelta(0))
         reread_seconds = time.perf_counter() - started
 
-    window = {"low": datetime(1970, 1, 1, tzinfo=UTC), "high": as_of, "run_key": "bench-baseline"}
+    window = {"low": datetime(1970, 1, 1, tzinfo=UTC), "high": as_of, "run_key": "bench-baseline",
+              "max_seen": MAX_EVENT_ID}  # a first run's query
     with db.connect(url) as conn:
         query = sql.SQL(SELECT_INCREMENT).format(**{k: sql.Literal(v) for k, v in window.items()}).as_string(conn)
         started = time.perf_counter()

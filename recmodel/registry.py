@@ -42,12 +42,14 @@ SET dag_run_id = EXCLUDED.dag_run_id, started_at = now(), finished_at = NULL, st
     claim_generation = recsys.pipeline_runs.claim_generation + 1
 RETURNING claim_generation
 """
-# The row of the run key being claimed, when it is running and was active lately: then a process is (or may
-# still be) executing it, and a second claim of the same key is refused.
-SELECT_SAME_KEY_ACTIVE = """
-SELECT dag_run_id, COALESCE(active_step, stage), extract(epoch FROM now() - heartbeat_at), active_step IS NOT NULL
+# The row of the run key being claimed, when it is running and was active lately under another Airflow run:
+# a second run of the same as-of, refused. The same Airflow run claims again on a retry of its extract (and a
+# local run on a rerun): the earlier try, dead or a zombie, is fenced off by the new generation.
+SELECT_SAME_KEY_ELSEWHERE = """
+SELECT dag_run_id, COALESCE(active_step, stage), extract(epoch FROM now() - heartbeat_at)
 FROM recsys.pipeline_runs
 WHERE run_key = %(run_key)s AND kind = 'retrain' AND status = 'running'
+  AND dag_run_id IS DISTINCT FROM %(dag_run_id)s
   AND heartbeat_at >= now() - make_interval(secs => %(stale)s)
 """
 # What a step checks before it writes: the run's claim, locked against a concurrent "declare dead" until the
@@ -404,9 +406,9 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None,
     """Start (or restart) run `run_key`, one at a time per database; returns its claim and the dead runs
     marked failed.
 
-    Refuses while another retrain is alive (see LIVE; its heartbeat is fresh); while the same run key is
-    running elsewhere (a step of it executes now, or another Airflow run holds it: a double click, or an
-    `--as-of` equal to a scheduled interval's end); and when one of `versions` (the run's model and
+    Refuses while another retrain is alive (see LIVE; its heartbeat is fresh); while another Airflow run
+    holds the same run key (a double click, or an `--as-of` equal to a scheduled interval's end); and
+    when one of `versions` (the run's model and
     baseline versions) was published or serves: published versions are immutable, and a rerun of their
     interval would overwrite their files and registry row. Each claim is a new generation (`Claim`).
     """
@@ -416,9 +418,10 @@ def claim_run(url: str, run_key: str, as_of: datetime, dag_run_id: str | None,
         live = conn.execute(SELECT_LIVE_RUNS, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
         if live is not None:
             raise AnotherRunIsLive(_another_run_is_live(*live))
-        same_key = conn.execute(SELECT_SAME_KEY_ACTIVE, {"run_key": run_key, "stale": STALE_AFTER_SECONDS}).fetchone()
-        if same_key is not None and (same_key[3] or same_key[0] != dag_run_id):
-            owner, step, silent, _ = same_key
+        same_key = conn.execute(SELECT_SAME_KEY_ELSEWHERE, {"run_key": run_key, "dag_run_id": dag_run_id,
+                                                             "stale": STALE_AFTER_SECONDS}).fetchone()
+        if same_key is not None:
+            owner, step, silent = same_key
             raise RunKeyTaken(f"run {run_key} (as-of {as_of:%Y-%m-%d %H:%M:%S} UTC) is already running"
                               f"{f' as Airflow run {owner}' if owner else ''} (step {step}, last heartbeat "
                               f"{silent:.0f} s ago); the same as-of is claimed once. Wait for it, or retrain another "
