@@ -33,6 +33,7 @@ from recmodel.errors import PermanentError
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 262_144  # rows buffered per Parquet row group: bounds the extract's memory
+MAX_EVENT_ID = 2**63 - 1  # what a first run has "read": no row is above it, so its window reads everything
 EVENT_TYPE_MAX_CHARS = 256  # longer event types are cut at the source (no setting names one this long)
 MAX_TAGS = 64  # tags kept per item in the catalog snapshot
 
@@ -75,7 +76,8 @@ GROUP BY event_id HAVING bool_and(replay_requested_at IS NOT NULL)
 # years past 9999 come as NULL, with their text in RAW_OCCURRED_AT), event_type cut to EVENT_TYPE_MAX_CHARS
 # (an unbounded field would outgrow the reader's block), and numeric values beyond float8 as +-Infinity
 # (a plain cast would fail the whole COPY). Validation then quarantines each such row with its reason.
-READABLE_OCCURRED_AT = "occurred_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'"
+READABLE_TIME = "BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'"  # what Arrow and Python hold
+READABLE_OCCURRED_AT = f"occurred_at {READABLE_TIME}"
 INCREMENT_COLUMNS = f"""
 event_id, user_id, item_id, left(event_type, {EVENT_TYPE_MAX_CHARS}),
 CASE WHEN value IS NULL OR value = 'NaN' OR abs(value) <= 1e308 THEN value::float8
@@ -99,7 +101,6 @@ SELECT {INCREMENT_COLUMNS}
 FROM interactions
 WHERE ingested_at <= {{low}} AND event_id <= {{max_seen}} AND event_id IN (""" + REPLAY_PENDING + """)
 """
-MAX_EVENT_ID = 2**63 - 1  # what a first run has "read": no row is above it, so its window reads everything
 # Quarantined by an earlier run and not (or not yet) up for replay: never read again.
 SELECT_QUARANTINED_IN_WINDOW = """
 SELECT DISTINCT q.event_id
@@ -120,24 +121,23 @@ WHERE reason = %(reason)s AND replayed_by IS NULL AND replay_requested_at IS NUL
 # Tags travel as JSON: COPY's text form of an array is not something Arrow parses. Text is cut to a
 # bound (`item_text_max_chars` per field, MAX_TAGS tags): the encoder reads a few hundred tokens of
 # it anyway, and one unbounded row would outgrow the bulk reader's block. created_at is read where a
-# snapshot can hold it (else NULL: no creation time known), like interactions' occurred_at.
-SELECT_CATALOG = """
-SELECT item_id, left(title, {max_chars}), left(description, {max_chars}),
+# snapshot can hold it (else NULL: no creation time known), like interactions' occurred_at. The last column
+# says whether the row's text was cut, so the extract reports it without reading the table a second time.
+SELECT_CATALOG = f"""
+SELECT item_id, left(title, {{max_chars}}), left(description, {{max_chars}}),
        CASE WHEN tags IS NOT NULL THEN array_to_json(ARRAY(
-           SELECT left(t.tag, {max_chars}) FROM unnest(tags[1:{max_tags}]) WITH ORDINALITY AS t(tag, n)
+           SELECT left(t.tag, {{max_chars}}) FROM unnest(tags[1:{{max_tags}}]) WITH ORDINALITY AS t(tag, n)
            ORDER BY t.n))::text END,
-       CASE WHEN created_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'
-            THEN created_at END,
-       active
+       CASE WHEN created_at {READABLE_TIME} THEN created_at END,
+       active,
+       COALESCE(length(title) > {{max_chars}} OR length(description) > {{max_chars}}
+                OR cardinality(tags) > {{max_tags}}
+                OR EXISTS (SELECT 1 FROM unnest(tags) AS tag WHERE length(tag) > {{max_chars}}), false)
 FROM items ORDER BY item_id
 """
-COUNT_TRUNCATED_TEXT = """
-SELECT count(*) FILTER (WHERE length(title) > %(max_chars)s OR length(description) > %(max_chars)s
-                        OR cardinality(tags) > %(max_tags)s
-                        OR EXISTS (SELECT 1 FROM unnest(tags) AS tag WHERE length(tag) > %(max_chars)s))
-FROM items
-"""
-CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"), pa.field("tags", pa.string()))
+TEXT_CUT = "text_cut"
+CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"),
+                                         pa.field("tags", pa.string())).append(pa.field(TEXT_CUT, pa.bool_()))
 
 # What the fresh-data check counts: rows ingested after the data the newest served (or settled) version
 # learned from, plus rows no extract has read yet whatever their ingested_at (appended with a historical one).
@@ -145,7 +145,7 @@ CATALOG_WIRE_SCHEMA = CATALOG_SCHEMA.set(CATALOG_SCHEMA.get_field_index("tags"),
 COUNT_SINCE_TRAINED = f"""
 SELECT count(*) FROM interactions
 WHERE ingested_at > COALESCE(({registry.SELECT_TRAINED_THROUGH}), '-infinity')
-   OR event_id > COALESCE((SELECT max(max_event_id) FROM recsys.extract_watermarks), {2**63 - 1})
+   OR event_id > COALESCE((SELECT max(max_event_id) FROM recsys.extract_watermarks), {MAX_EVENT_ID})
 """
 # The source's column types, checked before reading: a changed type would otherwise surface as an
 # Arrow parse error deep in the COPY, or worse, as silently different values.
@@ -201,8 +201,7 @@ def extract(url: str, run_key: str, as_of: datetime, run_dir: Path, *, lookback:
         increment_path = run_dir / INCREMENT_FILE
         streamed = _stream_increment(conn, url, run_key, read_from, high, increment_path, used_ids, max_seen)
         catalog_path = run_dir / CATALOG_FILE
-        catalog_items = _snapshot_catalog(conn, url, catalog_path, text_max_chars)
-        truncated = conn.execute(COUNT_TRUNCATED_TEXT, {"max_chars": text_max_chars, "max_tags": MAX_TAGS}).fetchone()[0]
+        catalog_items, truncated = _snapshot_catalog(conn, url, catalog_path, text_max_chars)
     if catalog_items == 0:
         raise ExtractError("the items table is empty: load a catalog (seed, import movielens, or your app) first")
     rows, skipped = streamed.rows, streamed.skipped
@@ -273,13 +272,12 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
                       used_ids: np.ndarray, max_seen: int | None) -> _Streamed:
     """COPY the window (and rows up for replay, and rows appended behind the watermark) into Parquet,
     ROW_GROUP_ROWS at a time, so memory stays flat as rows grow."""
+    read_above = MAX_EVENT_ID if max_seen is None else max_seen  # rows above it are read whatever their ingested_at
     query = sql.SQL(SELECT_INCREMENT).format(low=sql.Literal(low), high=sql.Literal(high),
                                              run_key=sql.Literal(run_key),
-                                             max_seen=sql.Literal(MAX_EVENT_ID if max_seen is None else max_seen)
-                                             ).as_string(conn)
+                                             max_seen=sql.Literal(read_above)).as_string(conn)
     rows = skipped = behind = 0
     highest = max_seen
-    behind_from = MAX_EVENT_ID if max_seen is None else max_seen
     window_start = np.datetime64(low.astimezone(UTC).replace(tzinfo=None))
     tmp = path.with_suffix(".tmp")
     # Dictionary-encoding only event_type: ids and timestamps gain nothing from it but cost 40% of the write.
@@ -295,7 +293,7 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
                 table = table.filter(pa.array(~used))
             skipped += int(used.sum())
             rows += table.num_rows
-            behind += int(np.sum((table.column("event_id").to_numpy() > behind_from)
+            behind += int(np.sum((table.column("event_id").to_numpy() > read_above)
                                  & (table.column("ingested_at").to_numpy() <= window_start)))
             writer.write_table(table)
 
@@ -313,17 +311,20 @@ def _stream_increment(conn, url: str, run_key: str, low: datetime, high: datetim
     return _Streamed(rows=rows, skipped=skipped, behind_watermark=behind, max_event_id=highest)
 
 
-def _snapshot_catalog(conn, url: str, path: Path, text_max_chars: int) -> int:
-    """The items table via COPY (a 50k-item catalog: 0.33 s as Python rows before), text cut to its bound."""
+def _snapshot_catalog(conn, url: str, path: Path, text_max_chars: int) -> tuple[int, int]:
+    """The items table via COPY (a 50k-item catalog: 0.33 s as Python rows before), text cut to its bound:
+    (items, items whose text was cut)."""
     query = sql.SQL(SELECT_CATALOG).format(max_chars=sql.Literal(text_max_chars),
                                            max_tags=sql.Literal(MAX_TAGS)).as_string(conn)
     wire = pa.Table.from_batches(list(pgbulk.read_batches(url, query, CATALOG_WIRE_SCHEMA)),
                                  schema=CATALOG_WIRE_SCHEMA)
     tags = pa.array([None if t is None else json.loads(t) for t in wire.column("tags").to_pylist()],
                     type=pa.list_(pa.string()))
-    table = wire.set_column(CATALOG_SCHEMA.get_field_index("tags"), CATALOG_SCHEMA.field("tags"), tags)
+    cut = pc.sum(wire.column(TEXT_CUT)).as_py() or 0
+    table = wire.drop_columns([TEXT_CUT]).set_column(CATALOG_SCHEMA.get_field_index("tags"),
+                                                     CATALOG_SCHEMA.field("tags"), tags)
     pq.write_table(table, path)
-    return table.num_rows
+    return table.num_rows, cut
 
 
 def fresh_interactions(url: str) -> tuple[int, bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Iterator
 
@@ -82,16 +83,23 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.cleanup()
 
 
+@contextmanager
+def migrated_database(server_url: str) -> Iterator[str]:
+    """A new, migrated database on the test server while the block runs, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    db.ensure_database(server_url, name)
+    url = db.with_database(server_url, name)
+    db.migrate(url)
+    yield url
+    with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def db_url(pg_server_url: str) -> Iterator[str]:
     """A new, migrated database for one test, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    db.ensure_database(pg_server_url, name)
-    url = db.with_database(pg_server_url, name)
-    db.migrate(url)
-    yield url
-    with psycopg.connect(db.libpq_url(pg_server_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with migrated_database(pg_server_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from recmodel import db
 from recmodel.publish import publish
 from recmodel.runner import database_environment
+from conftest import migrated_database
 from test_publish import frames, register
 
 NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
@@ -30,13 +29,8 @@ PASSWORD = "admin-secret"
 @pytest.fixture
 def elsewhere(pg_server_url: str) -> Iterator[str]:
     """A second migrated database: where RECSYS_DATABASE_URL points while the connection names another."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    db.ensure_database(pg_server_url, name)
-    url = db.with_database(pg_server_url, name)
-    db.migrate(url)
-    yield url
-    with psycopg.connect(db.libpq_url(pg_server_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with migrated_database(pg_server_url) as url:
+        yield url
 
 
 def connection_uri(url: str) -> str:
