@@ -65,9 +65,10 @@ ORDER BY (a.alert ->> 'at')::timestamptz DESC LIMIT %(limit)s
 """
 # Liveness: a step stamps its run every HEARTBEAT_SECONDS while it executes (active_step names it).
 # Only a running run's row is stamped: a refused rerun must not touch the row of the run it would repeat.
+# A run the gate rejected goes on through its remaining (no-op) steps under the same claim: still its own.
 BEAT = """
 UPDATE recsys.pipeline_runs SET heartbeat_at = now(), active_step = %(step)s
-WHERE run_key = %(run_key)s AND status = 'running' AND claim_generation = %(generation)s
+WHERE run_key = %(run_key)s AND status IN ('running', 'rejected') AND claim_generation = %(generation)s
 """
 CLEAR_STEP = """
 UPDATE recsys.pipeline_runs SET active_step = NULL

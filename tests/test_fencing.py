@@ -55,6 +55,20 @@ def test_the_same_as_of_under_a_second_airflow_run_is_refused_and_the_first_keep
     assert pipeline.step_validate(first, extracted).new_rows == 8000
 
 
+def test_the_steps_after_a_gate_rejection_still_hold_the_runs_claim(recsys_env: str, caplog) -> None:
+    """A rejected run walks through refit, scoring and publish as no-ops; its heartbeat must not call that a
+    lost claim (an ERROR line in every rejected run's log)."""
+    seed_small(recsys_env, NOW)
+    ctx = pipeline.make_context(NOW, SMALL_MODEL)
+    pipeline.step_extract(ctx)
+    claim = registry.resume_claim(recsys_env, ctx.run_key, ctx.dag_run_id)
+    with db.transaction(recsys_env) as conn:
+        conn.execute("UPDATE recsys.pipeline_runs SET status = 'rejected' WHERE run_key = %s", (ctx.run_key,))
+    with registry.heartbeat(recsys_env, claim, "refit"):
+        pass
+    assert "lost its claim" not in caplog.text
+
+
 def test_a_run_declared_dead_while_paused_writes_nothing_when_it_wakes(recsys_env: str) -> None:
     from test_publish import frames, register
 
