@@ -203,10 +203,16 @@ class CatalogStats:
 
     n_items: int  # recommendable items, the denominator of coverage
     head_items: frozenset[int]  # the 20% most-interacted items
-    cold_items: frozenset[int]  # items with fewer than COLD_THRESHOLD training interactions
+    new_items: frozenset[int]  # recommendable items with no training interaction: what a cold item is
+    rare_items: frozenset[int]  # items with 1 to RARE_MAX training interactions
 
 
-COLD_THRESHOLD = 5
+RARE_MAX = 4  # an item with 1..4 training interactions is rare; with more, warm
+COLD_USER_MAX = 2  # a user with 1..2 training interactions is a cold user
+# Slices reported beside the overall metrics: items by how much training saw of them, and users with
+# almost no history. Each is scored on its own users (those with a target in it), with intervals.
+ITEM_SLICES = ("cold_item", "rare_item", "warm_item")
+SLICES = (*ITEM_SLICES, "cold_user")
 
 
 def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> CatalogStats:
@@ -214,32 +220,56 @@ def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> 
     counts = counts.reindex(np.asarray(recommendable_ids), fill_value=0)
     ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
     head = ranked.index[: max(1, round(HEAD_SHARE * len(ranked)))]
+    seen = counts.to_numpy()
     return CatalogStats(n_items=len(recommendable_ids), head_items=frozenset(int(i) for i in head),
-                        cold_items=frozenset(int(i) for i in counts.index[counts.to_numpy() < COLD_THRESHOLD]))
+                        new_items=frozenset(int(i) for i in counts.index[seen == 0]),
+                        rare_items=frozenset(int(i) for i in counts.index[(seen >= 1) & (seen <= RARE_MAX)]))
+
+
+def cold_users(histories: dict[int, np.ndarray]) -> frozenset[int]:
+    """Users whose training history holds 1..COLD_USER_MAX interactions."""
+    return frozenset(user for user, history in histories.items() if 1 <= len(history) <= COLD_USER_MAX)
+
+
+def slice_targets(targets: dict[int, set[int]], stats: CatalogStats,
+                  cold: frozenset[int] = frozenset()) -> dict[str, dict[int, set[int]]]:
+    """Each slice's users and targets: an item slice keeps only its items' targets (and the users who
+    have one); the cold-user slice keeps the users in `cold` with all their targets."""
+    def keep(wanted) -> dict[int, set[int]]:
+        return {user: kept for user, relevant in targets.items() if (kept := {i for i in relevant if wanted(i)})}
+
+    return {"cold_item": keep(stats.new_items.__contains__), "rare_item": keep(stats.rare_items.__contains__),
+            "warm_item": keep(lambda item: item not in stats.new_items and item not in stats.rare_items),
+            "cold_user": {user: relevant for user, relevant in targets.items() if user in cold}}
 
 
 def evaluate_lists(recommended: dict[int, np.ndarray], targets: dict[int, set[int]], stats: CatalogStats,
-                   k: int = K) -> dict[str, Any]:
+                   k: int = K, cold: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Means of the per-user metrics plus list-level and slice metrics.
 
     coverage@k: distinct recommended items / recommendable items. tail_share@k: share of
-    recommended slots outside the 20% most popular items. cold_*: NDCG and Recall computed on the
-    cold targets only, over users who have one (cold_users of them).
+    recommended slots outside the 20% most popular items. new_item_share@k: share of slots holding an
+    item training never saw. Per slice (SLICES, see `slice_targets`): {slice}_ndcg@k, {slice}_hr@k and
+    {slice}_users, the users it is scored on (0: the slice is empty and its metrics are 0).
     """
     per_user = per_user_metrics(recommended, targets, k)
     slots = [item for user in targets for item in recommended.get(user, np.array([], np.int64))[:k].tolist()]
-    cold_targets = {u: t & stats.cold_items for u, t in targets.items() if t & stats.cold_items}
-    cold = per_user_metrics(recommended, cold_targets, k) if cold_targets else None
     summary: dict[str, Any] = {name: float(values.mean()) for name, values in per_user.items()}
     summary.update({
         f"coverage@{k}": len(set(slots)) / max(stats.n_items, 1),
         f"tail_share@{k}": float(np.mean([item not in stats.head_items for item in slots])) if slots else 0.0,
-        f"cold_ndcg@{k}": float(cold[f"ndcg@{k}"].mean()) if cold else 0.0,
-        f"cold_recall@{k}": float(cold[f"recall@{k}"].mean()) if cold else 0.0,
-        "cold_users": float(len(cold_targets)),
+        f"new_item_share@{k}": float(np.mean([item in stats.new_items for item in slots])) if slots else 0.0,
         "users": float(len(targets)),
     })
+    per_slice = {}
+    for name, wanted in slice_targets(targets, stats, cold).items():
+        metrics = per_user_metrics(recommended, wanted, k)
+        per_slice[name] = metrics
+        for metric in (f"ndcg@{k}", f"hr@{k}"):
+            summary[f"{name}_{metric}"] = float(metrics[metric].mean()) if wanted else 0.0
+        summary[f"{name}_users"] = float(len(wanted))
     summary["per_user"] = per_user
+    summary["per_slice"] = per_slice
     return summary
 
 
@@ -261,16 +291,25 @@ def bootstrap_interval(values: np.ndarray, *, reference: np.ndarray | None = Non
 
 
 def summarize(evaluation: dict[str, Any], k: int = K) -> dict[str, Any]:
-    """JSON-ready: the means, plus 95% bootstrap intervals of NDCG@k and HR@k (per-user arrays dropped)."""
-    summary = {name: value for name, value in evaluation.items() if name != "per_user"}
+    """JSON-ready: the means, plus 95% bootstrap intervals of NDCG@k and HR@k, overall and per slice
+    (per-user arrays dropped)."""
+    summary = {name: value for name, value in evaluation.items() if name not in ("per_user", "per_slice")}
     for name in (f"ndcg@{k}", f"hr@{k}"):
         summary[f"{name}_ci"] = list(bootstrap_interval(evaluation["per_user"][name]))
+        for slice_name, per_user in evaluation.get("per_slice", {}).items():
+            if len(per_user[name]):
+                summary[f"{slice_name}_{name}_ci"] = list(bootstrap_interval(per_user[name]))
     return summary
 
 
-def paired_ratio(candidate: dict[str, Any], reference: dict[str, Any], metric: str) -> tuple[float, float, float]:
-    """mean(candidate) / mean(reference) of `metric` over the same users, with its 95% interval."""
-    values, base = candidate["per_user"][metric], reference["per_user"][metric]
+def paired_ratio(candidate: dict[str, Any], reference: dict[str, Any], metric: str,
+                 slice_name: str | None = None) -> tuple[float, float, float]:
+    """mean(candidate) / mean(reference) of `metric` over the same users (those of `slice_name` when
+    given), with its 95% interval."""
+    def values_of(evaluation: dict[str, Any]) -> np.ndarray:
+        return evaluation["per_user"][metric] if slice_name is None else evaluation["per_slice"][slice_name][metric]
+
+    values, base = values_of(candidate), values_of(reference)
     low, high = bootstrap_interval(values, reference=base)
     return float(values.mean() / max(base.mean(), 1e-12)), low, high
 
@@ -320,6 +359,27 @@ def popularity_recommendations(train_events: pd.DataFrame, holdout: Holdout, act
     return {user: unseen_top(ranked, set(history.tolist()), k) for user, history in holdout.histories.items()}
 
 
+COLD_ITEM_MIN_USERS = 20  # fewer users whose target is a new item: too few to compare models on new items
+
+
+def _cold_item_regression(candidate: dict[str, Any], champion: dict[str, Any], metrics: dict[str, dict[str, Any]],
+                          config: PipelineConfig) -> list[str]:
+    """A warning (not a rejection) when the candidate ranks new items clearly worse than the champion:
+    the overall metric barely sees them, so a regression for new items would otherwise pass unnoticed."""
+    metric = config.gate_metric
+    users = int(candidate.get("cold_item_users", 0))
+    if users < COLD_ITEM_MIN_USERS or f"cold_item_{metric}" not in candidate:
+        return []
+    ratio = paired_ratio(candidate, champion, metric, "cold_item")
+    metrics["candidate"][f"cold_item_{metric}_vs_champion"] = list(ratio)
+    if ratio[2] >= 1 - config.gate_champion_tolerance:
+        return []
+    ours, theirs = candidate[f"cold_item_{metric}"], champion[f"cold_item_{metric}"]
+    return [(f"new items ranked worse than by the champion: cold-item {metric} {ours:.4f} vs {theirs:.4f} over "
+             f"{users} users whose next item had no training interaction, ratio {ratio[0]:.2f} "
+             f"[{ratio[1]:.2f}, {ratio[2]:.2f}]")]
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, popularity: dict[str, Any],
            config: PipelineConfig) -> GateDecision:
     """Accept above the floor, clearly above popularity, and not clearly worse than the champion.
@@ -353,4 +413,6 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, popularit
     accepted = not reasons
     if accepted:
         reasons.append(f"{metric} {value:.4f} vs popularity {popularity[metric]:.4f}{versus}")
+    if champion is not None:
+        reasons.extend(_cold_item_regression(candidate, champion, metrics, config))
     return GateDecision(outcome=ACCEPTED if accepted else REJECTED, reasons=reasons, metrics=metrics)

@@ -5,6 +5,8 @@ Figures over every list a version publishes (every slot of every user's top-K):
 - coverage: distinct recommended items / recommendable (active) catalog items;
 - tail_share: share of slots holding an item outside the 20% most-interacted items (`HEAD_SHARE`), the
   same head the gate's tail_share@10 uses;
+- new_item_share: share of slots holding an item nobody interacted with in the snapshot (a new item,
+  ranked by its text alone); `tail_boost` raises it, as such items carry no popularity penalty;
 - novelty: mean self-information of a recommended item, -log2(share of users who interacted with it),
   in bits: recommending what everybody has seen scores near 0, a niche item scores high.
 
@@ -67,6 +69,8 @@ class LongTail:
     items: int  # distinct items recommended
     recommendable: int  # active catalog items
     slots: int  # recommendations counted
+    new_item_share: float  # share of slots holding an item with no interaction in the snapshot
+    new_items: int  # distinct such items recommended
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -84,7 +88,9 @@ def measure(recommendations: pd.DataFrame, dataset: pd.DataFrame, recommendable_
     reach = dataset.drop_duplicates(["user_id", "item_id"])["item_id"].value_counts()
     share = reach.reindex(slots, fill_value=0).to_numpy(np.float64) / users
     information = -np.log2(np.maximum(share, 1 / users))  # an item nobody touched counts as one user's
+    new = share == 0
     return LongTail(coverage=float(len(np.unique(slots)) / max(len(recommendable_ids), 1)),
                     tail_share=float(np.mean(~np.isin(slots, head))) if len(slots) else 0.0,
                     novelty=float(information.mean()) if len(slots) else 0.0,
-                    items=len(np.unique(slots)), recommendable=len(recommendable_ids), slots=len(slots))
+                    items=len(np.unique(slots)), recommendable=len(recommendable_ids), slots=len(slots),
+                    new_item_share=float(new.mean()) if len(slots) else 0.0, new_items=len(np.unique(slots[new])))

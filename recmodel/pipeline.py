@@ -434,7 +434,7 @@ def step_gate(ctx: RunContext, record: StageRecord, exported: Exported) -> Gated
         vocab = artifacts.load_vocab(model_dir)
         tail = TailBoost.of(ctx.config.tail_boost, train_events, vocab)
         return gate.evaluate_lists(gate.onnx_recommendations(session, vocab, holdout, tail=tail),
-                                   holdout.targets, stats)
+                                   holdout.targets, stats, cold=gate.cold_users(holdout.histories))
 
     if exported.model is None:
         decision = gate.GateDecision(gate.UNDECIDED, [f"no model could be trained: {trained.untrainable}"])
@@ -450,7 +450,7 @@ def step_gate(ctx: RunContext, record: StageRecord, exported: Exported) -> Gated
         champion = (evaluate(champion_record.gated.artifact_dir, champion_record.gated.onnx_path, holdout,
                              train_events, stats) if champion_record else None)
         popularity = gate.evaluate_lists(gate.popularity_recommendations(train_events, holdout, active_ids),
-                                         holdout.targets, stats)
+                                         holdout.targets, stats, cold=gate.cold_users(holdout.histories))
         decision = gate.decide(candidate, champion, popularity, ctx.config)
         if not plan.enough:
             decision = gate.GateDecision(gate.UNDECIDED, gate.undecided(plan).reasons, decision.metrics)

@@ -203,7 +203,9 @@ def test_registry_shows_lineage_metrics_with_intervals_and_decisions(client, wor
     candidate = models[second]["metrics"]["candidate"]
     low, high = candidate["ndcg@10_ci"]
     assert low <= candidate["ndcg@10"] <= high
-    assert {"coverage@10", "cold_ndcg@10"} <= set(candidate)
+    slices = {f"{name}_{metric}" for name in ("cold_item", "rare_item", "warm_item", "cold_user")
+              for metric in ("ndcg@10", "hr@10", "users")}
+    assert {"coverage@10", "new_item_share@10"} | slices <= set(candidate)
     assert models[second]["ratios"]["vs_champion"]["metric"] == "ndcg@10"
     assert models[first]["ratios"]["vs_champion"] is None  # there was no champion to compare with
     with db.connect(world.url) as conn:

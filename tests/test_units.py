@@ -14,7 +14,8 @@ from recmodel.config import ConfigError, PipelineConfig
 from recmodel.data import (Vocab, extend_dataset, left_pad, length_sorted_batches, training_windows, user_sequences,
                            within_training_window)
 from recmodel.gate import (LAST_PER_USER, TIME_WINDOW, CatalogStats, GateError, HoldoutPlan, bootstrap_interval,
-                           build_holdout, catalog_stats, decide, evaluate_lists, held_out_mask, plan_holdout)
+                           build_holdout, catalog_stats, cold_users, decide, evaluate_lists, held_out_mask, plan_holdout,
+                           summarize)
 
 
 def events(rows: list[tuple[int, int, int, str]]) -> pd.DataFrame:
@@ -56,29 +57,50 @@ def test_left_pad_keeps_the_most_recent_items() -> None:
 
 
 def test_ranking_metrics_match_hand_computed_values() -> None:
-    recommended = {1: np.array([10, 20, 30]), 2: np.array([40, 50, 60])}
-    targets = {1: {20, 99}, 2: {70}}
-    stats = CatalogStats(n_items=10, head_items=frozenset({10, 40}), cold_items=frozenset({20, 70}))
-    got = evaluate_lists(recommended, targets, stats, k=3)
+    recommended = {1: np.array([10, 20, 30]), 2: np.array([40, 50, 60]), 3: np.array([70, 10, 20])}
+    targets = {1: {20, 99}, 2: {70}, 3: {10}}
+    stats = CatalogStats(n_items=10, head_items=frozenset({10, 40}), new_items=frozenset({20}),
+                         rare_items=frozenset({70}))
+    got = evaluate_lists(recommended, targets, stats, k=3, cold=frozenset({3}))
     dcg_user1 = 1 / math.log2(3)  # hit at rank 2
     idcg_user1 = 1 / math.log2(2) + 1 / math.log2(3)  # two relevant items
-    assert got["ndcg@3"] == pytest.approx((dcg_user1 / idcg_user1 + 0.0) / 2)
-    assert got["recall@3"] == pytest.approx((1 / 2 + 0) / 2)
-    assert got["hr@3"] == pytest.approx(0.5)
-    assert got["mrr@3"] == pytest.approx((1 / 2 + 0) / 2)
-    assert got["coverage@3"] == pytest.approx(6 / 10)
-    assert got["tail_share@3"] == pytest.approx(4 / 6)  # 10 and 40 are head items
-    # Cold slice: user 1's only cold target (20) is hit at rank 2; user 2's (70) is missed.
-    assert got["cold_users"] == 2
-    assert got["cold_ndcg@3"] == pytest.approx((1 / math.log2(3) + 0.0) / 2)
-    assert got["cold_recall@3"] == pytest.approx(0.5)
+    assert got["ndcg@3"] == pytest.approx((dcg_user1 / idcg_user1 + 0.0 + 1 / math.log2(3)) / 3)
+    assert got["recall@3"] == pytest.approx((1 / 2 + 0 + 1) / 3)
+    assert got["hr@3"] == pytest.approx(2 / 3)
+    assert got["mrr@3"] == pytest.approx((1 / 2 + 0 + 1 / 2) / 3)
+    assert got["coverage@3"] == pytest.approx(7 / 10)
+    assert got["tail_share@3"] == pytest.approx(6 / 9)  # 10 (twice) and 40 are head items
+    assert got["new_item_share@3"] == pytest.approx(2 / 9)  # item 20, twice
+    # New items: only user 1 has one (20), hit at rank 2 as the only relevant item of the slice.
+    assert (got["cold_item_users"], got["cold_item_ndcg@3"], got["cold_item_hr@3"]) == (1, pytest.approx(1 / math.log2(3)), 1)
+    # Rare items: user 2's 70 is missed.
+    assert (got["rare_item_users"], got["rare_item_ndcg@3"], got["rare_item_hr@3"]) == (1, 0.0, 0.0)
+    # Warm items: user 1's 99 (missed) and user 3's 10 (rank 2).
+    assert got["warm_item_users"] == 2 and got["warm_item_ndcg@3"] == pytest.approx(1 / math.log2(3) / 2)
+    # Cold users: user 3 with all their targets.
+    assert (got["cold_user_users"], got["cold_user_hr@3"]) == (1, 1.0)
+    summary = summarize(got, k=3)
+    assert "per_slice" not in summary and summary["warm_item_ndcg@3_ci"][0] <= summary["warm_item_ndcg@3"]
 
 
-def test_catalog_stats_split_head_and_cold_items() -> None:
+def test_an_empty_slice_scores_zero_over_zero_users() -> None:
+    stats = CatalogStats(n_items=3, head_items=frozenset({1}), new_items=frozenset(), rare_items=frozenset())
+    got = evaluate_lists({1: np.array([1, 2])}, {1: {2}}, stats, k=2)
+    assert (got["cold_item_users"], got["cold_item_ndcg@2"], got["cold_user_users"]) == (0, 0.0, 0)
+    assert "cold_item_ndcg@2_ci" not in summarize(got, k=2)
+
+
+def test_catalog_stats_split_head_new_and_rare_items() -> None:
     train = np.array([1] * 9 + [2] * 6 + [3] * 5 + [4] * 4 + [5])
     stats = catalog_stats(train, np.arange(1, 11))
     assert stats.head_items == {1, 2}  # 20% of 10 recommendable items
-    assert stats.cold_items == {4, 5, 6, 7, 8, 9, 10}  # fewer than 5 interactions, never-seen included
+    assert stats.rare_items == {4, 5}  # 1 to 4 interactions
+    assert stats.new_items == {6, 7, 8, 9, 10}  # none
+
+
+def test_cold_users_have_one_or_two_training_interactions() -> None:
+    histories = {1: np.array([5]), 2: np.array([5, 6]), 3: np.array([5, 6, 7]), 4: np.array([], dtype=np.int64)}
+    assert cold_users(histories) == {1, 2}
 
 
 def test_bootstrap_interval_brackets_the_mean_and_pairs_ratios() -> None:
@@ -188,6 +210,28 @@ def test_gate_uses_paired_intervals() -> None:
     assert not tied.accepted and "does not clearly beat popularity" in tied.reasons[0]
     below_floor = decide(per_user(base * 0.01), None, per_user(base * 0.001), config)
     assert not below_floor.accepted and "below the floor" in below_floor.reasons[0]
+
+
+def with_new_items(ndcg: np.ndarray, new_item_ndcg: np.ndarray) -> dict[str, object]:
+    evaluation = per_user(ndcg)
+    evaluation.update({"cold_item_ndcg@10": float(new_item_ndcg.mean()), "cold_item_users": len(new_item_ndcg),
+                       "per_slice": {"cold_item": {"ndcg@10": new_item_ndcg, "hr@10": (new_item_ndcg > 0) * 1.0}}})
+    return evaluation
+
+
+def test_an_accepted_candidate_much_worse_on_new_items_says_so() -> None:
+    config = PipelineConfig()
+    rng = np.random.default_rng(1)
+    base, new = rng.random(500) * 0.2, rng.random(60) * 0.2
+    popularity = per_user(base * 0.4)
+    worse_on_new = decide(with_new_items(base, new * 0.3), with_new_items(base, new), popularity, config)
+    assert worse_on_new.accepted
+    assert "new items ranked worse than by the champion" in worse_on_new.reasons[1]
+    assert worse_on_new.metrics["candidate"]["cold_item_ndcg@10_vs_champion"][0] == pytest.approx(0.3)
+    as_good = decide(with_new_items(base, new * 0.98), with_new_items(base, new), popularity, config)
+    assert as_good.accepted and len(as_good.reasons) == 1
+    too_few = decide(with_new_items(base, new[:10] * 0.3), with_new_items(base, new[:10]), popularity, config)
+    assert len(too_few.reasons) == 1  # 10 users whose next item is new: too thin to compare
 
 
 def test_extend_dataset_deduplicates_and_keeps_all_history_while_training_sees_the_window() -> None:
