@@ -17,6 +17,14 @@ model (trained without the gate's holdout) and the refit that serves (trained on
 the snapshot: the time split "train through T, evaluate on what users did after T", with T each
 user's own last imported interaction.
 
+With `--cold-items SHARE`, that share of the items with interactions (chosen with `--cold-seed`) loses
+every interaction before the import: they stay in the catalog, but neither the retrain nor the
+references ever see one, as for an item published this morning. Users whose removed item is one of
+them are the "cold item" slice. Every model is scored on slices as the gate scores them (new, rare and
+warm items, cold users; `gate.SLICES`), beside a text-only reference that ranks items by the cosine
+between their text embedding and the user's history centroid, and the published view's share of
+slots that hold a new item is reported.
+
 The serving model's lists are also re-ranked with each `tail_boost` of TAIL_BOOSTS (the opt-in
 long-tail setting, applied exactly as scoring applies it): the accuracy/coverage trade-off curve.
 
@@ -55,6 +63,8 @@ EASE_L2 = (5.0, 20.0, 50.0, 200.0, 1000.0)
 KNN_NEIGHBOURS = (20, 50, 200)
 K = 10
 SELECT_SERVED = "SELECT user_id, item_id, served_by FROM recsys.user_recommendations ORDER BY user_id, rank"
+SELECT_SIMILAR = "SELECT item_id, similar_item_id FROM recsys.similar_items ORDER BY item_id, rank"
+SIMILAR_PROBES = 1000  # items whose similar-items list is compared with their co-occurrence and text neighbours
 SELECT_SERVING_MODEL = """
 SELECT r.version, r.kind, r.lineage, r.dataset_path, r.metrics -> 'holdout' AS holdout, r.artifact_dir, r.onnx_path
 FROM recsys.model_registry r JOIN recsys.published_versions p USING (version) WHERE p.serving
@@ -119,6 +129,67 @@ def tune_baselines(split: LeaveLastOut) -> dict[str, baselines.FittedBaseline]:
         log.info("%s: validation NDCG@10 by parameter %s -> %s", name, {k: round(v, 4) for k, v in scores.items()}, best)
         chosen[name] = fit(with_validation, best)
     return chosen
+
+
+def placeholder_titles(items: pd.DataFrame) -> pd.DataFrame:
+    """The catalog as a shop whose text says nothing: every title "Product <id>", no description, no tags."""
+    return items.assign(title="Product " + items["item_id"].astype(str), description=None, tags=None)
+
+
+def neighbours_agreement(similar: pd.DataFrame, interactions: pd.DataFrame, text_matrix: np.ndarray, vocab: Vocab,
+                         k: int = K, probes: int = SIMILAR_PROBES, seed: int = 0) -> dict[str, float]:
+    """How much the published similar-items lists agree with co-occurrence neighbours and with text neighbours.
+
+    For up to `probes` items with at least 5 users: the share of its top-k similar items that are among its
+    k nearest items by co-occurrence (cosine between the sets of users who touched them) and among its k
+    nearest by text embedding. With text that says nothing (e.g. "Product 19263"), text neighbours are title
+    digits, and lists that follow them do not follow what users do.
+    """
+    users = interactions["user_id"].astype("category").cat.codes.to_numpy()
+    index = vocab.index_of(interactions["item_id"].to_numpy(np.int64))
+    matrix = baselines.interaction_matrix(index, users, len(vocab), int(users.max()) + 1)  # items x users
+    counts = np.asarray(matrix.sum(axis=1)).ravel()
+    lists = {int(i): g.to_numpy(np.int64)[:k] for i, g in similar.groupby("item_id")["similar_item_id"]}
+    candidates = np.array([row for row in np.flatnonzero(counts >= 5) if int(vocab.item_ids[row]) in lists])
+    if len(candidates) == 0:
+        return {"items": 0, "cooccurrence_overlap": 0.0, "text_overlap": 0.0}
+    probe = np.random.default_rng(seed).choice(candidates, size=min(probes, len(candidates)), replace=False)
+    norms = np.sqrt(np.maximum(counts, 1))
+    cooccurrence = np.asarray((matrix[probe] @ matrix.T).todense()) / norms[probe, None] / norms[None, :]
+    unit = text_matrix / np.maximum(np.linalg.norm(text_matrix, axis=1, keepdims=True), 1e-12)
+    by_text = unit[probe] @ unit.T
+    for scores in (cooccurrence, by_text):
+        scores[np.arange(len(probe)), probe] = -np.inf
+        scores[:, 0] = -np.inf  # padding
+    overlap = {"cooccurrence_overlap": [], "text_overlap": []}
+    for row, item in enumerate(probe):
+        published = set(lists[int(vocab.item_ids[item])].tolist())
+        for name, scores in (("cooccurrence_overlap", cooccurrence), ("text_overlap", by_text)):
+            top = vocab.item_ids[np.argpartition(-scores[row], k)[:k]]
+            overlap[name].append(len(published & set(top.tolist())) / k)
+    return {"items": len(probe), **{name: float(np.mean(values)) for name, values in overlap.items()}}
+
+
+@dataclass(frozen=True)
+class AccuracySplit:
+    imported: pd.DataFrame  # what the retrain and every reference learn from
+    removed: pd.DataFrame  # each user's last interaction: the targets
+    cold_items: np.ndarray  # items none of whose interactions were imported (sorted ids)
+
+    @property
+    def interactions(self) -> pd.DataFrame:
+        """Everything the references' leave-last-out split may see: the imported rows and the targets."""
+        return pd.concat([self.imported, self.removed])
+
+
+def split_for_accuracy(interactions: pd.DataFrame, cold_share: float, cold_seed: int) -> AccuracySplit:
+    """Each user's last interaction removed; with `cold_share` > 0, that share of the items with interactions
+    (drawn with `cold_seed`) also loses every other interaction: new items for the retrain."""
+    imported, removed = remove_last_interactions(interactions)
+    items = np.unique(interactions["item_id"].to_numpy(np.int64))
+    count = round(cold_share * len(items))
+    cold = np.sort(np.random.default_rng(cold_seed).choice(items, size=count, replace=False)) if count else items[:0]
+    return AccuracySplit(imported=imported[~imported["item_id"].isin(cold)], removed=removed, cold_items=cold)
 
 
 def remove_last_interactions(interactions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -222,14 +293,24 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = False,
-                 curves: Path | None = None) -> dict[str, Any]:
-    """Import `folder` minus each user's last rating, run one default retrain, score what it published."""
+                 curves: Path | None = None, cold_share: float = 0.0, cold_seed: int = 0,
+                 placeholders: bool = False) -> dict[str, Any]:
+    """Import `folder` minus each user's last rating (and every interaction of `cold_share` of the items;
+    with `placeholders`, titles "Product <id>" and no other text), run one default retrain, score what it
+    published."""
     from recmodel.bench import retrain_through_airflow, scratch_database
+    from recmodel.data import vocab_text_matrix
     from recmodel.importers import import_frames, read_movielens
 
     started = time.perf_counter()
     items, interactions = read_movielens(folder)
-    imported, removed = remove_last_interactions(interactions)
+    if placeholders:
+        items = placeholder_titles(items)
+    parts = split_for_accuracy(interactions, cold_share, cold_seed)
+    imported, removed, cold_items, interactions = parts.imported, parts.removed, parts.cold_items, parts.interactions
+    if len(cold_items):
+        console.print(f"{len(cold_items):,} items ({cold_share:.0%}, seed {cold_seed}) made cold: every interaction "
+                      f"of theirs removed, {removed['item_id'].isin(cold_items).sum():,} users' removed item is one")
     server_url = db.resolve_url(settings())
     with tempfile.TemporaryDirectory(prefix="recsys-accuracy-") as scratch, \
             scratch_database(server_url, ACCURACY_DB) as url, \
@@ -241,6 +322,7 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
         with db.connect(url) as conn:
             served = pd.DataFrame(conn.execute(SELECT_SERVED).fetchall(), columns=["user_id", "item_id", "served_by"])
             serving = conn.cursor(row_factory=dict_row).execute(SELECT_SERVING_MODEL).fetchone()
+            similar = pd.DataFrame(conn.execute(SELECT_SIMILAR).fetchall(), columns=["item_id", "similar_item_id"])
         snapshot = pd.read_parquet(serving["dataset_path"])
         vocab = Vocab.from_catalog(items["item_id"].to_numpy())
         split = split_leave_last_out(interactions, vocab)
@@ -253,22 +335,34 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
         recommended.update(_lineage_models(serving, snapshot, targets))
         published_training = _gated_training(serving)
         stats = gate.catalog_stats(imported["item_id"].to_numpy(), items["item_id"].to_numpy())
-        tradeoff = tail_boost_curve(serving, snapshot, targets, stats, items["item_id"].to_numpy())
+        cold_users = gate.cold_users(_holdout(snapshot, targets).histories)
+        tradeoff = tail_boost_curve(serving, snapshot, targets, stats, items["item_id"].to_numpy(), cold_users)
+        catalog = items.assign(active=items["active"].fillna(True))
+        text_matrix = vocab_text_matrix(vocab, catalog, Path(scratch) / "home" / "cache")
+        agreement = neighbours_agreement(similar, imported, text_matrix, vocab)
         ablation_records: list[dict[str, Any]] = []
         if with_ablations:
-            catalog = items.assign(active=items["active"].fillna(True))
             by_ablation, ablation_records = run_ablations(snapshot, catalog, _holdout(snapshot, targets),
                                                           Path(scratch) / "home")
             recommended.update({f"ablation: {name}": recs for name, recs in by_ablation.items()})
     history_matrix = _matrix(split, True)
     padding = _padding_mask(vocab)
     fitted = tune_baselines(split)
+    fitted["text only"] = baselines.fit_text_centroid(text_matrix)
     for name, baseline in fitted.items():
         top = baselines.top_k(baseline, history_matrix, K, padding)
         recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}
-    evaluations = {name: gate.evaluate_lists(recs, targets, stats, K) for name, recs in recommended.items()}
+    evaluations = {name: gate.evaluate_lists(recs, targets, stats, K, cold=cold_users)
+                   for name, recs in recommended.items()}
     result = _summarise(evaluations, fitted, split, removed, served, serving, outcome.task_seconds,
                         retrain_seconds, time.perf_counter() - started)
+    result["catalog_text"] = "placeholder titles (Product <id>), no description or tags" if placeholders else "as given"
+    result["similar_items"] = agreement
+    result["cold_items"] = {"share": cold_share, "seed": cold_seed, "items": len(cold_items),
+                            "users": int(removed["item_id"].isin(cold_items).sum()),
+                            "served_slot_share": float(served["item_id"].isin(cold_items).mean()),
+                            "served_items": int(served.loc[served["item_id"].isin(cold_items), "item_id"].nunique()),
+                            "new_item_slot_share": float(served["item_id"].isin(stats.new_items).mean())}
     result["tail_boost_curve"] = tradeoff
     if ablation_records:
         result["ablations"] = ablation_records
@@ -302,7 +396,7 @@ def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,
 
 
 def tail_boost_curve(serving: dict[str, Any], snapshot: pd.DataFrame, targets: dict[int, set[int]],
-                     stats: gate.CatalogStats, item_ids: np.ndarray) -> list[dict[str, Any]]:
+                     stats: gate.CatalogStats, item_ids: np.ndarray, cold_users: frozenset[int]) -> list[dict[str, Any]]:
     """The serving model's top-10 for the evaluated users re-ranked with each of TAIL_BOOSTS, as scoring
     re-ranks with `tail_boost`: accuracy against coverage, tail share and novelty (empty for a baseline)."""
     from recmodel import longtail
@@ -316,11 +410,12 @@ def tail_boost_curve(serving: dict[str, Any], snapshot: pd.DataFrame, targets: d
     curve = []
     for boost in TAIL_BOOSTS:
         lists = gate.onnx_recommendations(session, vocab, holdout, tail=longtail.TailBoost.of(boost, snapshot, vocab))
-        evaluation = gate.summarize(gate.evaluate_lists(lists, targets, stats, K), K)
+        evaluation = gate.summarize(gate.evaluate_lists(lists, targets, stats, K, cold=cold_users), K)
         slots = pd.DataFrame({"item_id": np.concatenate([lists[u][:K] for u in targets])})
         novelty = longtail.measure(slots.assign(user_id=0), snapshot, item_ids).novelty
         curve.append({"tail_boost": boost, **{name: evaluation[name] for name in (
-            f"ndcg@{K}", f"ndcg@{K}_ci", f"hr@{K}", f"coverage@{K}", f"tail_share@{K}")}, "novelty": novelty})
+            f"ndcg@{K}", f"ndcg@{K}_ci", f"hr@{K}", f"coverage@{K}", f"tail_share@{K}", f"new_item_share@{K}",
+            f"cold_item_ndcg@{K}", f"cold_item_hr@{K}", f"warm_item_ndcg@{K}")}, "novelty": novelty})
     return curve
 
 
@@ -388,16 +483,45 @@ def _ratio_text(row: dict[str, Any], metric: str) -> str:
     return f"{row[f'model_ratio_{metric}']:.2f}x [{low:.2f}, {high:.2f}]"
 
 
+def _slice_text(row: dict[str, Any], name: str) -> str:
+    users = int(row[f"{name}_users"])
+    if not users:
+        return "-"
+    low, high = row[f"{name}_ndcg@{K}_ci"]
+    return f"{row[f'{name}_ndcg@{K}']:.4f} [{low:.4f}, {high:.4f}] / {row[f'{name}_hr@{K}']:.3f}"
+
+
+def _print_slices(result: dict[str, Any]) -> None:
+    first = next(iter(result["models"].values()))
+    table = Table(title="by slice: NDCG@10 [95% CI] / HR@10; users: " + ", ".join(
+        f"{name} {int(first[f'{name}_users']):,}" for name in gate.SLICES))
+    table.add_column("model")
+    for name in gate.SLICES:
+        table.add_column(name.replace("_", " "), justify="right")
+    for model, row in result["models"].items():
+        table.add_row(model, *(_slice_text(row, name) for name in gate.SLICES))
+    console.print(table)
+    agreement = result["similar_items"]
+    console.print(f"similar items ({agreement['items']:,} items probed, catalog text {result['catalog_text']}): "
+                  f"{agreement['cooccurrence_overlap']:.1%} of each list are co-occurrence neighbours, "
+                  f"{agreement['text_overlap']:.1%} text neighbours")
+    cold = result.get("cold_items") or {}
+    if cold.get("items"):
+        console.print(f"{cold['items']:,} items made cold ({cold['users']:,} users' removed item): "
+                      f"{cold['served_slot_share']:.2%} of the published slots, {cold['served_items']:,} distinct items")
+
+
 def _print(result: dict[str, Any]) -> None:
     table = Table(title=f"accuracy: {result['evaluated_users']} users, {result['items']} items; {result['protocol']}")
-    for column in ("model", "NDCG@10 [95% CI]", "HR@10 [95% CI]", "MRR@10", "cov@10", "tail", "cold NDCG",
+    for column in ("model", "NDCG@10 [95% CI]", "HR@10 [95% CI]", "MRR@10", "cov@10", "tail", "new slots",
                    "published/this NDCG [CI]", "published/this HR [CI]"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, row in result["models"].items():
         ratios = ("-", "-") if name == "published view" else (_ratio_text(row, "ndcg@10"), _ratio_text(row, "hr@10"))
         table.add_row(name, _ci_text(row, "ndcg@10"), _ci_text(row, "hr@10"), f"{row['mrr@10']:.4f}",
-                      f"{row['coverage@10']:.3f}", f"{row['tail_share@10']:.2f}", f"{row['cold_ndcg@10']:.4f}", *ratios)
+                      f"{row['coverage@10']:.3f}", f"{row['tail_share@10']:.2f}", f"{row['new_item_share@10']:.3f}", *ratios)
     console.print(table)
+    _print_slices(result)
     console.print(f"published {result['version']} (served_by {', '.join(result['served_by'])}): "
                   f"{result['served_users']:,} of {result['users']:,} users served ({result['served_share']:.1%}); "
                   f"default settings {result['defaults']}")
@@ -408,11 +532,14 @@ def _print(result: dict[str, Any]) -> None:
                       f"[{low:.2f}, {high:.2f}]")
     if result["tail_boost_curve"]:
         curve = Table(title="tail_boost: the serving model's top-10 re-ranked (accuracy vs long tail)")
-        for column in ("tail_boost", "NDCG@10 [95% CI]", "HR@10", "coverage@10", "tail share@10", "novelty (bits)"):
+        for column in ("tail_boost", "NDCG@10 [95% CI]", "HR@10", "coverage@10", "tail share@10", "new-item slots",
+                       "new-item NDCG@10", "novelty (bits)"):
             curve.add_column(column, justify="right")
         for point in result["tail_boost_curve"]:
             curve.add_row(f"{point['tail_boost']:g}", _ci_text(point, "ndcg@10"), f"{point['hr@10']:.4f}",
-                          f"{point['coverage@10']:.3f}", f"{point['tail_share@10']:.3f}", f"{point['novelty']:.2f}")
+                          f"{point['coverage@10']:.3f}", f"{point['tail_share@10']:.3f}",
+                          f"{point['new_item_share@10']:.3f}", f"{point['cold_item_ndcg@10']:.4f}",
+                          f"{point['novelty']:.2f}")
         console.print(curve)
     console.print(f"retrain {result['retrain_seconds']:.0f} s ({result['task_seconds']}); "
                   f"{result['seconds']:.0f} s in all")

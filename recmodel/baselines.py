@@ -1,4 +1,5 @@
-"""Classical baselines on the same data and split as the model: popularity, item-kNN and EASE.
+"""Classical baselines on the same data and split as the model: popularity, item-kNN, EASE and a
+text-only ranker (the user's history centroid in the text encoder's space).
 
 Each `fit_*` takes the training interactions as a users x items binary matrix (CSR) and returns a
 scorer; `top_k` ranks the full catalog for a batch of users with their training items masked.
@@ -44,6 +45,14 @@ def fit_ease(train: sp.csr_matrix, l2: float) -> FittedBaseline:
     weights[np.diag_indices_from(weights)] = 0.0
     weights = weights.astype(np.float32)
     return FittedBaseline("ease", {"l2": l2}, lambda rows: np.asarray(rows @ weights))
+
+
+def fit_text_centroid(text_matrix: np.ndarray) -> FittedBaseline:
+    """Content only: an item's score is the cosine between its text embedding and the mean text embedding of
+    the user's history. The one reference that can rank an item nobody has interacted with."""
+    unit = text_matrix / np.maximum(np.linalg.norm(text_matrix, axis=1, keepdims=True), 1e-12)
+    unit = unit.astype(np.float32)
+    return FittedBaseline("text_centroid", {}, lambda rows: np.asarray(rows @ unit) @ unit.T)
 
 
 def symmetric_inverse(matrix: np.ndarray) -> np.ndarray:
