@@ -35,6 +35,10 @@ class ModelConfig:
     dropout: float = 0.2
     text_dim: int = TEXT_DIM
     item_text: bool = True  # False: id embeddings only, as in a plain SASRec
+    # With text: the share of items whose vector is their text alone at each training step (DropoutNet), and
+    # the largest norm an item's id embedding (its delta from its text) may take, 0 = unbounded.
+    content_dropout: float = 0.0
+    delta_max_norm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +88,19 @@ AttentionInterface.register(CPU_TRAINING_ATTENTION, _byte_dropout_attention)
 AttentionMaskInterface.register(CPU_TRAINING_ATTENTION, eager_mask)
 
 
+def bounded(rows: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """`rows` scaled down where their L2 norm exceeds `max_norm` (0: unchanged); differentiable.
+
+    Bounding each item's id embedding (its delta from the projected text) keeps every item close to
+    where its text puts it ("Let It Go? Not Quite", arXiv 2507.19473): ids can refine the text but
+    not replace it, so text-only vectors of new items live in the space warm items are ranked in.
+    """
+    if max_norm <= 0:
+        return rows
+    norms = rows.norm(dim=1, keepdim=True)
+    return rows * (max_norm / norms.clamp(min=max_norm))
+
+
 class SequentialRecommender(nn.Module):
     def __init__(self, config: ModelConfig, text_matrix: torch.Tensor) -> None:
         super().__init__()
@@ -125,7 +142,15 @@ class SequentialRecommender(nn.Module):
             rows = torch.arange(len(ids), device=ids.device)
         else:
             ids, text = self.id_embedding(rows), self.text_matrix[rows]
-        vectors = ids + self.text_projection(text) if self.config.item_text else ids
+        if not self.config.item_text:
+            return ids.masked_fill((rows == PAD).unsqueeze(1), 0.0)
+        deltas = bounded(ids, self.config.delta_max_norm)
+        if self.training and self.config.content_dropout > 0:
+            # Some items are their text alone at each step, so text by itself learns to rank an item
+            # as the item's full vector would: what an item nobody has touched yet is served as.
+            kept = torch.rand(len(rows), 1, device=deltas.device) >= self.config.content_dropout
+            deltas = deltas * kept.to(deltas.dtype)
+        vectors = deltas + self.text_projection(text)
         return vectors.masked_fill((rows == PAD).unsqueeze(1), 0.0)
 
     def forward(self, history: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from recmodel.config import PipelineConfig
 from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
 from recmodel.model import CPU_TRAINING_ATTENTION, ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
 from recmodel.progress import Progress
+from recmodel.textsignal import measure_text_signal
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +86,39 @@ def next_item_loss(hidden: torch.Tensor, vectors: torch.Tensor, targets: torch.T
 
 
 class ExactSoftmax:
-    """Next-item cross-entropy over the whole catalog: every item is a negative at every position.
+    """Next-item cross-entropy over the whole catalog: every item that is a target somewhere in the training
+    data is a negative at every position.
 
     Its cost grows with the catalog (a (positions x items) matmul forward and two backward), so
     it is the loss for small catalogs, where it is also the most accurate. The padding item is
-    not a class.
+    not a class, and neither is an item no training sequence leads to: the data says nothing against it,
+    and pushing it down as a negative would bury every new item below the whole catalog. Such an item
+    keeps the vector its text gives it.
     """
 
     name = "softmax"
 
+    def __init__(self, positives: torch.Tensor) -> None:
+        learned = positives > 0
+        learned[PAD] = False
+        self.classes = torch.nonzero(learned).squeeze(1)  # vocabulary indices
+        self.class_of = torch.full((len(positives),), -1, dtype=torch.long)
+        self.class_of[self.classes] = torch.arange(len(self.classes))
+
     def __call__(self, model: SequentialRecommender, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.classes.device != history.device:
+            self.classes, self.class_of = self.classes.to(history.device), self.class_of.to(history.device)
         vectors = model.item_vectors()
         hidden = model(history, vectors)  # (B, T, d)
         positions = targets != PAD
-        return next_item_loss(hidden[positions], vectors[PAD + 1:], targets[positions] - (PAD + 1))
+        return next_item_loss(hidden[positions], vectors[self.classes], self.class_of[targets[positions]])
 
 
 class SampledSoftmax:
     """Softmax cross-entropy against the target and `negatives` items shared by the whole batch.
 
-    The softmax's denominator, sum_j exp(s_j) over the catalog, is estimated by importance
+    The softmax's denominator, sum_j exp(s_j) over the items that are targets somewhere in the training data
+    (as in `ExactSoftmax`), is estimated by importance
     sampling: the target's own exp(s_t) plus, for each of K negatives drawn from q,
     exp(s_j) / (K q_j), i.e. each negative's logit corrected by -log(K q_j) (the logQ
     correction). The estimate is unbiased, so popular items, drawn often, are not over-penalised.
@@ -116,7 +131,7 @@ class SampledSoftmax:
 
     def __init__(self, positives: torch.Tensor, negatives: int, generator: torch.Generator,
                  popularity_share: float = 0.5) -> None:
-        real = torch.ones(len(positives), dtype=torch.float64)
+        real = (positives > 0).double()  # items no sequence leads to are never drawn, nor is PAD
         real[PAD] = 0.0
         uniform = real / real.sum()
         counts = positives.double() * real
@@ -172,7 +187,7 @@ def choose_loss(config: PipelineConfig, positives: torch.Tensor, generator: torc
         kind = "sampled" if n_items >= config.sampled_loss_min_items else "softmax"
     if kind == "sampled" and config.negatives < n_items:
         return SampledSoftmax(positives, config.negatives, generator)
-    return ExactSoftmax()  # sampling as many negatives as there are items would only add noise
+    return ExactSoftmax(positives)  # sampling as many negatives as there are items would only add noise
 
 
 class TrainingError(RuntimeError):
@@ -236,6 +251,7 @@ class TrainResult:
     sequences_per_s: float
     tokens_per_s: float
     input_wait_share: float
+    text_signal: dict[str, Any]  # `recmodel.textsignal.TextSignal`: does the item text follow what users do?
 
 
 @dataclass(frozen=True)
@@ -313,9 +329,13 @@ def hold_out_last(sequences: dict[int, np.ndarray], min_length: int = 3,
 
 def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: torch.Tensor, config: PipelineConfig,
                   validation: Validation | None, *, parent_dir: Path | None = None,
-                  device: torch.device | None = None, epochs: int | None = None
+                  device: torch.device | None = None, epochs: int | None = None, text_informs: bool = True
                   ) -> tuple[SequentialRecommender, FitResult]:
     """Build the model (warm-started from `parent_dir` when compatible) and train it.
+
+    After training, rarely-seen items borrow their text neighbours' id embeddings (`fill_cold_ids`),
+    unless `text_informs` is False: neighbours by text that says nothing (`recmodel.textsignal`) are
+    neighbours by title digits.
 
     Trains for `epochs` (default: `config.epochs` from scratch, `config.warm_start_epochs` from
     a parent) or until `config.train_time_budget_seconds` is spent. With a validation set, training also stops once NDCG@10 on it has not improved for
@@ -327,7 +347,8 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
         raise TrainingError("no user has two or more interactions to learn from")
     model_config = ModelConfig(n_items=len(vocab), max_history=config.max_history, d_model=config.d_model,
                                n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout,
-                               item_text=config.item_text)
+                               item_text=config.item_text, content_dropout=config.content_dropout,
+                               delta_max_norm=config.delta_max_norm)
     model = SequentialRecommender(model_config, text_matrix)
     warm_items, planned = 0, config.epochs
     if parent_dir is not None:
@@ -343,7 +364,7 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
     result = _fit(model, windows_in, windows_out, config, positives, device or pick_device(), validation,
                   epochs=planned if epochs is None else epochs, budget_seconds=config.train_time_budget_seconds)
     model.cpu()
-    if config.item_text:
+    if config.item_text and text_informs:
         filled = fill_cold_ids(model, positives)
         log.info("%d rarely-seen items took their text neighbours' id embeddings", filled)
     return model.eval(), dataclasses.replace(result, warm_started_items=warm_items)
@@ -372,9 +393,11 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
     text_started = time.perf_counter()
     text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
     text_seconds = time.perf_counter() - text_started
+    signal = measure_text_signal(text_matrix.numpy(), train_sequences, seed=config.seed)
+    log.info("%s", signal.describe())
     device = pick_device()
     model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
-                               device=device, epochs=epochs)
+                               device=device, epochs=epochs, text_informs=signal.informative)
     save_model(model, vocab, out_dir)
     result = TrainResult(model_dir=str(out_dir), device=str(device), loss=fit.loss, precision=fit.precision,
                          epochs=fit.epochs, best_epoch=fit.best_epoch, stopped_by=fit.stopped_by,
@@ -384,7 +407,7 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
                          seconds=round(time.perf_counter() - started, 2), text_seconds=round(text_seconds, 2),
                          loop_seconds=round(fit.loop.seconds, 2),
                          sequences_per_s=round(fit.loop.sequences_per_s, 1), tokens_per_s=round(fit.loop.tokens_per_s, 1),
-                         input_wait_share=round(fit.loop.input_wait_share, 4))
+                         input_wait_share=round(fit.loop.input_wait_share, 4), text_signal=signal.as_dict())
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
 

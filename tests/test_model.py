@@ -179,7 +179,7 @@ def test_sampled_softmax_over_every_item_is_the_exact_softmax() -> None:
     history, targets = _batch(30)
     uniform = SampledSoftmax(torch.ones(30), negatives=29, generator=torch.Generator(), popularity_share=0.0)
     sampled = uniform.loss(model, history, targets, torch.arange(1, 30))
-    torch.testing.assert_close(sampled, ExactSoftmax()(model, history, targets), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sampled, ExactSoftmax(torch.ones(30))(model, history, targets), rtol=1e-4, atol=1e-4)
 
 
 def test_sampled_softmax_corrects_for_popularity_sampling() -> None:
@@ -194,7 +194,7 @@ def test_sampled_softmax_corrects_for_popularity_sampling() -> None:
     counts = torch.arange(200, dtype=torch.float) ** 2
     loss = SampledSoftmax(counts, negatives=400, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        exact = float(ExactSoftmax()(model, history, targets))
+        exact = float(ExactSoftmax(counts)(model, history, targets))
         estimates = [float(loss(model, history, targets)) for _ in range(40)]
         loss.log_expected = torch.zeros_like(loss.log_expected)  # no correction: popular items counted K q times
         uncorrected = [float(loss(model, history, targets)) for _ in range(40)]
