@@ -486,15 +486,17 @@ SLICE_TITLES = {"cold_item": "new items", "rare_item": "rare items (1-4)", "warm
                 "cold_user": "cold users (1-2)"}
 
 
-def _print_slices(rows: dict[str, dict[str, Any]]) -> None:
-    """NDCG@10 / HR@10 of each model on the gate's slices, with the users each is scored on."""
-    if not any("cold_item_users" in row for row in rows.values()):
-        return  # a version judged before the gate reported slices
-    table = Table(title="by slice: NDCG@10 / HR@10 (users)", caption="new: the held-out item had no training "
-                  "interaction; rare: 1-4; cold users: 1-2 training interactions")
-    table.add_column("model")
-    for title in SLICE_TITLES.values():
-        table.add_column(title, justify="right")
+def _print_slices(rows: dict[str, dict[str, Any]], first_column: str = "model",
+                  title: str = "by slice: NDCG@10 / HR@10 (users)") -> None:
+    """NDCG@10 / HR@10 of each row's model on the gate's slices, with the users each is scored on."""
+    rows = {name: row for name, row in rows.items() if "cold_item_users" in row}  # judged before slices: none
+    if not rows:
+        return
+    table = Table(title=title, caption="new: the held-out item had no training interaction; rare: 1-4; "
+                  "cold users: 1-2 training interactions")
+    table.add_column(first_column)
+    for heading in SLICE_TITLES.values():
+        table.add_column(heading, justify="right")
     for name, row in rows.items():
         table.add_row(name, *(f"{row[f'{key}_ndcg@10']:.4f} / {row[f'{key}_hr@10']:.3f} ({int(row[f'{key}_users']):,})"
                               if row.get(f"{key}_users") else "-" for key in SLICE_TITLES))
@@ -617,6 +619,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"{m['published_at']:%Y-%m-%d %H:%M}" if m["published_at"] else "-",
                       "yes" if m["serving"] else ("pruned" if m["pruned_at"] else ""))
     console.print(table)
+    _print_slices({m["version"]: (m["metrics"] or {}).get("candidate") or {} for m in state["models"]}, "version",
+                  "by slice, each candidate on its gate's holdout: NDCG@10 / HR@10 (users)")
     serving_model = next((m for m in state["models"] if m["serving"]), None)
     if serving_model and serving_model["kind"] == "baseline":
         console.print(f"[yellow]the popularity baseline {serving_model['version']} serves[/] (served_by = 'baseline'): "
@@ -646,7 +650,7 @@ def _print_served(served: list[dict[str, Any]]) -> None:
     table = Table(title="served versions: realized outcomes @10 (observational: the lists shaped what users did) "
                         "and long tail")
     for column in ("version", "served", "users", "HR", "popularity HR", "NDCG", "popularity NDCG", "gate HR",
-                   "coverage", "tail share", "novelty"):
+                   "coverage", "tail share", "novelty", "new items"):
         table.add_column(column)
     for v in served:
         realized, tail = v["realized"], v["long_tail"]
@@ -654,7 +658,8 @@ def _print_served(served: list[dict[str, Any]]) -> None:
         table.add_row(v["version"], f"{v['first_served']:%Y-%m-%d %H:%M} .. {until}", str(realized["users"]),
                       _figure(realized["hr@10"]), _figure(realized["popular_hr@10"]), _figure(realized["ndcg@10"]),
                       _figure(realized["popular_ndcg@10"]), _figure(v["gate"]["hr@10"]), _figure(tail.get("coverage")),
-                      _figure(tail.get("tail_share")), _figure(tail.get("novelty"), "{:.2f} bits"))
+                      _figure(tail.get("tail_share")), _figure(tail.get("novelty"), "{:.2f} bits"),
+                      _figure(tail.get("new_item_share"), "{:.2%}"))
     console.print(table)
 
 

@@ -65,7 +65,7 @@ SETTING_RANGES: dict[str, Range] = {
     "max_history": Range(1, 10_000), "d_model": Range(8, 4096), "n_layers": Range(1, 48), "n_heads": Range(1, 64),
     "dropout": Range(0, 1, high_open=True), "epochs": EPOCHS, "patience": EPOCHS, "batch_size": Range(1, 65_536),
     "learning_rate": Range(0, 1, low_open=True), "warm_start_epochs": EPOCHS, "seed": Range(0, 2**31 - 1),
-    "min_epochs": EPOCHS, "content_dropout": Range(0, 1, high_open=True), "delta_max_norm": Range(0, 1e6), "train_time_budget_seconds": Range(0, 604_800, low_open=True),
+    "min_epochs": EPOCHS, "delta_max_norm": Range(0, 1e6), "train_time_budget_seconds": Range(0, 604_800, low_open=True),
     "sampled_loss_min_items": COUNT, "negatives": Range(1, 1_000_000),
     "holdout_days": Range(0, 3650, low_open=True), "gate_min_users": COUNT,
     "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
@@ -266,9 +266,8 @@ class PipelineConfig:
     sampled_loss_min_items: int = 20_000
     negatives: int = 1024  # sampled items per batch, shared by every position in it
     item_text: bool = True  # item vectors include the text embedding (False: ids only, an ablation)
-    # Cold items (docs/MODEL.md, "New items"): the share of items trained as their text alone at each step,
-    # and the largest norm of an item's id embedding, its learned delta from its text (0 = unbounded).
-    content_dropout: float = 0.0
+    # The largest norm of an item's id embedding, its learned delta from its text (0 = unbounded; docs/MODEL.md,
+    # "New items").
     delta_max_norm: float = 0.0
     seed: int = 13
     # --- gate -------------------------------------------------------------------------------

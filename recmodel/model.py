@@ -35,9 +35,7 @@ class ModelConfig:
     dropout: float = 0.2
     text_dim: int = TEXT_DIM
     item_text: bool = True  # False: id embeddings only, as in a plain SASRec
-    # With text: the share of items whose vector is their text alone at each training step (DropoutNet), and
-    # the largest norm an item's id embedding (its delta from its text) may take, 0 = unbounded.
-    content_dropout: float = 0.0
+    # With text: the largest norm an item's id embedding (its delta from its text) may take, 0 = unbounded.
     delta_max_norm: float = 0.0
 
     def to_dict(self) -> dict:
@@ -144,13 +142,7 @@ class SequentialRecommender(nn.Module):
             ids, text = self.id_embedding(rows), self.text_matrix[rows]
         if not self.config.item_text:
             return ids.masked_fill((rows == PAD).unsqueeze(1), 0.0)
-        deltas = bounded(ids, self.config.delta_max_norm)
-        if self.training and self.config.content_dropout > 0:
-            # Some items are their text alone at each step, so text by itself learns to rank an item
-            # as the item's full vector would: what an item nobody has touched yet is served as.
-            kept = torch.rand(len(rows), 1, device=deltas.device) >= self.config.content_dropout
-            deltas = deltas * kept.to(deltas.dtype)
-        vectors = deltas + self.text_projection(text)
+        vectors = bounded(ids, self.config.delta_max_norm) + self.text_projection(text)
         return vectors.masked_fill((rows == PAD).unsqueeze(1), 0.0)
 
     def forward(self, history: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:

@@ -347,8 +347,7 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
         raise TrainingError("no user has two or more interactions to learn from")
     model_config = ModelConfig(n_items=len(vocab), max_history=config.max_history, d_model=config.d_model,
                                n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout,
-                               item_text=config.item_text, content_dropout=config.content_dropout,
-                               delta_max_norm=config.delta_max_norm)
+                               item_text=config.item_text, delta_max_norm=config.delta_max_norm)
     model = SequentialRecommender(model_config, text_matrix)
     warm_items, planned = 0, config.epochs
     if parent_dir is not None:

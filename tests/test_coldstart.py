@@ -109,3 +109,33 @@ def test_an_item_published_today_is_in_tomorrows_lists_beside_its_text_twin(recs
     beside = sum(NEW_ITEM in items for items in with_twin)
     assert beside >= len(with_twin) / 2, f"the new item is in {beside} of the {len(with_twin)} lists its twin is in"
     assert long_tail["new_items"] >= 1 and long_tail["new_item_share"] > 0
+
+
+def test_similar_items_agreement_tells_co_occurrence_from_text_neighbours() -> None:
+    """Lists that follow what users do agree with co-occurrence neighbours; lists that follow the text agree with
+    text neighbours (with placeholder titles: the digits)."""
+    from recmodel.accuracy import neighbours_agreement
+    from recmodel.data import Vocab
+
+    rng = np.random.default_rng(0)
+    n_items, clusters = 60, 6
+    rows = [(user, int(item)) for user in range(600)
+            for item in rng.choice(np.arange(1, n_items + 1)[np.arange(1, n_items + 1) % clusters == user % clusters],
+                                   size=5, replace=False)]
+    interactions = pd.DataFrame(rows, columns=["user_id", "item_id"])
+    vocab = Vocab.from_catalog(np.arange(1, n_items + 1))
+    text = np.zeros((n_items + 1, 8), dtype=np.float32)
+    text[1:] = rng.normal(size=(n_items, 8))  # text unrelated to taste
+
+    def lists(neighbours_of) -> pd.DataFrame:
+        return pd.DataFrame([(item, other) for item in range(1, n_items + 1) for other in neighbours_of(item)],
+                            columns=["item_id", "similar_item_id"])
+
+    same_cluster = lists(lambda item: [o for o in range(1, n_items + 1) if o % clusters == item % clusters and o != item])
+    unit = text[1:] / np.linalg.norm(text[1:], axis=1, keepdims=True)
+    by_text = lists(lambda item: (np.argsort(-(unit @ unit[item - 1]))[1:11] + 1).tolist())
+    follows_users = neighbours_agreement(same_cluster, interactions, text, vocab, k=9)
+    follows_text = neighbours_agreement(by_text, interactions, text, vocab, k=10)
+    assert follows_users["items"] == n_items
+    assert follows_users["cooccurrence_overlap"] > 0.9 and follows_users["text_overlap"] < 0.3
+    assert follows_text["text_overlap"] == 1.0 and follows_text["cooccurrence_overlap"] < 0.4

@@ -248,6 +248,7 @@ def test_the_page_and_status_list_the_same_recent_alerts_and_runs(client, world:
                             cwd=REPO_ROOT, env={**os.environ, **world.env, "PYTHONPATH": str(REPO_ROOT)}, check=False)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "recent alerts" in status.stdout and "gate_rejected" in status.stdout
+    assert "by slice" in status.stdout and "cold users (1-2)" in status.stdout  # the gate's slices per version
 
 
 def test_quality_reports_each_expectation_quarantine_by_reason_and_data_docs(client, world: World) -> None:
@@ -393,6 +394,8 @@ def test_browser_logs_in_reads_the_page_looks_up_a_user_and_rolls_back(world: Wo
             expect(ui.locator("body[data-loaded=true]")).to_be_attached(timeout=60_000)
             expect(ui.locator("#registry-table tbody tr")).to_have_count(3)
             expect(ui.locator(f"#registry-table tr[data-version={second}]")).to_contain_text("serving")
+            expect(ui.locator("#slices-table tbody tr")).to_have_count(3)  # each version on the gate's slices
+            expect(ui.locator("#slices-table tbody tr").first).to_contain_text("users")
             # vs the champion: the second version only (the first had none); vs popularity and own NDCG: both
             expect(ui.locator("#metrics-chart circle.point")).to_have_count(1 + 2 + 2)
             expect(ui.locator("#metrics-chart path.point.rejected")).to_have_count(3)
