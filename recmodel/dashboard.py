@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from recmodel import db, registry as model_registry
+from recmodel.config import GATE_METRICS
 from recmodel.publish import VERSION_PATTERN
 
 GX_SITE = Path("gx") / "gx" / "uncommitted" / "data_docs" / "local_site"  # GX's local site under $RECSYS_HOME
@@ -105,9 +106,10 @@ def _model(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ratio(candidate: dict[str, Any], versus: str) -> dict[str, Any] | None:
-    """The gate's paired ratio `<metric>_<versus>` = [ratio, low, high] as {metric, ratio, ci}."""
+    """The gate's paired ratio `<metric>_<versus>` = [ratio, low, high] as {metric, ratio, ci} (the overall
+    metric's, not a slice's such as `cold_item_ndcg@10_vs_champion`)."""
     for key, value in candidate.items():
-        if key.endswith("_" + versus):
+        if key.endswith("_" + versus) and key.removesuffix("_" + versus) in GATE_METRICS:
             return {"metric": key.removesuffix("_" + versus), "ratio": value[0], "ci": value[1:]}
     return None
 

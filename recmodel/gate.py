@@ -205,6 +205,7 @@ class CatalogStats:
     head_items: frozenset[int]  # the 20% most-interacted items
     new_items: frozenset[int]  # recommendable items with no training interaction: what a cold item is
     rare_items: frozenset[int]  # items with 1 to RARE_MAX training interactions
+    warm_items: frozenset[int]  # items with more
 
 
 RARE_MAX = 4  # an item with 1..4 training interactions is rare; with more, warm
@@ -216,14 +217,15 @@ SLICES = (*ITEM_SLICES, "cold_user")
 
 
 def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> CatalogStats:
-    counts = pd.Series(np.asarray(train_item_ids)).value_counts()
-    counts = counts.reindex(np.asarray(recommendable_ids), fill_value=0)
+    trained = pd.Series(np.asarray(train_item_ids)).value_counts()
+    counts = trained.reindex(np.asarray(recommendable_ids), fill_value=0)
     ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
     head = ranked.index[: max(1, round(HEAD_SHARE * len(ranked)))]
     seen = counts.to_numpy()
     return CatalogStats(n_items=len(recommendable_ids), head_items=frozenset(int(i) for i in head),
                         new_items=frozenset(int(i) for i in counts.index[seen == 0]),
-                        rare_items=frozenset(int(i) for i in counts.index[(seen >= 1) & (seen <= RARE_MAX)]))
+                        rare_items=frozenset(int(i) for i in counts.index[(seen >= 1) & (seen <= RARE_MAX)]),
+                        warm_items=frozenset(int(i) for i in trained.index[trained.to_numpy() > RARE_MAX]))
 
 
 def cold_users(histories: dict[int, np.ndarray]) -> frozenset[int]:
@@ -239,7 +241,7 @@ def slice_targets(targets: dict[int, set[int]], stats: CatalogStats,
         return {user: kept for user, relevant in targets.items() if (kept := {i for i in relevant if wanted(i)})}
 
     return {"cold_item": keep(stats.new_items.__contains__), "rare_item": keep(stats.rare_items.__contains__),
-            "warm_item": keep(lambda item: item not in stats.new_items and item not in stats.rare_items),
+            "warm_item": keep(stats.warm_items.__contains__),
             "cold_user": {user: relevant for user, relevant in targets.items() if user in cold}}
 
 
@@ -365,16 +367,20 @@ COLD_ITEM_MIN_USERS = 20  # fewer users whose target is a new item: too few to c
 def _cold_item_regression(candidate: dict[str, Any], champion: dict[str, Any], metrics: dict[str, dict[str, Any]],
                           config: PipelineConfig) -> list[str]:
     """A warning (not a rejection) when the candidate ranks new items clearly worse than the champion:
-    the overall metric barely sees them, so a regression for new items would otherwise pass unnoticed."""
+    the overall metric barely sees them, so a regression for new items would otherwise pass unnoticed.
+    Silent when the champion ranked none of them (nothing to fall behind) or too few users have one."""
     metric = config.gate_metric
-    users = int(candidate.get("cold_item_users", 0))
-    if users < COLD_ITEM_MIN_USERS or f"cold_item_{metric}" not in candidate:
+    if "per_slice" not in candidate or "per_slice" not in champion:
+        return []
+    ours, theirs = (float(e["per_slice"]["cold_item"][metric].mean()) if len(e["per_slice"]["cold_item"][metric])
+                    else 0.0 for e in (candidate, champion))
+    users = len(candidate["per_slice"]["cold_item"][metric])
+    if users < COLD_ITEM_MIN_USERS or theirs == 0.0:
         return []
     ratio = paired_ratio(candidate, champion, metric, "cold_item")
     metrics["candidate"][f"cold_item_{metric}_vs_champion"] = list(ratio)
     if ratio[2] >= 1 - config.gate_champion_tolerance:
         return []
-    ours, theirs = candidate[f"cold_item_{metric}"], champion[f"cold_item_{metric}"]
     return [(f"new items ranked worse than by the champion: cold-item {metric} {ours:.4f} vs {theirs:.4f} over "
              f"{users} users whose next item had no training interaction, ratio {ratio[0]:.2f} "
              f"[{ratio[1]:.2f}, {ratio[2]:.2f}]")]

@@ -6,8 +6,9 @@ An item's vector fuses a learned id embedding with a projection of its MiniLM te
 
 Id embeddings start at zero, so an item nobody has interacted with yet (or that joined the
 catalog after the last training run) is represented by its text alone and can still be
-recommended; interactions then learn a residual on top. After training, items with few
-positives borrow the id embedding of their text neighbours (`fill_cold_ids`). Scores are dot products between the
+recommended; interactions then learn a residual on top. An item no training sequence leads to is
+not a class of the loss, so nothing pushes it down. After training, items with few positives
+borrow the id embedding of their text neighbours (`fill_cold_ids`) where the text informs. Scores are dot products between the
 transformer's hidden state at the last history position and every item vector, trained on the
 next item with softmax cross-entropy: exact over the catalog, or sampled for large catalogs
 (`recmodel.train`). With `item_text=False` (an ablation) an item is its id embedding alone.
@@ -201,11 +202,13 @@ def fill_cold_ids(model: SequentialRecommender, positives: torch.Tensor, min_cou
                   neighbours: int = 10) -> int:
     """Give rarely-seen items the id embedding of their nearest neighbours by text.
 
-    Under full softmax every item is a negative at every step, so an item that is rarely or
-    never a positive ends training with an id embedding pushed away from every user: a cold
-    item would rank below random. Items with fewer than `min_count` positives get a blend of
-    their own embedding and the mean id embedding of the `neighbours` well-trained items whose
-    text is closest, weighted by how many positives they had. Returns how many items changed.
+    Under the softmax every item that is a target somewhere is a negative at every step, so an item
+    that is rarely a positive ends training with an id embedding pushed away from most users, and
+    one never a positive has learned nothing of its own. Items with fewer than `min_count`
+    positives get a blend of their own embedding and the mean id embedding of the `neighbours`
+    well-trained items whose text is closest, weighted by how many positives they had (an item with
+    none takes its neighbours' outright). Only worth doing where the text informs
+    (`recmodel.textsignal`). Returns how many items changed.
     """
     counts = positives.float()  # (n_items,)
     warm = torch.nonzero(counts >= min_count).squeeze(1)

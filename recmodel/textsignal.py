@@ -44,6 +44,19 @@ class TextSignal:
                 f"({self.probes:,} items probed): {verdict}")
 
 
+PROBE_BLOCK = 32  # probes whose similarities to every item are held at once: 32 x n_items floats
+
+
+def _nearest_by_text(text_matrix: np.ndarray, norms: np.ndarray, warm: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """(len(probes), NEIGHBOURS) warm items closest by cosine to each probe, itself excluded."""
+    similarity = (text_matrix @ (text_matrix[probes] / norms[probes, None]).T).T / np.maximum(norms, 1e-12)
+    candidate = np.full(len(text_matrix), False)
+    candidate[warm] = True
+    similarity[:, ~candidate] = -np.inf
+    similarity[np.arange(len(probes)), probes] = -np.inf
+    return np.argpartition(-similarity, NEIGHBOURS, axis=1)[:, :NEIGHBOURS]
+
+
 def measure_text_signal(text_matrix: np.ndarray, sequences: dict[int, np.ndarray], seed: int = 0) -> TextSignal:
     """`text_matrix`: (n_items, dim) in vocabulary order (row 0 padding); `sequences`: each user's vocabulary
     indices."""
@@ -61,12 +74,12 @@ def measure_text_signal(text_matrix: np.ndarray, sequences: dict[int, np.ndarray
         return TextSignal(probes=0, neighbour_cosine=0.0, random_cosine=0.0, lift=0.0, informative=True)
     rng = np.random.default_rng(seed)
     probe = rng.choice(warm, size=min(PROBES, len(warm)), replace=False)
-    unit = text_matrix[warm] / norms[warm, None]
-    similarity = (text_matrix[probe] / norms[probe, None]) @ unit.T  # (probes, warm)
-    similarity[np.arange(len(probe)), np.searchsorted(warm, probe)] = -np.inf  # not itself
-    nearest = warm[np.argpartition(-similarity, NEIGHBOURS, axis=1)[:, :NEIGHBOURS]].ravel()
+    nearest = np.concatenate([_nearest_by_text(text_matrix, norms, warm, block)
+                              for block in np.array_split(probe, max(len(probe) // PROBE_BLOCK, 1))]).ravel()
     random = rng.choice(warm, size=len(nearest))
     anchors = np.repeat(probe, NEIGHBOURS)
+    while (same := random == anchors).any():  # a random partner is never the item itself
+        random[same] = rng.choice(warm, size=int(same.sum()))
     root = np.sqrt(users)
 
     def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recmodel.artifacts import SUMMARY_FILE, load_weights, save_model
+from recmodel.artifacts import SUMMARY_FILE, load_weights, save_model, training_summary
 from recmodel.config import PipelineConfig
 from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
 from recmodel.model import CPU_TRAINING_ATTENTION, ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
 from recmodel.progress import Progress
-from recmodel.textsignal import measure_text_signal
+from recmodel.textsignal import TextSignal, measure_text_signal
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class ExactSoftmax:
     Its cost grows with the catalog (a (positions x items) matmul forward and two backward), so
     it is the loss for small catalogs, where it is also the most accurate. The padding item is
     not a class, and neither is an item no training sequence leads to: the data says nothing against it,
-    and pushing it down as a negative would bury every new item below the whole catalog. Such an item
-    keeps the vector its text gives it.
+    and pushing it down as a negative would bury every new item below the whole catalog. Training leaves
+    such an item's id embedding as it started (zero, or the champion's); its text decides its rank.
     """
 
     name = "softmax"
@@ -251,7 +251,8 @@ class TrainResult:
     sequences_per_s: float
     tokens_per_s: float
     input_wait_share: float
-    text_signal: dict[str, Any]  # `recmodel.textsignal.TextSignal`: does the item text follow what users do?
+    # `recmodel.textsignal.TextSignal`: does the item text follow what users do? (None: item_text is off)
+    text_signal: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -392,11 +393,10 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
     text_started = time.perf_counter()
     text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
     text_seconds = time.perf_counter() - text_started
-    signal = measure_text_signal(text_matrix.numpy(), train_sequences, seed=config.seed)
-    log.info("%s", signal.describe())
+    signal = _text_signal(text_matrix, train_sequences, config, parent_dir if refit else None)
     device = pick_device()
     model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
-                               device=device, epochs=epochs, text_informs=signal.informative)
+                               device=device, epochs=epochs, text_informs=signal is None or signal.informative)
     save_model(model, vocab, out_dir)
     result = TrainResult(model_dir=str(out_dir), device=str(device), loss=fit.loss, precision=fit.precision,
                          epochs=fit.epochs, best_epoch=fit.best_epoch, stopped_by=fit.stopped_by,
@@ -406,9 +406,22 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
                          seconds=round(time.perf_counter() - started, 2), text_seconds=round(text_seconds, 2),
                          loop_seconds=round(fit.loop.seconds, 2),
                          sequences_per_s=round(fit.loop.sequences_per_s, 1), tokens_per_s=round(fit.loop.tokens_per_s, 1),
-                         input_wait_share=round(fit.loop.input_wait_share, 4), text_signal=signal.as_dict())
+                         input_wait_share=round(fit.loop.input_wait_share, 4),
+                         text_signal=None if signal is None else signal.as_dict())
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def _text_signal(text_matrix: torch.Tensor, sequences: dict[int, np.ndarray], config: PipelineConfig,
+                 gated_dir: Path | None) -> TextSignal | None:
+    """Whether the item text informs (None with item_text off). A refit takes the verdict of the model the gate
+    judged (`gated_dir`), so what serves was trained the way it was judged."""
+    if not config.item_text:
+        return None
+    recorded = training_summary(gated_dir).get("text_signal") if gated_dir is not None else None
+    signal = TextSignal(**recorded) if recorded else measure_text_signal(text_matrix.numpy(), sequences, seed=config.seed)
+    log.info("%s", signal.describe())
+    return signal
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
@@ -521,8 +534,10 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
     started = time.perf_counter()
     loop_seconds = input_seconds = 0.0
     sequences = tokens = 0
-    log.info("training on %s (%d threads): %s loss over %d items, %s, up to %d epochs of %d steps, budget %.0f s",
-             device.type, torch.get_num_threads(), loss_fn.name, len(positives) - 1, precision or "float32", epochs,
+    log.info("training on %s (%d threads): %s loss over the %d items training sequences lead to, %s, up to %d epochs "
+             "of %d steps, budget %.0f s",
+             device.type, torch.get_num_threads(), loss_fn.name, int((positives[PAD + 1:] > 0).sum()),
+             precision or "float32", epochs,
              steps_per_epoch, budget_seconds)
     progress = Progress(log, "train", epochs * steps_per_epoch, "steps", limit_seconds=budget_seconds)
     for epoch in range(1, epochs + 1):

@@ -60,7 +60,7 @@ def test_ranking_metrics_match_hand_computed_values() -> None:
     recommended = {1: np.array([10, 20, 30]), 2: np.array([40, 50, 60]), 3: np.array([70, 10, 20])}
     targets = {1: {20, 99}, 2: {70}, 3: {10}}
     stats = CatalogStats(n_items=10, head_items=frozenset({10, 40}), new_items=frozenset({20}),
-                         rare_items=frozenset({70}))
+                         rare_items=frozenset({70}), warm_items=frozenset({10, 99}))
     got = evaluate_lists(recommended, targets, stats, k=3, cold=frozenset({3}))
     dcg_user1 = 1 / math.log2(3)  # hit at rank 2
     idcg_user1 = 1 / math.log2(2) + 1 / math.log2(3)  # two relevant items
@@ -84,7 +84,8 @@ def test_ranking_metrics_match_hand_computed_values() -> None:
 
 
 def test_an_empty_slice_scores_zero_over_zero_users() -> None:
-    stats = CatalogStats(n_items=3, head_items=frozenset({1}), new_items=frozenset(), rare_items=frozenset())
+    stats = CatalogStats(n_items=3, head_items=frozenset({1}), new_items=frozenset(), rare_items=frozenset(),
+                         warm_items=frozenset({1, 2}))
     got = evaluate_lists({1: np.array([1, 2])}, {1: {2}}, stats, k=2)
     assert (got["cold_item_users"], got["cold_item_ndcg@2"], got["cold_user_users"]) == (0, 0.0, 0)
     assert "cold_item_ndcg@2_ci" not in summarize(got, k=2)
@@ -96,6 +97,9 @@ def test_catalog_stats_split_head_new_and_rare_items() -> None:
     assert stats.head_items == {1, 2}  # 20% of 10 recommendable items
     assert stats.rare_items == {4, 5}  # 1 to 4 interactions
     assert stats.new_items == {6, 7, 8, 9, 10}  # none
+    assert stats.warm_items == {1, 2, 3}
+    # An item that is not recommendable (inactive) is in no item slice unless training saw it often.
+    assert catalog_stats(np.array([11] * 6 + [12]), np.arange(1, 11)).warm_items == {11}
 
 
 def test_cold_users_have_one_or_two_training_interactions() -> None:
@@ -232,6 +236,11 @@ def test_an_accepted_candidate_much_worse_on_new_items_says_so() -> None:
     assert as_good.accepted and len(as_good.reasons) == 1
     too_few = decide(with_new_items(base, new[:10] * 0.3), with_new_items(base, new[:10]), popularity, config)
     assert len(too_few.reasons) == 1  # 10 users whose next item is new: too thin to compare
+    none_either = decide(with_new_items(base, new * 0), with_new_items(base, new * 0), popularity, config)
+    assert len(none_either.reasons) == 1  # the champion ranked no new item either: nothing fell behind
+    by_hits = decide(with_new_items(base, new * 0.3 * (np.arange(60) % 3 == 0)), with_new_items(base, new), popularity,
+                     PipelineConfig(gate_metric="hr@10"))
+    assert any("cold-item hr@10" in reason for reason in by_hits.reasons)  # any gate metric, read per slice
 
 
 def test_extend_dataset_deduplicates_and_keeps_all_history_while_training_sees_the_window() -> None:
