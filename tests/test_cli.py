@@ -226,7 +226,9 @@ def test_bench_accuracy_scores_what_a_default_retrain_published(db_url: str, tmp
     out = recmodel("bench", "accuracy", "--movielens", str(folder), "--output", str(output), url=db_url, home=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(output.read_text())["accuracy"]
-    assert set(result["models"]) == {"published view", "ease", "item_knn", "popularity"}
+    assert set(result["models"]) == {"published view", "ease", "item_knn", "popularity", "text only"}
+    assert {"cold_item_users", "warm_item_ndcg@10", "new_item_share@10"} <= set(result["models"]["ease"])
+    assert 0 <= result["similar_items"]["cooccurrence_overlap"] <= 1 and result["cold_items"]["items"] == 0
     assert result["served_by"] == ["baseline"] and result["version"].endswith("-baseline")
     assert result["users"] == 60 and result["served_share"] == 1.0
     assert result["holdout"]["users"] < 100 and result["defaults"]["gate_min_users"] == 100

@@ -330,7 +330,12 @@ def test_every_recommendation_names_the_closest_history_item_and_every_version_i
             closeness = unit[window] @ unit[vocab.index_of(np.array([item]))[0]]
             assert vocab.item_ids[window[int(np.argmax(closeness))]] == because
 
-    assert set(long_tail) == {"coverage", "tail_share", "novelty", "items", "recommendable", "slots"}
+    assert set(long_tail) == {"coverage", "tail_share", "novelty", "items", "recommendable", "slots", "new_item_share",
+                              "new_items"}
+    never_touched = set(pipeline.read_catalog(gated.snapshot.catalog_path)["item_id"]) - set(
+        pipeline.read_interactions(gated.snapshot.dataset_path)["item_id"])
+    assert long_tail["new_item_share"] == pytest.approx(served["item_id"].isin(never_touched).mean())
+    assert long_tail["new_items"] == served.loc[served["item_id"].isin(never_touched), "item_id"].nunique()
     assert 0 < long_tail["coverage"] <= 1 and 0 <= long_tail["tail_share"] <= 1 and long_tail["novelty"] > 0
     assert long_tail["slots"] == len(served)
 
