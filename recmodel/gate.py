@@ -212,8 +212,7 @@ RARE_MAX = 4  # an item with 1..4 training interactions is rare; with more, warm
 COLD_USER_MAX = 2  # a user with 1..2 training interactions is a cold user
 # Slices reported beside the overall metrics: items by how much training saw of them, and users with
 # almost no history. Each is scored on its own users (those with a target in it), with intervals.
-ITEM_SLICES = ("cold_item", "rare_item", "warm_item")
-SLICES = (*ITEM_SLICES, "cold_user")
+SLICES = ("cold_item", "rare_item", "warm_item", "cold_user")
 
 
 def catalog_stats(train_item_ids: np.ndarray, recommendable_ids: np.ndarray) -> CatalogStats:
@@ -372,10 +371,11 @@ def _cold_item_regression(candidate: dict[str, Any], champion: dict[str, Any], m
     metric = config.gate_metric
     if "per_slice" not in candidate or "per_slice" not in champion:
         return []
-    ours, theirs = (float(e["per_slice"]["cold_item"][metric].mean()) if len(e["per_slice"]["cold_item"][metric])
-                    else 0.0 for e in (candidate, champion))
-    users = len(candidate["per_slice"]["cold_item"][metric])
-    if users < COLD_ITEM_MIN_USERS or theirs == 0.0:
+    users = len(candidate["per_slice"]["cold_item"][metric])  # the champion is scored on the same users
+    if users < COLD_ITEM_MIN_USERS:
+        return []
+    ours, theirs = (float(e["per_slice"]["cold_item"][metric].mean()) for e in (candidate, champion))
+    if theirs == 0.0:
         return []
     ratio = paired_ratio(candidate, champion, metric, "cold_item")
     metrics["candidate"][f"cold_item_{metric}_vs_champion"] = list(ratio)
