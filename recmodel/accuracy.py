@@ -52,7 +52,8 @@ from rich.table import Table
 
 from recmodel import baselines, db, gate
 from recmodel.config import PipelineConfig, settings
-from recmodel.data import Vocab
+from recmodel.data import PAD, Vocab
+from recmodel.textsignal import nearest_by_text
 
 log = logging.getLogger(__name__)
 console = Console(width=None if sys.stdout.isatty() else 160)  # the table stays readable when piped
@@ -156,17 +157,15 @@ def neighbours_agreement(similar: pd.DataFrame, interactions: pd.DataFrame, text
     probe = np.random.default_rng(seed).choice(candidates, size=min(probes, len(candidates)), replace=False)
     norms = np.sqrt(np.maximum(counts, 1))
     cooccurrence = np.asarray((matrix[probe] @ matrix.T).todense()) / norms[probe, None] / norms[None, :]
-    unit = text_matrix / np.maximum(np.linalg.norm(text_matrix, axis=1, keepdims=True), 1e-12)
-    by_text = unit[probe] @ unit.T
-    for scores in (cooccurrence, by_text):
-        scores[np.arange(len(probe)), probe] = -np.inf
-        scores[:, 0] = -np.inf  # padding
+    cooccurrence[np.arange(len(probe)), probe] = -np.inf
+    cooccurrence[:, 0] = -np.inf  # padding
+    by_cooccurrence = np.argpartition(-cooccurrence, k, axis=1)[:, :k]
+    by_text = nearest_by_text(text_matrix, probe, np.arange(len(vocab)) != PAD, k)
     overlap = {"cooccurrence_overlap": [], "text_overlap": []}
     for row, item in enumerate(probe):
         published = set(lists[int(vocab.item_ids[item])].tolist())
-        for name, scores in (("cooccurrence_overlap", cooccurrence), ("text_overlap", by_text)):
-            top = vocab.item_ids[np.argpartition(-scores[row], k)[:k]]
-            overlap[name].append(len(published & set(top.tolist())) / k)
+        for name, nearest in (("cooccurrence_overlap", by_cooccurrence), ("text_overlap", by_text)):
+            overlap[name].append(len(published & set(vocab.item_ids[nearest[row]].tolist())) / k)
     return {"items": len(probe), **{name: float(np.mean(values)) for name, values in overlap.items()}}
 
 
@@ -236,9 +235,10 @@ def ablations(n_items: int, config: PipelineConfig) -> list[Ablation]:
     ]
 
 
-def run_ablations(snapshot: pd.DataFrame, catalog: pd.DataFrame, holdout: gate.Holdout, home: Path
-                  ) -> tuple[dict[str, dict[int, np.ndarray]], list[dict[str, Any]]]:
-    """Train, export and score each ablation on `snapshot`: (top-10 lists by name, training records)."""
+def run_ablations(snapshot: pd.DataFrame, catalog: pd.DataFrame, holdout: gate.Holdout, home: Path,
+                  conf: dict[str, Any] | None = None) -> tuple[dict[str, dict[int, np.ndarray]], list[dict[str, Any]]]:
+    """Train, export and score each ablation on `snapshot` (each one's change on top of `conf`): (top-10 lists
+    by name, training records)."""
     from recmodel.export import export
     from recmodel.artifacts import load_vocab, open_session
     from recmodel.train import train
@@ -246,8 +246,9 @@ def run_ablations(snapshot: pd.DataFrame, catalog: pd.DataFrame, holdout: gate.H
     cache = home / "cache"
     champion_dir = None
     recommended, records = {}, []
-    for ablation in ablations(int(catalog["item_id"].nunique()), PipelineConfig()):
-        config = PipelineConfig.from_overrides(ablation.overrides)
+    base = PipelineConfig.from_overrides(conf)
+    for ablation in ablations(int(catalog["item_id"].nunique()), base):
+        config = PipelineConfig.from_overrides({**(conf or {}), **ablation.overrides})
         if ablation.warm_start:
             champion_dir = home / "ablation-champion"
             cutoff = snapshot["occurred_at"].quantile(1 - WARM_START_NEW_SHARE)
@@ -294,10 +295,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
 def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = False,
                  curves: Path | None = None, cold_share: float = 0.0, cold_seed: int = 0,
-                 placeholders: bool = False) -> dict[str, Any]:
+                 placeholders: bool = False, conf: dict[str, Any] | None = None) -> dict[str, Any]:
     """Import `folder` minus each user's last rating (and every interaction of `cold_share` of the items;
-    with `placeholders`, titles "Product <id>" and no other text), run one default retrain, score what it
-    published."""
+    with `placeholders`, titles "Product <id>" and no other text), run one retrain (default settings, or
+    those `conf` changes, as `retrain --conf` takes them), score what it published."""
     from recmodel.bench import retrain_through_airflow, scratch_database
     from recmodel.data import vocab_text_matrix
     from recmodel.importers import import_frames, read_movielens
@@ -316,9 +317,10 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
             scratch_database(server_url, ACCURACY_DB) as url, \
             scratch_database(server_url, ACCURACY_AIRFLOW_DB, migrate=False) as airflow_url:
         import_frames(url, items, imported, "movielens minus each user's last rating")
-        console.print(f"imported {len(imported):,} of {len(interactions):,} ratings; one default retrain through "
-                      "Airflow …")
-        outcome, retrain_seconds = retrain_through_airflow(url, airflow_url, Path(scratch) / "home", {})
+        settings_note = f"settings {conf}" if conf else "default settings"
+        console.print(f"imported {len(imported):,} of {len(interactions):,} ratings; one retrain ({settings_note}) "
+                      "through Airflow …")
+        outcome, retrain_seconds = retrain_through_airflow(url, airflow_url, Path(scratch) / "home", conf or {})
         with db.connect(url) as conn:
             served = pd.DataFrame(conn.execute(SELECT_SERVED).fetchall(), columns=["user_id", "item_id", "served_by"])
             serving = conn.cursor(row_factory=dict_row).execute(SELECT_SERVING_MODEL).fetchone()
@@ -334,6 +336,7 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
         recommended = {"published view": view}
         recommended.update(_lineage_models(serving, snapshot, targets))
         published_training = _gated_training(serving)
+        tuned_text = _tuned_text_matrix(serving, vocab)  # the model folder goes with the scratch home
         stats = gate.catalog_stats(imported["item_id"].to_numpy(), items["item_id"].to_numpy())
         cold_users = gate.cold_users(_holdout(snapshot, targets).histories)
         tradeoff = tail_boost_curve(serving, snapshot, targets, stats, items["item_id"].to_numpy(), cold_users)
@@ -343,12 +346,14 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
         ablation_records: list[dict[str, Any]] = []
         if with_ablations:
             by_ablation, ablation_records = run_ablations(snapshot, catalog, _holdout(snapshot, targets),
-                                                          Path(scratch) / "home")
+                                                          Path(scratch) / "home", conf)
             recommended.update({f"ablation: {name}": recs for name, recs in by_ablation.items()})
     history_matrix = _matrix(split, True)
     padding = _padding_mask(vocab)
     fitted = tune_baselines(split)
     fitted["text only"] = baselines.fit_text_centroid(text_matrix)
+    if tuned_text is not None:  # the same reference through the encoder the retrain fine-tuned
+        fitted["text only (tuned encoder)"] = baselines.fit_text_centroid(tuned_text)
     for name, baseline in fitted.items():
         top = baselines.top_k(baseline, history_matrix, K, padding)
         recommended[name] = {u: vocab.item_ids[top[row]] for row, u in enumerate(split.users)}
@@ -367,6 +372,7 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
     if ablation_records:
         result["ablations"] = ablation_records
     result["published_training"] = published_training
+    result["conf"] = conf or {}
     _print(result)
     if curves and ablation_records:
         plot_curves(ablation_records, curves)
@@ -427,7 +433,20 @@ def _gated_training(serving: dict[str, Any]) -> dict[str, Any] | None:
     if gated is None:
         return None
     summary = training_summary(Path(gated["artifact_dir"]))
-    return {key: summary[key] for key in (*TRAINING_FIELDS, "curve")}
+    return {key: summary.get(key) for key in (*TRAINING_FIELDS, "curve", "text_encoder")}
+
+
+def _tuned_text_matrix(serving: dict[str, Any], vocab: Vocab) -> np.ndarray | None:
+    """The text embeddings the published model read, when its retrain fine-tuned the encoder."""
+    from recmodel.artifacts import load_weights
+
+    gated = (serving["lineage"] or {}).get("gated")
+    if gated is None or not (_gated_training(serving) or {}).get("text_encoder"):
+        return None
+    _, state, model_vocab = load_weights(Path(gated["artifact_dir"]))
+    if not np.array_equal(model_vocab.item_ids, vocab.item_ids):
+        raise RuntimeError("the published model's vocabulary is not the benchmark's catalog")
+    return state["text_matrix"].numpy()
 
 
 def _holdout(snapshot: pd.DataFrame, targets: dict[int, set[int]]) -> gate.Holdout:
@@ -541,5 +560,11 @@ def _print(result: dict[str, Any]) -> None:
                           f"{point['new_item_share@10']:.3f}", f"{point['cold_item_ndcg@10']:.4f}",
                           f"{point['novelty']:.2f}")
         console.print(curve)
+    encoder = (result["published_training"] or {}).get("text_encoder")
+    if encoder:
+        console.print(f"text encoder fine-tuned for {encoder['steps']} steps on {encoder['pairs']:,} consecutive pairs "
+                      f"in {encoder['seconds']:.0f} s")
+    if result["conf"]:
+        console.print(f"settings changed for this retrain: {result['conf']}")
     console.print(f"retrain {result['retrain_seconds']:.0f} s ({result['task_seconds']}); "
                   f"{result['seconds']:.0f} s in all")

@@ -688,6 +688,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if args.suite == "accuracy":
         from recmodel.accuracy import run_accuracy
+        from recmodel.config import PipelineConfig
 
         if not args.movielens:
             raise UsageError("bench accuracy needs --movielens DIR (a folder with ratings.csv + movies.csv)")
@@ -695,7 +696,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("--curves draws the ablations' validation curves: add --ablations")
         if not 0 <= args.cold_items < 1:
             raise UsageError(f"--cold-items is a share of the items in [0, 1), got {args.cold_items}")
-        run_accuracy(Path(args.movielens), output=output, with_ablations=args.ablations,
+        conf = _parse_conf(args.conf)
+        if "as_of" in conf:
+            raise UsageError("bench accuracy runs its retrain as of now: --conf takes pipeline settings only")
+        PipelineConfig.from_overrides(conf)  # a bad setting fails here, not in the retrain's first task
+        run_accuracy(Path(args.movielens), output=output, with_ablations=args.ablations, conf=conf,
                      cold_share=args.cold_items, cold_seed=args.cold_seed, placeholders=args.placeholder_titles,
                      curves=Path(args.curves) if args.curves else None)
         return 0
@@ -828,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(a catalog whose text says nothing)")
     bench.add_argument("--cold-seed", type=int, default=0, help="accuracy: which items --cold-items makes cold")
     bench.add_argument("--curves", help="accuracy, with --ablations: write a PNG of the validation curves here")
+    bench.add_argument("--conf", help="accuracy: JSON object of pipeline settings for the retrain (and the "
+                                      "ablations' base), as retrain --conf takes them, e.g. '{\"seed\": 14}'")
     bench.set_defaults(func=cmd_bench)
     return parser
 

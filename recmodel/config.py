@@ -65,7 +65,8 @@ SETTING_RANGES: dict[str, Range] = {
     "max_history": Range(1, 10_000), "d_model": Range(8, 4096), "n_layers": Range(1, 48), "n_heads": Range(1, 64),
     "dropout": Range(0, 1, high_open=True), "epochs": EPOCHS, "patience": EPOCHS, "batch_size": Range(1, 65_536),
     "learning_rate": Range(0, 1, low_open=True), "warm_start_epochs": EPOCHS, "seed": Range(0, 2**31 - 1),
-    "min_epochs": EPOCHS, "delta_max_norm": Range(0, 1e6), "train_time_budget_seconds": Range(0, 604_800, low_open=True),
+    "min_epochs": EPOCHS, "delta_max_norm": Range(0, 1e6), "text_finetune_steps": Range(0, 1_000_000),
+    "text_finetune_budget_seconds": Range(0, 604_800, low_open=True), "text_finetune_refresh_days": Range(0, 3650), "train_time_budget_seconds": Range(0, 604_800, low_open=True),
     "sampled_loss_min_items": COUNT, "negatives": Range(1, 1_000_000),
     "holdout_days": Range(0, 3650, low_open=True), "gate_min_users": COUNT,
     "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
@@ -269,6 +270,12 @@ class PipelineConfig:
     # The largest norm of an item's id embedding, its learned delta from its text (0 = unbounded; docs/MODEL.md,
     # "New items").
     delta_max_norm: float = 0.0
+    # Contrastive fine-tuning of the text encoder on consecutive items before training (recmodel.textfinetune),
+    # 0 = the frozen MiniLM. Opt-in: docs/MODEL.md ("New items") has what it bought and cost. The tuned
+    # encoder is reused by later runs until it is `text_finetune_refresh_days` old (0: tuned every run).
+    text_finetune_steps: int = 0
+    text_finetune_budget_seconds: float = 900.0
+    text_finetune_refresh_days: float = 7.0
     seed: int = 13
     # --- gate -------------------------------------------------------------------------------
     holdout_days: float = 7.0  # the gate's first time window; it grows back until gate_min_users are held out

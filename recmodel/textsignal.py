@@ -47,14 +47,19 @@ class TextSignal:
 PROBE_BLOCK = 32  # probes whose similarities to every item are held at once: 32 x n_items floats
 
 
-def _nearest_by_text(text_matrix: np.ndarray, norms: np.ndarray, warm: np.ndarray, probes: np.ndarray) -> np.ndarray:
-    """(len(probes), NEIGHBOURS) warm items closest by cosine to each probe, itself excluded."""
-    similarity = (text_matrix @ (text_matrix[probes] / norms[probes, None]).T).T / np.maximum(norms, 1e-12)
-    candidate = np.full(len(text_matrix), False)
-    candidate[warm] = True
-    similarity[:, ~candidate] = -np.inf
-    similarity[np.arange(len(probes)), probes] = -np.inf
-    return np.argpartition(-similarity, NEIGHBOURS, axis=1)[:, :NEIGHBOURS]
+def nearest_by_text(text_matrix: np.ndarray, probes: np.ndarray, candidates: np.ndarray, k: int = NEIGHBOURS
+                    ) -> np.ndarray:
+    """(len(probes), k) rows of `text_matrix` closest by cosine to each probe (unordered), among the rows where
+    `candidates` (a bool mask) is set, never the probe itself; `PROBE_BLOCK` probes at a time."""
+    norms = np.maximum(np.linalg.norm(text_matrix, axis=1), 1e-12)
+    unit = text_matrix / norms[:, None]
+    blocks = []
+    for block in np.array_split(probes, max(len(probes) // PROBE_BLOCK, 1)):
+        similarity = unit[block] @ unit.T  # (block, n_items)
+        similarity[:, ~candidates] = -np.inf
+        similarity[np.arange(len(block)), block] = -np.inf
+        blocks.append(np.argpartition(-similarity, k, axis=1)[:, :k])
+    return np.concatenate(blocks) if blocks else np.zeros((0, k), dtype=np.int64)
 
 
 def measure_text_signal(text_matrix: np.ndarray, sequences: dict[int, np.ndarray], seed: int = 0) -> TextSignal:
@@ -74,8 +79,9 @@ def measure_text_signal(text_matrix: np.ndarray, sequences: dict[int, np.ndarray
         return TextSignal(probes=0, neighbour_cosine=0.0, random_cosine=0.0, lift=0.0, informative=True)
     rng = np.random.default_rng(seed)
     probe = rng.choice(warm, size=min(PROBES, len(warm)), replace=False)
-    nearest = np.concatenate([_nearest_by_text(text_matrix, norms, warm, block)
-                              for block in np.array_split(probe, max(len(probe) // PROBE_BLOCK, 1))]).ravel()
+    candidates = np.zeros(n_items, dtype=bool)
+    candidates[warm] = True
+    nearest = nearest_by_text(text_matrix, probe, candidates).ravel()
     random = rng.choice(warm, size=len(nearest))
     anchors = np.repeat(probe, NEIGHBOURS)
     while (same := random == anchors).any():  # a random partner is never the item itself

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ import torch
 
 from recmodel.artifacts import SUMMARY_FILE, load_weights, save_model, training_summary
 from recmodel.config import PipelineConfig
-from recmodel.data import PAD, Vocab, pad_batch, training_windows, user_sequences, vocab_text_matrix
+from recmodel.data import PAD, Vocab, item_text, pad_batch, training_windows, user_sequences, vocab_text_matrix, vocab_texts
 from recmodel.model import CPU_TRAINING_ATTENTION, ModelConfig, SequentialRecommender, fill_cold_ids, warm_start
 from recmodel.progress import Progress
+from recmodel.textfinetune import TunedEncoder, ensure_tuned, read_tuned
 from recmodel.textsignal import TextSignal, measure_text_signal
 
 log = logging.getLogger(__name__)
@@ -253,6 +255,8 @@ class TrainResult:
     input_wait_share: float
     # `recmodel.textsignal.TextSignal`: does the item text follow what users do? (None: item_text is off)
     text_signal: dict[str, Any] | None
+    # `recmodel.textfinetune.TunedEncoder` when `text_finetune_steps` > 0 (None: the frozen MiniLM)
+    text_encoder: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -390,11 +394,14 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
     else:
         train_sequences, validation = hold_out_last(sequences, seed=config.seed)
         epochs = None
+    device = pick_device()
     text_started = time.perf_counter()
-    text_matrix = torch.from_numpy(vocab_text_matrix(vocab, catalog, cache_dir))
+    tuned = _tuned_encoder(train_sequences, vocab, catalog, cache_dir, config, device, parent_dir if refit else None)
+    text_matrix = torch.from_numpy(vocab_text_matrix(
+        vocab, catalog, cache_dir, encoder_id=tuned.encoder_id if tuned else "",
+        encoder_path=Path(tuned.path) if tuned else None))
     text_seconds = time.perf_counter() - text_started
     signal = _text_signal(text_matrix, train_sequences, config, parent_dir if refit else None)
-    device = pick_device()
     model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
                                device=device, epochs=epochs, text_informs=signal is None or signal.informative)
     save_model(model, vocab, out_dir)
@@ -407,9 +414,29 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
                          loop_seconds=round(fit.loop.seconds, 2),
                          sequences_per_s=round(fit.loop.sequences_per_s, 1), tokens_per_s=round(fit.loop.tokens_per_s, 1),
                          input_wait_share=round(fit.loop.input_wait_share, 4),
-                         text_signal=None if signal is None else signal.as_dict())
+                         text_signal=None if signal is None else signal.as_dict(),
+                         text_encoder=None if tuned is None else tuned.as_dict())
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def _tuned_encoder(sequences: dict[int, np.ndarray], vocab: Vocab, catalog: pd.DataFrame, cache_dir: Path,
+                   config: PipelineConfig, device: torch.device, gated_dir: Path | None) -> TunedEncoder | None:
+    """The fine-tuned text encoder this training reads (None: the frozen MiniLM). A refit reads the one its
+    gated model (`gated_dir`) was trained with, so what serves was trained the way it was judged."""
+    if not config.item_text or config.text_finetune_steps == 0:
+        return None
+    recorded = training_summary(gated_dir).get("text_encoder") if gated_dir is not None else None
+    if recorded:
+        kept = read_tuned(Path(recorded["path"]))
+        if kept is None or kept.encoder_id != recorded["encoder_id"]:
+            raise TrainingError(f"the gated model's text encoder {recorded['encoder_id']} is no longer in "
+                                f"{recorded['path']}; retrain instead of refitting")
+        return dataclasses.replace(kept, reused=True)
+    return ensure_tuned(sequences, item_text(vocab_texts(vocab, catalog)), cache_dir,
+                        steps=config.text_finetune_steps, budget_seconds=config.text_finetune_budget_seconds,
+                        refresh_days=config.text_finetune_refresh_days, seed=config.seed, device=device,
+                        precision=autocast_dtype(device), now=datetime.now(UTC))
 
 
 def _text_signal(text_matrix: torch.Tensor, sequences: dict[int, np.ndarray], config: PipelineConfig,

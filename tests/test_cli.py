@@ -246,9 +246,38 @@ def test_bench_accuracy_scores_what_a_default_retrain_published(db_url: str, tmp
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'recsys_bench%'").fetchone()[0] == 0
 
 
+@pytest.mark.slow
+def test_bench_accuracy_runs_its_retrain_with_the_settings_given(db_url: str, tmp_path: Path) -> None:
+    """`--conf` reaches the retrain: here a model published whatever the gate says, read through a text encoder
+    fine-tuned for one step, which the report's tuned text-only reference reads too."""
+    import json
+
+    folder = tmp_path / "ml"
+    write_movielens(folder)
+    output = tmp_path / "accuracy.json"
+    conf = {"gate_enforced": False, "epochs": 2, "d_model": 16, "text_finetune_steps": 1, "seed": 5}
+    out = recmodel("bench", "accuracy", "--movielens", str(folder), "--output", str(output), "--conf",
+                   json.dumps(conf), url=db_url, home=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(output.read_text())["accuracy"]
+    assert result["conf"] == conf and result["served_by"] == ["model"]
+    assert result["published_training"]["text_encoder"]["steps"] == 1
+    assert {"text only", "text only (tuned encoder)"} <= set(result["models"])
+    assert "text encoder fine-tuned for 1 steps" in out.stdout
+
+
 def test_bench_accuracy_needs_a_folder(db_url: str, tmp_path: Path) -> None:
     out = recmodel("bench", "accuracy", url=db_url, home=tmp_path)
     assert out.returncode == 2 and "--movielens DIR" in out.stdout
+
+
+@pytest.mark.parametrize("conf, message", [('{"epoch": 2}', "unknown pipeline setting(s): epoch"),
+                                           ('{"as_of": "2026-01-01T00:00:00+00:00"}', "pipeline settings only"),
+                                           ("[2]", "must be a JSON object")])
+def test_bench_accuracy_refuses_bad_settings_before_any_work(db_url: str, tmp_path: Path, conf: str,
+                                                             message: str) -> None:
+    out = recmodel("bench", "accuracy", "--movielens", str(tmp_path), "--conf", conf, url=db_url, home=tmp_path)
+    assert out.returncode == 2 and message in out.stdout
 
 
 def stream(args: list[str], env: dict[str, str]) -> subprocess.Popen:
