@@ -124,10 +124,10 @@ def pooled_embeddings(encoder, tokenizer, texts: list[str], device, max_tokens: 
     import torch
 
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
-    hidden = encoder(**batch).last_hidden_state  # (B, T, 384)
+    hidden = encoder(**batch).last_hidden_state.float()  # (B, T, 384); pooled in float32 under bf16 autocast
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 def _encode(texts: list[str], batch_size: int, encoder_path: Path | None = None) -> np.ndarray:
