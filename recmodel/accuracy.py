@@ -475,7 +475,8 @@ def _summarise(evaluations: dict[str, dict[str, Any]], fitted: dict[str, baselin
         ratio, low, high = gate.paired_ratio(evaluations["refit model"], evaluations["gated model"], f"ndcg@{K}")
         refit_gain = {"ndcg@10_ratio": ratio, "ci": [low, high]}
     users = int(removed["user_id"].nunique())
-    return {"protocol": "each user's last rating removed, the rest imported, one default retrain through Airflow; "
+    return {"protocol": "each user's last rating removed, the rest imported, one retrain through Airflow (default "
+                        "settings but those in `conf`); "
                         "the published view scored on the removed items (full ranking, seen excluded, K=10)",
             "users": users, "evaluated_users": len(split.users), "items": len(split.vocab) - 1,
             "served_users": int(served["user_id"].nunique()),
