@@ -172,6 +172,16 @@ def _parse_conf(text: str | None) -> dict[str, Any]:
     return conf
 
 
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r} is not a comma-separated list of integers, e.g. 13,14,15") from None
+    if len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+        raise UsageError(f"--seeds {text!r} must list distinct non-negative seeds")
+    return seeds
+
+
 def _parse_as_of(text: str | None) -> datetime:
     if not text:
         from recmodel.registry import as_of_now
@@ -687,7 +697,7 @@ def _print_alerts(alerts: list[Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if args.suite == "accuracy":
-        from recmodel.accuracy import run_accuracy
+        from recmodel.accuracy import run_accuracy, run_accuracy_over_seeds
         from recmodel.config import PipelineConfig
 
         if not args.movielens:
@@ -700,9 +710,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if "as_of" in conf:
             raise UsageError("bench accuracy runs its retrain as of now: --conf takes pipeline settings only")
         PipelineConfig.from_overrides(conf)  # a bad setting fails here, not in the retrain's first task
+        options = {"cold_share": args.cold_items, "cold_seed": args.cold_seed, "placeholders": args.placeholder_titles}
+        if args.seeds:
+            seeds = _parse_seeds(args.seeds)
+            if args.ablations or "seed" in conf:
+                raise UsageError("--seeds sets the retrain's seed and runs no ablations: drop --ablations and "
+                                 "conf's seed")
+            run_accuracy_over_seeds(Path(args.movielens), seeds, output=output, conf=conf, **options)
+            return 0
         run_accuracy(Path(args.movielens), output=output, with_ablations=args.ablations, conf=conf,
-                     cold_share=args.cold_items, cold_seed=args.cold_seed, placeholders=args.placeholder_titles,
-                     curves=Path(args.curves) if args.curves else None)
+                     curves=Path(args.curves) if args.curves else None, **options)
         return 0
     if args.suite == "celery":
         from recmodel.bench_scaleout import ScaleoutOptions, run_scaleout
@@ -833,6 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(a catalog whose text says nothing)")
     bench.add_argument("--cold-seed", type=int, default=0, help="accuracy: which items --cold-items makes cold")
     bench.add_argument("--curves", help="accuracy, with --ablations: write a PNG of the validation curves here")
+    bench.add_argument("--seeds", help="accuracy: comma-separated training seeds, e.g. 13,14,15: one retrain per seed "
+                                       "and the published view's mean with a t interval over them")
     bench.add_argument("--conf", help="accuracy: JSON object of pipeline settings for the retrain (and the "
                                       "ablations' base), as retrain --conf takes them, e.g. '{\"seed\": 14}'")
     bench.set_defaults(func=cmd_bench)

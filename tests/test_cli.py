@@ -247,23 +247,28 @@ def test_bench_accuracy_scores_what_a_default_retrain_published(db_url: str, tmp
 
 
 @pytest.mark.slow
-def test_bench_accuracy_runs_its_retrain_with_the_settings_given(db_url: str, tmp_path: Path) -> None:
-    """`--conf` reaches the retrain: here a model published whatever the gate says, read through a text encoder
-    fine-tuned for one step, which the report's tuned text-only reference reads too."""
+def test_bench_accuracy_runs_its_retrains_with_the_settings_and_seeds_given(db_url: str, tmp_path: Path) -> None:
+    """`--conf` reaches each retrain (here a model published whatever the gate says, read through a text encoder
+    fine-tuned for one step, which the tuned text-only reference reads too) and `--seeds` runs one per seed."""
     import json
 
     folder = tmp_path / "ml"
     write_movielens(folder)
     output = tmp_path / "accuracy.json"
-    conf = {"gate_enforced": False, "epochs": 2, "d_model": 16, "text_finetune_steps": 1, "seed": 5}
+    conf = {"gate_enforced": False, "epochs": 2, "d_model": 16, "text_finetune_steps": 1}
     out = recmodel("bench", "accuracy", "--movielens", str(folder), "--output", str(output), "--conf",
-                   json.dumps(conf), url=db_url, home=tmp_path)
+                   json.dumps(conf), "--seeds", "5,6", url=db_url, home=tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(output.read_text())["accuracy"]
-    assert result["conf"] == conf and result["served_by"] == ["model"]
-    assert result["published_training"]["text_encoder"]["steps"] == 1
-    assert {"text only", "text only (tuned encoder)"} <= set(result["models"])
-    assert "text encoder fine-tuned for 1 steps" in out.stdout
+    written = json.loads(output.read_text())
+    runs, summary = written["runs"], written["over_seeds"]
+    assert [run["conf"] for run in runs] == [{**conf, "seed": 5}, {**conf, "seed": 6}]
+    for run in runs:
+        assert run["served_by"] == ["model"] and run["published_training"]["text_encoder"]["steps"] == 1
+        assert {"text only", "text only (tuned encoder)"} <= set(run["models"])
+    values = [run["models"]["published view"]["ndcg@10"] for run in runs]
+    assert [row["ndcg@10"] for row in summary["runs"]] == values
+    assert summary["published_view"]["ndcg@10"]["mean"] == pytest.approx(sum(values) / 2)
+    assert "text encoder fine-tuned for 1 steps" in out.stdout and "mean [95% t]" in out.stdout
 
 
 def test_bench_accuracy_needs_a_folder(db_url: str, tmp_path: Path) -> None:
@@ -277,6 +282,16 @@ def test_bench_accuracy_needs_a_folder(db_url: str, tmp_path: Path) -> None:
 def test_bench_accuracy_refuses_bad_settings_before_any_work(db_url: str, tmp_path: Path, conf: str,
                                                              message: str) -> None:
     out = recmodel("bench", "accuracy", "--movielens", str(tmp_path), "--conf", conf, url=db_url, home=tmp_path)
+    assert out.returncode == 2 and message in out.stdout
+
+
+@pytest.mark.parametrize("extra, message", [(["--seeds", "13,x"], "comma-separated list of integers"),
+                                            (["--seeds", "13,13"], "distinct non-negative seeds"),
+                                            (["--seeds", "13,14", "--ablations"], "runs no ablations"),
+                                            (["--seeds", "13,14", "--conf", '{"seed": 2}'], "runs no ablations")])
+def test_bench_accuracy_refuses_bad_seeds_before_any_work(db_url: str, tmp_path: Path, extra: list[str],
+                                                          message: str) -> None:
+    out = recmodel("bench", "accuracy", "--movielens", str(tmp_path), *extra, url=db_url, home=tmp_path)
     assert out.returncode == 2 and message in out.stdout
 
 

@@ -486,3 +486,20 @@ def test_a_parquet_file_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypa
     monkeypatch.undo()
     assert pd.read_parquet(path)["user_id"].tolist() == [1, 2]  # the earlier file, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]  # and no partial file left behind
+
+
+def test_seed_summary_gives_the_mean_and_a_t_interval_over_seeds() -> None:
+    from recmodel.accuracy import seed_summary
+
+    def run(ndcg: float) -> dict:
+        published = {"ndcg@10": ndcg, "hr@10": 2 * ndcg, "cold_item_ndcg@10": 0.0, "warm_item_ndcg@10": ndcg}
+        return {"models": {"published view": published, "ease": {"ndcg@10": 0.0411}}, "retrain_seconds": 400.0,
+                "published_training": {"epochs": 30, "best_epoch": 28, "stopped_by": "epochs"}}
+
+    summary = seed_summary([13, 14, 15], [run(0.0544), run(0.0687), run(0.0610)])
+    figure = summary["published_view"]["ndcg@10"]
+    assert figure["mean"] == pytest.approx(0.061367, abs=1e-6)
+    assert figure["ci"] == pytest.approx([0.0436, 0.0792], abs=1e-4)  # t(2) = 4.303 x sd / sqrt(3)
+    assert summary["ndcg@10_ratio_to_ease"] == pytest.approx(1.493, abs=1e-3)
+    assert [row["seed"] for row in summary["runs"]] == [13, 14, 15] and summary["runs"][0]["epochs"] == 30
+    assert seed_summary([13], [run(0.05)])["published_view"]["ndcg@10"]["ci"] is None
