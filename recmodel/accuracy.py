@@ -336,7 +336,7 @@ def run_accuracy(folder: Path, *, output: Path | None, with_ablations: bool = Fa
         recommended = {"published view": view}
         recommended.update(_lineage_models(serving, snapshot, targets))
         published_training = _gated_training(serving)
-        tuned_text = _tuned_text_matrix(serving, vocab)  # the model folder goes with the scratch home
+        tuned_text = _tuned_text_matrix(serving, published_training, vocab)  # read before the scratch home goes
         stats = gate.catalog_stats(imported["item_id"].to_numpy(), items["item_id"].to_numpy())
         cold_users = gate.cold_users(_holdout(snapshot, targets).histories)
         tradeoff = tail_boost_curve(serving, snapshot, targets, stats, items["item_id"].to_numpy(), cold_users)
@@ -505,13 +505,15 @@ def _gated_training(serving: dict[str, Any]) -> dict[str, Any] | None:
     return {key: summary.get(key) for key in (*TRAINING_FIELDS, "curve", "text_encoder")}
 
 
-def _tuned_text_matrix(serving: dict[str, Any], vocab: Vocab) -> np.ndarray | None:
-    """The text embeddings the published model read, when its retrain fine-tuned the encoder."""
+def _tuned_text_matrix(serving: dict[str, Any], gated_training: dict[str, Any] | None,
+                       vocab: Vocab) -> np.ndarray | None:
+    """The text embeddings the published model read, when its retrain fine-tuned the encoder
+    (`gated_training`: what `_gated_training` read of it)."""
     from recmodel.artifacts import load_weights
 
-    gated = (serving["lineage"] or {}).get("gated")
-    if gated is None or not (_gated_training(serving) or {}).get("text_encoder"):
+    if not (gated_training or {}).get("text_encoder"):
         return None
+    gated = serving["lineage"]["gated"]  # there is a gated model: it has a training record
     _, state, model_vocab = load_weights(Path(gated["artifact_dir"]))
     if not np.array_equal(model_vocab.item_ids, vocab.item_ids):
         raise RuntimeError("the published model's vocabulary is not the benchmark's catalog")

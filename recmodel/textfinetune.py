@@ -15,6 +15,7 @@ pays the fine-tune once per refresh period and otherwise only encodes new or cha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,10 +61,10 @@ class TunedEncoder:
 def consecutive_pairs(sequences: dict[int, np.ndarray]) -> np.ndarray:
     """(n, 2) vocabulary indices: each item of each sequence with the item that follows it (repeats of the
     same item dropped)."""
-    firsts = [s[:-1] for s in sequences.values() if len(s) >= 2]
-    if not firsts:
+    long_enough = [s for s in sequences.values() if len(s) >= 2]
+    if not long_enough:
         return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.stack([np.concatenate(firsts), np.concatenate([s[1:] for s in sequences.values() if len(s) >= 2])],
+    pairs = np.stack([np.concatenate([s[:-1] for s in long_enough]), np.concatenate([s[1:] for s in long_enough])],
                      axis=1).astype(np.int64)
     return pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs != PAD).all(axis=1)]
 
@@ -84,7 +85,7 @@ def ensure_tuned(sequences: dict[int, np.ndarray], texts: list[str], cache_dir: 
     cached = read_tuned(folder)
     if cached is not None and now - datetime.fromisoformat(cached.tuned_at) < timedelta(days=refresh_days):
         log.info("text encoder: reusing the one tuned %s (%d steps)", cached.tuned_at, cached.steps)
-        return TunedEncoder(**{**cached.as_dict(), "reused": True})
+        return dataclasses.replace(cached, reused=True)
     pairs = consecutive_pairs(sequences)
     if len(pairs) < 2:
         raise ValueError("fine-tuning the text encoder needs at least two consecutive item pairs")
@@ -115,7 +116,7 @@ def read_tuned(folder: Path) -> TunedEncoder | None:
     meta = folder / META_FILE
     if not meta.is_file():
         return None
-    return TunedEncoder(**{**json.loads(meta.read_text()), "reused": False})
+    return TunedEncoder(**json.loads(meta.read_text()))  # written by ensure_tuned, reused False
 
 
 def _tune(encoder, tokenizer, pairs: np.ndarray, texts: list[str], *, steps: int, budget_seconds: float, seed: int,
