@@ -64,6 +64,7 @@ SETTING_RANGES: dict[str, Range] = {
     "max_item_popularity_divergence": SHARE,
     "max_history": Range(1, 10_000), "d_model": Range(8, 4096), "n_layers": Range(1, 48), "n_heads": Range(1, 64),
     "dropout": Range(0, 1, high_open=True), "epochs": EPOCHS, "patience": EPOCHS, "batch_size": Range(1, 65_536),
+    "checkpoint_window": Range(1, 20),
     "learning_rate": Range(0, 1, low_open=True), "warm_start_epochs": EPOCHS, "seed": Range(0, 2**31 - 1),
     "min_epochs": EPOCHS, "delta_max_norm": Range(0, 1e6), "train_time_budget_seconds": Range(0, 604_800, low_open=True),
     "text_finetune_steps": Range(0, 1_000_000), "text_finetune_budget_seconds": Range(0, 604_800, low_open=True),
@@ -72,6 +73,7 @@ SETTING_RANGES: dict[str, Range] = {
     "holdout_days": Range(0, 3650, low_open=True), "gate_min_users": COUNT,
     "gate_max_holdout_share": Range(0, 1, low_open=True, high_open=True), "gate_min_metric": SHARE,
     "gate_champion_tolerance": SHARE, "refit_epochs": Range(0, 1000),
+    "refit_learning_rate": Range(0, 1, low_open=True),
     "top_k": Range(1, 1000), "similar_k": Range(1, 1000), "popular_k": Range(1, 10_000),
     "popular_window_days": Range(0, 36_500, low_open=True), "popular_min_users": COUNT,
     "score_batch_size": Range(1, 1_000_000),
@@ -248,10 +250,13 @@ class PipelineConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
-    epochs: int = 30  # at most; early stopping on each user's last training item picks the epoch
+    epochs: int = 45  # at most; early stopping on each user's last training item picks the epochs kept
     # Epochs without a better validation NDCG before stopping: on ml-latest-small, 3 stopped at
     # epoch 17 (test NDCG@10 0.054) and 6 at epoch 28, keeping epoch 22 (0.059); 8 kept the same.
     patience: int = 6
+    # Early stopping follows the mean validation NDCG@10 of this many epochs, and the kept model averages their
+    # weights (1: the single best epoch). docs/MODEL.md, "Training that ends on signal".
+    checkpoint_window: int = 3
     min_epochs: int = 1  # early stopping never ends training before this epoch
     batch_size: int = 64
     learning_rate: float = 2e-3  # the peak, with lr_schedule "warmup_cosine"
@@ -288,7 +293,10 @@ class PipelineConfig:
     # False: the gate still judges and records its decision, but the candidate is published whatever it
     # decided (`bench`, which times the model's own path; a first model an operator vouches for).
     gate_enforced: bool = True
-    refit_epochs: int = 2  # after acceptance: epochs on the whole snapshot, from the gated weights; 0 = no refit
+    # After acceptance: epochs on the whole snapshot from the gated weights (0 = no refit), at a constant learning
+    # rate near the end of the gated run's decay. docs/MODEL.md, "Refit", has the measurements that chose both.
+    refit_epochs: int = 4
+    refit_learning_rate: float = 5e-4
     # --- scoring and publishing -------------------------------------------------------------
     top_k: int = 20
     # Opt-in re-ranking towards the long tail (recmodel.longtail): 0 serves the model's own order; the

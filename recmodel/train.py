@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -237,10 +238,14 @@ class TrainResult:
     loss: str  # "softmax" (exact) or "sampled"
     precision: str  # "bfloat16" (autocast) or "float32"
     epochs: int  # epochs run (early stopping or the time budget may end before the planned epochs)
-    best_epoch: int
+    best_epoch: int  # the last of `kept_epochs`
     stopped_by: str  # "early_stopping", "time_budget" or "epochs" (ran every planned epoch)
     still_improving: bool  # the last epoch was the best: more epochs would likely have helped
     validation_ndcg: float  # NDCG@10 of the kept weights on each user's last training item
+    kept_epochs: list[int]  # the epochs whose weights were averaged into the kept model (CheckpointWindow)
+    planned_epochs: int  # the epochs asked for
+    scheduled_epochs: float  # where the learning-rate schedule ended up ending: < planned when the budget cut it
+    annealed_at_epoch: int | None  # validation plateaued here with the learning rate still high: the decay began
     curve: list[EpochRecord]
     train_events: int
     train_windows: int
@@ -275,6 +280,10 @@ class FitResult:
     best_epoch: int
     stopped_by: str
     validation_ndcg: float
+    kept_epochs: list[int]
+    planned_epochs: int
+    scheduled_epochs: float
+    annealed_at_epoch: int | None
     curve: list[EpochRecord]
     final_loss: float
     windows: int
@@ -334,8 +343,8 @@ def hold_out_last(sequences: dict[int, np.ndarray], min_length: int = 3,
 
 def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: torch.Tensor, config: PipelineConfig,
                   validation: Validation | None, *, parent_dir: Path | None = None,
-                  device: torch.device | None = None, epochs: int | None = None, text_informs: bool = True
-                  ) -> tuple[SequentialRecommender, FitResult]:
+                  device: torch.device | None = None, epochs: int | None = None, text_informs: bool = True,
+                  continuing: bool = False) -> tuple[SequentialRecommender, FitResult]:
     """Build the model (warm-started from `parent_dir` when compatible) and train it.
 
     After training, rarely-seen items borrow their text neighbours' id embeddings (`fill_cold_ids`),
@@ -343,8 +352,10 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
     neighbours by title digits.
 
     Trains for `epochs` (default: `config.epochs` from scratch, `config.warm_start_epochs` from
-    a parent) or until `config.train_time_budget_seconds` is spent. With a validation set, training also stops once NDCG@10 on it has not improved for
-    `config.patience` epochs (never before `config.min_epochs`), and the best epoch's weights are kept.
+    a parent) or until `config.train_time_budget_seconds` is spent. With a validation set, training also stops
+    once the mean validation NDCG@10 of the last `config.checkpoint_window` epochs has not improved for
+    `config.patience` epochs (never before `config.min_epochs`), and the average of the best window's weights
+    is kept. `continuing` (the refit) trains on at the end of the decay (`_fit`).
     """
     torch.manual_seed(config.seed)
     windows_in, windows_out = training_windows(sequences, config.max_history)
@@ -366,7 +377,8 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
             log.warning("champion %s has a different architecture; training from scratch", parent_dir.name)
     positives = torch.bincount(torch.from_numpy(windows_out[windows_out != PAD]), minlength=len(vocab))
     result = _fit(model, windows_in, windows_out, config, positives, device or pick_device(), validation,
-                  epochs=planned if epochs is None else epochs, budget_seconds=config.train_time_budget_seconds)
+                  epochs=planned if epochs is None else epochs, budget_seconds=config.train_time_budget_seconds,
+                  continuing=continuing)
     model.cpu()
     if config.item_text and text_informs:
         filled = fill_cold_ids(model, positives)
@@ -403,11 +415,15 @@ def train(train_events: pd.DataFrame, catalog: pd.DataFrame, *, config: Pipeline
     text_seconds = time.perf_counter() - text_started
     signal = _text_signal(text_matrix, train_sequences, config, parent_dir if refit else None)
     model, fit = fit_sequences(train_sequences, vocab, text_matrix, config, validation, parent_dir=parent_dir,
-                               device=device, epochs=epochs, text_informs=signal is None or signal.informative)
+                               device=device, epochs=epochs, text_informs=signal is None or signal.informative,
+                               continuing=refit)
     save_model(model, vocab, out_dir)
     result = TrainResult(model_dir=str(out_dir), device=str(device), loss=fit.loss, precision=fit.precision,
                          epochs=fit.epochs, best_epoch=fit.best_epoch, stopped_by=fit.stopped_by,
-                         still_improving=fit.still_improving, validation_ndcg=fit.validation_ndcg, curve=fit.curve,
+                         still_improving=fit.still_improving, validation_ndcg=fit.validation_ndcg,
+                         kept_epochs=fit.kept_epochs, planned_epochs=fit.planned_epochs,
+                         scheduled_epochs=fit.scheduled_epochs, annealed_at_epoch=fit.annealed_at_epoch,
+                         curve=fit.curve,
                          train_events=len(train_events), train_windows=fit.windows,
                          n_items=len(vocab) - 1, final_loss=fit.final_loss, warm_started_items=fit.warm_started_items,
                          seconds=round(time.perf_counter() - started, 2), text_seconds=round(text_seconds, 2),
@@ -504,18 +520,32 @@ class WarmupCosine:
 
     `fit_to` moves the end (never past the planned steps) to where the time budget will end the
     run, so a run cut by the budget still finishes its decay instead of stopping near the peak.
+    `anneal` starts the decay's end now: from the current multiplier down to FINAL_LR_SHARE over the
+    given steps, for a run whose validation has plateaued while the learning rate is still high.
     """
 
     def __init__(self, planned_steps: int) -> None:
         self.planned_steps = max(planned_steps, 2)
         self.total_steps = self.warmup_steps = 0
+        self.anneal_start: int | None = None
+        self.anneal_from = 1.0
         self.fit_to(self.planned_steps)
 
     def fit_to(self, total_steps: int) -> None:
+        if self.anneal_start is not None:  # annealing: the budget may only bring the end closer
+            self.total_steps = max(min(total_steps, self.total_steps), self.anneal_start + 1)
+            return
         self.total_steps = min(max(total_steps, 2), self.planned_steps)
         self.warmup_steps = max(int(WARMUP_SHARE * self.total_steps), 1)
 
+    def anneal(self, step: int, steps: int) -> None:
+        self.anneal_from, self.anneal_start = self(step), step
+        self.total_steps = step + max(steps, 1)
+
     def __call__(self, step: int) -> float:
+        if self.anneal_start is not None and step >= self.anneal_start:
+            progress = min((step - self.anneal_start) / (self.total_steps - self.anneal_start), 1.0)
+            return FINAL_LR_SHARE + (self.anneal_from - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
@@ -524,8 +554,14 @@ class WarmupCosine:
 
 def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
          positives: torch.Tensor, device: torch.device, validation: Validation | None, *, epochs: int,
-         budget_seconds: float) -> FitResult:
-    """The training loop, with CPU training's thread count and attention set for its duration only."""
+         budget_seconds: float, continuing: bool = False) -> FitResult:
+    """The training loop, with CPU training's thread count and attention set for its duration only.
+
+    `continuing` (the refit) trains on at the constant `refit_learning_rate`, near where the gated model's decay
+    ended: warming up to the peak again would throw away what the decay settled (docs/MODEL.md, "Refit").
+    """
+    lr_schedule, peak_lr = ("constant", config.refit_learning_rate) if continuing else \
+        (config.lr_schedule, config.learning_rate)
     model.to(device).train()
     attention, threads = model.encoder.config._attn_implementation, torch.get_num_threads()
     try:
@@ -533,7 +569,7 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
             model.encoder.set_attn_implementation(CPU_TRAINING_ATTENTION)
             torch.set_num_threads(min(threads, cpu_threads()))
         return _train_loop(model, inputs, targets, config, positives, device, validation, epochs=epochs,
-                           budget_seconds=budget_seconds)
+                           budget_seconds=budget_seconds, lr_schedule=lr_schedule, peak_lr=peak_lr)
     finally:
         model.encoder.set_attn_implementation(attention)
         torch.set_num_threads(threads)
@@ -541,20 +577,22 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
 
 def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
                 positives: torch.Tensor, device: torch.device, validation: Validation | None, *, epochs: int,
-                budget_seconds: float) -> FitResult:
-    """Stops after `epochs`, early (patience, with validation), or when the time budget is spent:
-    then mid-epoch, after one last validation so the partial epoch can still be the one kept."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01, fused=True)
+                budget_seconds: float, lr_schedule: str, peak_lr: float) -> FitResult:
+    """Stops after `epochs`, early (patience on the window's mean validation NDCG), or when the time budget is
+    spent: then mid-epoch, after one last validation so the partial epoch can still be one of those kept."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01, fused=True)
     generator = torch.Generator().manual_seed(config.seed)
     loss_fn = choose_loss(config, positives, generator)
     x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
     lengths = (x_all != PAD).sum(dim=1)
     steps_per_epoch = (len(x_all) + config.batch_size - 1) // config.batch_size
-    schedule = WarmupCosine(epochs * steps_per_epoch) if config.lr_schedule == "warmup_cosine" else None
+    schedule = WarmupCosine(epochs * steps_per_epoch) if lr_schedule == "warmup_cosine" else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda step: 1.0))
     precision = autocast_dtype(device)
     autocast = torch.autocast(device_type=device.type, dtype=precision or torch.float32, enabled=precision is not None)
-    best_ndcg, best_epoch, best_state = -1.0, 0, None
+    window = CheckpointWindow(config.checkpoint_window)
+    best_mean, best_epoch, best_state, kept_epochs = -1.0, 0, None, []
+    annealed_at: int | None = None  # the epoch whose plateau started the final decay
     curve: list[EpochRecord] = []
     loss_value = float("nan")
     stopped_by, epoch, global_step = "epochs", 0, 0
@@ -594,30 +632,105 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
                 break
             if schedule is not None and global_step % SCHEDULE_REFRESH_STEPS == 0:
                 # At this pace (validation included), the budget ends the run after this many steps.
+                cut_before = schedule.total_steps < schedule.planned_steps
                 schedule.fit_to(global_step + int((budget_seconds - elapsed) / (elapsed / global_step)))
+                if not cut_before and schedule.total_steps < schedule.planned_steps:
+                    log.warning("time budget: at this pace %.0f s allow about %.1f of the %d planned epochs; the "
+                                "learning-rate decay now ends there (raise train_time_budget_seconds to train longer)",
+                                budget_seconds, schedule.total_steps / steps_per_epoch, epochs)
         loop_seconds += time.perf_counter() - epoch_started
         loss_value = round(running / max(steps, 1), 4)
         ndcg = validation_ndcg(model, validation, device) if validation is not None else None
         elapsed = time.perf_counter() - started
         curve.append(EpochRecord(epoch=epoch, loss=loss_value, validation_ndcg=None if ndcg is None else round(ndcg, 5),
                                  seconds=round(elapsed, 2), learning_rate=scheduler.get_last_lr()[0]))
+        if ndcg is not None:
+            window.add(epoch, ndcg, model)
         log.info("epoch %d/%d: loss %.4f%s, %.0f s", epoch, epochs, loss_value,
-                 "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f}", elapsed)
-        if ndcg is not None and ndcg > best_ndcg:
-            best_ndcg, best_epoch = ndcg, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                 "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f} (epochs {_epoch_span(window.epochs)}: "
+                 f"{window.mean_ndcg:.4f})", elapsed)
+        if ndcg is not None and window.mean_ndcg > best_mean:
+            best_mean, best_epoch, kept_epochs = window.mean_ndcg, epoch, window.epochs
+            best_state = window.averaged_parameters()
         if out_of_time and (epoch < epochs or steps < steps_per_epoch):
             stopped_by = "time_budget"
             log.info("time budget: %.0f of %.0f s spent in epoch %d", elapsed, budget_seconds, epoch)
             break
-        if ndcg is not None and epoch >= config.min_epochs and epoch - best_epoch >= config.patience:
+        if ndcg is not None and epoch >= config.min_epochs and epoch - max(best_epoch, annealed_at or 0) >= config.patience:
+            anneal_steps = math.ceil(config.patience / 2) * steps_per_epoch
+            if schedule is not None and annealed_at is None and schedule.total_steps - global_step > anneal_steps:
+                # From the current weights: decaying from the kept average instead (tried) never beat the average.
+                schedule.anneal(global_step, anneal_steps)
+                annealed_at = epoch
+                log.info("validation plateaued: the mean NDCG@10 of %d epochs has not improved for %d epochs; the "
+                         "learning rate now decays to its floor over %d epochs, then training stops", window.size,
+                         config.patience, math.ceil(config.patience / 2))
+            else:
+                stopped_by = "early_stopping"
+                log.info("early stop: the mean validation NDCG@10 of %d epochs has not improved for %d epochs; keeping "
+                         "the average of epochs %s", window.size, config.patience, _epoch_span(kept_epochs))
+                break
+        if annealed_at is not None and schedule is not None and global_step >= schedule.total_steps:
             stopped_by = "early_stopping"
-            log.info("early stop: no improvement for %d epochs; keeping epoch %d", config.patience, best_epoch)
+            log.info("early stop: the decay after the plateau at epoch %d has ended; keeping the average of epochs %s",
+                     annealed_at, _epoch_span(kept_epochs))
             break
+    kept_ndcg = 0.0
     if best_state is not None:
-        model.load_state_dict(best_state)
+        load_parameters(model, best_state)
+        kept_ndcg = validation_ndcg(model, validation, device)
+        log.info("kept the average of epochs %s: validation NDCG@10 %.4f", _epoch_span(kept_epochs), kept_ndcg)
     model.eval()
+    scheduled_steps = schedule.total_steps if schedule is not None else epochs * steps_per_epoch
     stats = LoopStats(seconds=loop_seconds, input_seconds=input_seconds, sequences=sequences, tokens=tokens)
     return FitResult(loss=loss_fn.name, precision=str(precision or torch.float32).removeprefix("torch."), epochs=epoch,
-                     best_epoch=best_epoch or epoch, stopped_by=stopped_by, validation_ndcg=max(best_ndcg, 0.0),
+                     best_epoch=best_epoch or epoch, stopped_by=stopped_by, validation_ndcg=kept_ndcg,
+                     kept_epochs=kept_epochs or [epoch], planned_epochs=epochs,
+                     scheduled_epochs=round(scheduled_steps / steps_per_epoch, 2), annealed_at_epoch=annealed_at,
                      curve=curve, final_loss=loss_value, windows=len(inputs), warm_started_items=0, loop=stats)
+
+
+class CheckpointWindow:
+    """The last `size` epochs' validation NDCG and weights.
+
+    On 610 validation users NDCG@10 swings by ±0.005 from one epoch to the next while the trend still
+    rises; early stopping that follows single epochs quits on a dip and keeps a lucky spike. Following the
+    window's mean, and keeping the average of its weights (checkpoint averaging, as in stochastic weight
+    averaging), makes both the stop and the kept model rest on several epochs.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: deque[tuple[int, float, dict[str, torch.Tensor]]] = deque(maxlen=size)
+
+    def add(self, epoch: int, ndcg: float, model: torch.nn.Module) -> None:
+        """Keeps a copy of the parameters only: buffers (the frozen text matrix, 1.5 GB at 1M items) do not
+        change between epochs."""
+        weights = {name: value.detach().to("cpu", copy=True) for name, value in model.named_parameters()}
+        self._entries.append((epoch, ndcg, weights))
+
+    @property
+    def epochs(self) -> list[int]:
+        return [epoch for epoch, _, _ in self._entries]
+
+    @property
+    def mean_ndcg(self) -> float:
+        return sum(ndcg for _, ndcg, _ in self._entries) / len(self._entries)
+
+    def averaged_parameters(self) -> dict[str, torch.Tensor]:
+        """The element-wise mean of the window's parameters, for `load_parameters`."""
+        kept = [weights for _, _, weights in self._entries]
+        return {name: torch.stack([w[name].float() for w in kept]).mean(0).to(value.dtype)
+                for name, value in kept[-1].items()}
+
+
+def load_parameters(model: torch.nn.Module, parameters: dict[str, torch.Tensor]) -> None:
+    """Copy `parameters` (every one of the model's, by name) into `model`; its buffers stay as they are."""
+    missing = {name for name, _ in model.named_parameters()} - set(parameters)
+    if missing:
+        raise ValueError(f"parameters missing from the kept weights: {sorted(missing)}")
+    model.load_state_dict(parameters, strict=False)
+
+
+def _epoch_span(epochs: list[int]) -> str:
+    return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else str(epochs[0]) if epochs else "-"

@@ -288,7 +288,7 @@ def test_warmup_cosine_rises_peaks_and_decays_to_a_tenth() -> None:
     assert schedule.total_steps == 1000
 
 
-def _fit_tiny(**overrides):
+def _fit_tiny(continuing: bool = False, with_model: bool = False, **overrides):
     from recmodel.config import PipelineConfig
     from recmodel.train import fit_sequences, hold_out_last
 
@@ -297,8 +297,65 @@ def _fit_tiny(**overrides):
     train_sequences, validation = hold_out_last(sequences)
     config = PipelineConfig.from_overrides({"d_model": 16, "n_heads": 2, "max_history": 8, "batch_size": 16,
                                             **overrides})
-    return fit_sequences(train_sequences, Vocab(np.arange(-1, 21)), torch.randn(22, 384), config, validation,
-                         device=torch.device("cpu"))[1]
+    model, fit = fit_sequences(train_sequences, Vocab(np.arange(-1, 21)), torch.randn(22, 384), config,
+                               None if continuing else validation, device=torch.device("cpu"), continuing=continuing)
+    return (model, fit, validation) if with_model else fit
+
+
+def test_the_checkpoint_window_follows_the_mean_of_its_epochs_and_averages_their_weights() -> None:
+    from recmodel.train import CheckpointWindow
+
+    from recmodel.train import load_parameters
+
+    window, layer = CheckpointWindow(2), torch.nn.Linear(2, 1)
+    layer.register_buffer("scale", torch.tensor(7.0))
+    for epoch, (weight, ndcg) in enumerate([(1.0, 0.1), (2.0, 0.2), (4.0, 0.5)], start=1):
+        torch.nn.init.constant_(layer.weight, weight)
+        window.add(epoch, ndcg, layer)
+    assert window.epochs == [2, 3] and window.mean_ndcg == pytest.approx(0.35)  # the first epoch left the window
+    averaged = window.averaged_parameters()
+    assert set(averaged) == {"weight", "bias"}  # buffers are not copied every epoch
+    assert torch.equal(averaged["weight"], torch.full((1, 2), 3.0))
+    assert float(layer.weight[0, 0]) == 4.0  # the model itself is untouched until the average is loaded
+    load_parameters(layer, averaged)
+    assert float(layer.weight[0, 0]) == 3.0 and float(layer.scale) == 7.0
+    with pytest.raises(ValueError, match="bias"):
+        load_parameters(layer, {"weight": averaged["weight"]})
+
+
+def test_the_kept_model_is_the_average_of_the_best_window_and_its_validation_is_measured_on_it() -> None:
+    from recmodel.train import validation_ndcg
+
+    # Patience beyond the epochs: no plateau decay either, so the schedule keeps its planned length.
+    model, fit, validation = _fit_tiny(with_model=True, epochs=8, patience=20, checkpoint_window=3, learning_rate=1e-2)
+    assert fit.kept_epochs == list(range(max(fit.best_epoch - 2, 1), fit.best_epoch + 1))
+    assert fit.validation_ndcg == pytest.approx(validation_ndcg(model, validation, torch.device("cpu")))
+    assert (fit.planned_epochs, fit.scheduled_epochs) == (8, 8.0)  # no budget cut: the schedule kept its length
+    single = _fit_tiny(epochs=8, patience=20, checkpoint_window=1, learning_rate=1e-2)
+    assert single.kept_epochs == [single.best_epoch]
+    best = max(point.validation_ndcg for point in single.curve)
+    assert single.curve[single.best_epoch - 1].validation_ndcg == best
+
+
+def test_a_budget_too_short_for_the_planned_epochs_shortens_the_schedule_and_the_record_says_so(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import recmodel.train
+
+    ticks = itertools.count()  # a clock of the training loop's own: 10 ms per reading, whatever the machine's load
+    monkeypatch.setattr(recmodel.train, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
+    with caplog.at_level("WARNING", logger="recmodel.train"):
+        fit = _fit_tiny(epochs=1000, patience=1000, train_time_budget_seconds=3.0)  # 4,000 steps: far more than 3 s
+    assert fit.stopped_by == "time_budget" and fit.planned_epochs == 1000
+    assert fit.scheduled_epochs < 1000  # the decay was re-planned to end with the budget
+    assert "learning-rate decay now ends there" in caplog.text
+
+
+def test_the_refit_trains_on_at_the_end_of_the_decay_not_from_a_new_warm_up() -> None:
+    fit = _fit_tiny(continuing=True, epochs=3, learning_rate=1e-3, refit_learning_rate=3e-4)
+    assert [point.learning_rate for point in fit.curve] == pytest.approx([3e-4] * 3)
+    assert fit.kept_epochs == [3] and fit.validation_ndcg == 0.0  # no validation: the last weights are kept
 
 
 def test_the_time_budget_ends_training_mid_epoch_and_says_so() -> None:
@@ -308,12 +365,37 @@ def test_the_time_budget_ends_training_mid_epoch_and_says_so() -> None:
     assert fit.still_improving is (fit.validation_ndcg > 0)  # stopped by the budget on its best (only) epoch
 
 
-def test_early_stopping_waits_for_min_epochs_then_patience() -> None:
+def test_a_plateau_waits_for_min_epochs_and_patience_then_decays_the_learning_rate_and_stops(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from recmodel.train import FINAL_LR_SHARE
+
     # A learning rate this small leaves the ranking unchanged: the best epoch stays the first.
-    fit = _fit_tiny(epochs=20, learning_rate=1e-12, patience=1, min_epochs=4)
-    assert (fit.epochs, fit.best_epoch, fit.stopped_by, fit.still_improving) == (4, 1, "early_stopping", False)
-    assert [point.epoch for point in fit.curve] == [1, 2, 3, 4]
+    with caplog.at_level("INFO", logger="recmodel.train"):
+        fit = _fit_tiny(epochs=20, learning_rate=1e-12, patience=2, min_epochs=4)
+    assert fit.annealed_at_epoch == 4  # plateaued since epoch 1, but not before min_epochs
+    assert "the learning rate now decays to its floor over 1 epochs" in caplog.text
+    assert (fit.epochs, fit.best_epoch, fit.stopped_by, fit.still_improving) == (5, 1, "early_stopping", False)
+    assert [point.epoch for point in fit.curve] == [1, 2, 3, 4, 5]  # one epoch (patience / 2) of decay, then stop
+    assert fit.curve[-1].learning_rate == pytest.approx(1e-12 * FINAL_LR_SHARE)
+    assert fit.curve[3].learning_rate > 0.5e-12  # still high when the plateau was seen
     assert all(point.validation_ndcg == fit.curve[0].validation_ndcg for point in fit.curve)
+    constant = _fit_tiny(epochs=20, learning_rate=1e-12, patience=2, min_epochs=4, lr_schedule="constant")
+    assert (constant.epochs, constant.annealed_at_epoch) == (4, None)  # nothing to decay: it stops
+
+
+def test_annealing_decays_from_where_the_schedule_is_to_its_floor() -> None:
+    from recmodel.train import FINAL_LR_SHARE, WarmupCosine
+
+    schedule = WarmupCosine(1000)
+    before = schedule(300)
+    schedule.anneal(300, 50)
+    assert schedule(300) == pytest.approx(before) and schedule(350) == pytest.approx(FINAL_LR_SHARE)
+    values = [schedule(step) for step in range(300, 351)]
+    assert all(a >= b for a, b in itertools.pairwise(values)) and schedule(900) == pytest.approx(FINAL_LR_SHARE)
+    schedule.fit_to(2000)  # the budget never pushes an anneal's end back ...
+    assert schedule.total_steps == 350
+    schedule.fit_to(320)  # ... but may bring it closer
+    assert schedule.total_steps == 320 and schedule(320) == pytest.approx(FINAL_LR_SHARE)
 
 
 def test_training_threads_follow_the_cgroup_cpu_quota(tmp_path: Path) -> None:
