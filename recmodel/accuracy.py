@@ -212,8 +212,9 @@ class Ablation:
 PLAIN_SASREC = {"item_text": False, "loss": "softmax", "lr_schedule": "constant", "patience": 10, "epochs": 400,
                 "train_time_budget_seconds": 604_800.0}
 # What a training.json (TrainResult) says about how training went, as the accuracy report shows it.
-TRAINING_FIELDS = ("loss", "epochs", "best_epoch", "stopped_by", "still_improving", "validation_ndcg", "seconds",
-                   "loop_seconds", "tokens_per_s", "warm_started_items")
+TRAINING_FIELDS = ("loss", "epochs", "best_epoch", "kept_epochs", "planned_epochs", "scheduled_epochs",
+                   "annealed_at_epoch", "stopped_by", "still_improving", "validation_ndcg", "seconds", "loop_seconds",
+                   "tokens_per_s", "warm_started_items")
 WARM_START_NEW_SHARE = 0.1  # the champion of the warm-start ablation has not seen the newest 10% of events
 
 
@@ -288,6 +289,41 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     for axis in (by_epoch, by_time):
         axis.grid(alpha=0.3)
     figure.suptitle("ablations on the same snapshot; a dot marks the epoch whose weights are kept")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_training_curves(seeds: list[int], trainings: list[dict[str, Any]], path: Path) -> None:
+    """Each seed's gated training: validation NDCG@10 per epoch, the mean early stopping follows, the epochs
+    whose weights were averaged into the kept model, and the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 4.2), sharey=True, squeeze=False)
+    for axis, seed, training in zip(axes[0], seeds, trainings):
+        curve = training["curve"]
+        epochs = [point["epoch"] for point in curve]
+        ndcg = np.array([point["validation_ndcg"] for point in curve])
+        window = max(len(training.get("kept_epochs") or [1]), 1)
+        mean = [ndcg[max(i - window + 1, 0):i + 1].mean() for i in range(len(ndcg))]
+        axis.plot(epochs, ndcg, color="tab:blue", alpha=0.45, linewidth=1, label="validation NDCG@10, per epoch")
+        axis.plot(epochs, mean, color="tab:blue", linewidth=2, label=f"mean of the last {window} (early stopping)")
+        kept = training.get("kept_epochs") or [training["best_epoch"]]
+        axis.axvspan(kept[0] - 0.5, kept[-1] + 0.5, color="tab:green", alpha=0.2,
+                     label=f"kept: average of epochs {kept[0]}-{kept[-1]}")
+        if training.get("annealed_at_epoch"):
+            axis.axvline(training["annealed_at_epoch"], color="tab:red", linestyle="--", linewidth=1,
+                         label="plateau: the final decay starts")
+        rate = axis.twinx()
+        rate.plot(epochs, [point["learning_rate"] for point in curve], color="tab:gray", linestyle=":", linewidth=1)
+        rate.set_ylabel("learning rate (dotted)", color="tab:gray")
+        axis.set(xlabel="epoch", title=f"seed {seed}: {training['epochs']} epochs, {training['stopped_by']}")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation NDCG@10 (each user's last training item)")
+    axes[0][0].legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -389,7 +425,7 @@ SEED_METRICS = ("ndcg@10", "hr@10", "cold_item_ndcg@10", "warm_item_ndcg@10")
 
 
 def run_accuracy_over_seeds(folder: Path, seeds: list[int], *, output: Path | None, conf: dict[str, Any] | None = None,
-                            **options: Any) -> dict[str, Any]:
+                            curves: Path | None = None, **options: Any) -> dict[str, Any]:
     """`run_accuracy` once per training seed, then the published view's mean and t interval over the seeds.
 
     The split, the references and EASE do not depend on the seed; the retrain (its initialisation, its
@@ -402,6 +438,10 @@ def run_accuracy_over_seeds(folder: Path, seeds: list[int], *, output: Path | No
         runs.append(run_accuracy(folder, output=None, conf={**(conf or {}), "seed": seed}, **options))
     summary = seed_summary(seeds, runs)
     _print_seeds(summary)
+    trainings = [run.get("published_training") for run in runs]
+    if curves and all(trainings):
+        plot_training_curves(seeds, trainings, curves)
+        console.print(f"wrote {curves}")
     if output:
         from recmodel.bench import device_name
 
@@ -421,10 +461,14 @@ def seed_summary(seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]
         published, training = run["models"]["published view"], run.get("published_training") or {}
         rows.append({"seed": seed, **{metric: published[metric] for metric in SEED_METRICS},
                      "ease_ndcg@10": run["models"]["ease"]["ndcg@10"],
+                     "gated_ndcg@10": run["models"].get("gated model", {}).get("ndcg@10"),
                      "epochs": training.get("epochs"), "best_epoch": training.get("best_epoch"),
-                     "stopped_by": training.get("stopped_by"), "retrain_seconds": run["retrain_seconds"]})
+                     "kept_epochs": training.get("kept_epochs"), "stopped_by": training.get("stopped_by"),
+                     "retrain_seconds": run["retrain_seconds"]})
     means: dict[str, Any] = {}
-    for metric in (*SEED_METRICS, "ease_ndcg@10"):
+    for metric in (*SEED_METRICS, "ease_ndcg@10", "gated_ndcg@10"):
+        if any(row[metric] is None for row in rows):
+            continue
         values = np.array([row[metric] for row in rows], dtype=np.float64)
         mean = float(values.mean())
         half = (float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
@@ -441,7 +485,8 @@ def _print_seeds(summary: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for row in summary["runs"]:
         table.add_row(str(row["seed"]), *(f"{row[m]:.4f}" for m in (*SEED_METRICS, "ease_ndcg@10")),
-                      f"{row['epochs']} (best {row['best_epoch']}, {row['stopped_by']})" if row["epochs"] else "-",
+                      f"{row['epochs']} (kept {_span(row.get('kept_epochs') or [row['best_epoch']])}, "
+                      f"{row['stopped_by']})" if row["epochs"] else "-",
                       f"{row['retrain_seconds']:.0f} s")
     cells = []
     for metric in (*SEED_METRICS, "ease_ndcg@10"):
@@ -452,6 +497,10 @@ def _print_seeds(summary: dict[str, Any]) -> None:
     console.print(table)
     if summary["ndcg@10_ratio_to_ease"] is not None:
         console.print(f"mean NDCG@10 over seeds / EASE: {summary['ndcg@10_ratio_to_ease']:.2f}x")
+
+
+def _span(epochs: list[int]) -> str:
+    return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else str(epochs[0])
 
 
 def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,

@@ -702,8 +702,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not args.movielens:
             raise UsageError("bench accuracy needs --movielens DIR (a folder with ratings.csv + movies.csv)")
-        if args.curves and not args.ablations:
-            raise UsageError("--curves draws the ablations' validation curves: add --ablations")
+        if args.curves and not (args.ablations or args.seeds):
+            raise UsageError("--curves draws the ablations' or the seeds' validation curves: add --ablations or "
+                             "--seeds")
         if not 0 <= args.cold_items < 1:
             raise UsageError(f"--cold-items is a share of the items in [0, 1), got {args.cold_items}")
         conf = _parse_conf(args.conf)
@@ -716,7 +717,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.ablations or "seed" in conf:
                 raise UsageError("--seeds sets the retrain's seed and runs no ablations: drop --ablations and "
                                  "conf's seed")
-            run_accuracy_over_seeds(Path(args.movielens), seeds, output=output, conf=conf, **options)
+            run_accuracy_over_seeds(Path(args.movielens), seeds, output=output, conf=conf,
+                                    curves=Path(args.curves) if args.curves else None, **options)
             return 0
         run_accuracy(Path(args.movielens), output=output, with_ablations=args.ablations, conf=conf,
                      curves=Path(args.curves) if args.curves else None, **options)
@@ -849,7 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accuracy: replace every title with \"Product <id>\" and drop descriptions and tags "
                             "(a catalog whose text says nothing)")
     bench.add_argument("--cold-seed", type=int, default=0, help="accuracy: which items --cold-items makes cold")
-    bench.add_argument("--curves", help="accuracy, with --ablations: write a PNG of the validation curves here")
+    bench.add_argument("--curves", help="accuracy, with --ablations or --seeds: write a PNG of the validation curves "
+                                        "here (per ablation, or each seed's training with the epochs it kept)")
     bench.add_argument("--seeds", help="accuracy: comma-separated training seeds, e.g. 13,14,15: one retrain per seed "
                                        "and the published view's mean with a t interval over them")
     bench.add_argument("--conf", help="accuracy: JSON object of pipeline settings for the retrain (and the "

@@ -493,8 +493,10 @@ def test_seed_summary_gives_the_mean_and_a_t_interval_over_seeds() -> None:
 
     def run(ndcg: float) -> dict:
         published = {"ndcg@10": ndcg, "hr@10": 2 * ndcg, "cold_item_ndcg@10": 0.0, "warm_item_ndcg@10": ndcg}
-        return {"models": {"published view": published, "ease": {"ndcg@10": 0.0411}}, "retrain_seconds": 400.0,
-                "published_training": {"epochs": 30, "best_epoch": 28, "stopped_by": "epochs"}}
+        return {"models": {"published view": published, "ease": {"ndcg@10": 0.0411}, "gated model": {"ndcg@10": 0.05}},
+                "retrain_seconds": 400.0,
+                "published_training": {"epochs": 30, "best_epoch": 28, "kept_epochs": [26, 27, 28],
+                                       "stopped_by": "epochs"}}
 
     summary = seed_summary([13, 14, 15], [run(0.0544), run(0.0687), run(0.0610)])
     figure = summary["published_view"]["ndcg@10"]
@@ -502,4 +504,16 @@ def test_seed_summary_gives_the_mean_and_a_t_interval_over_seeds() -> None:
     assert figure["ci"] == pytest.approx([0.0436, 0.0792], abs=1e-4)  # t(2) = 4.303 x sd / sqrt(3)
     assert summary["ndcg@10_ratio_to_ease"] == pytest.approx(1.493, abs=1e-3)
     assert [row["seed"] for row in summary["runs"]] == [13, 14, 15] and summary["runs"][0]["epochs"] == 30
+    assert summary["runs"][0]["kept_epochs"] == [26, 27, 28]
+    assert summary["published_view"]["gated_ndcg@10"]["mean"] == pytest.approx(0.05)
     assert seed_summary([13], [run(0.05)])["published_view"]["ndcg@10"]["ci"] is None
+
+
+def test_the_seeds_training_curves_plot_marks_the_kept_epochs(tmp_path: Path) -> None:
+    from recmodel.accuracy import plot_training_curves
+
+    curve = [{"epoch": e, "validation_ndcg": 0.01 * e, "learning_rate": 1e-3, "seconds": e} for e in range(1, 9)]
+    training = {"curve": curve, "epochs": 8, "best_epoch": 8, "kept_epochs": [6, 7, 8], "stopped_by": "epochs"}
+    path = tmp_path / "curves.png"
+    plot_training_curves([13, 14], [training, training], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
