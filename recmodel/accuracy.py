@@ -299,6 +299,8 @@ def plot_training_curves(seeds: list[int], trainings: list[dict[str, Any]], path
     whose weights were averaged into the kept model, and the learning rate."""
     import matplotlib
 
+    from recmodel.train import epoch_span
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -313,7 +315,7 @@ def plot_training_curves(seeds: list[int], trainings: list[dict[str, Any]], path
         axis.plot(epochs, mean, color="tab:blue", linewidth=2, label=f"mean of the last {window} (early stopping)")
         kept = training.get("kept_epochs") or [training["best_epoch"]]
         axis.axvspan(kept[0] - 0.5, kept[-1] + 0.5, color="tab:green", alpha=0.2,
-                     label=f"kept: average of epochs {kept[0]}-{kept[-1]}")
+                     label=f"kept: average of epochs {epoch_span(kept)}")
         if training.get("annealed_at_epoch"):
             axis.axvline(training["annealed_at_epoch"], color="tab:red", linestyle="--", linewidth=1,
                          label="plateau: the final decay starts")
@@ -479,13 +481,15 @@ def seed_summary(seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def _print_seeds(summary: dict[str, Any]) -> None:
+    from recmodel.train import epoch_span
+
     table = Table(title=f"published view over seeds {', '.join(map(str, summary['seeds']))}")
     for column in ("seed", "NDCG@10", "HR@10", "new items NDCG@10", "warm items NDCG@10", "EASE NDCG@10", "epochs",
                    "retrain"):
         table.add_column(column, justify="right")
     for row in summary["runs"]:
         table.add_row(str(row["seed"]), *(f"{row[m]:.4f}" for m in (*SEED_METRICS, "ease_ndcg@10")),
-                      f"{row['epochs']} (kept {_span(row.get('kept_epochs') or [row['best_epoch']])}, "
+                      f"{row['epochs']} (kept {epoch_span(row.get('kept_epochs') or [row['best_epoch']])}, "
                       f"{row['stopped_by']})" if row["epochs"] else "-",
                       f"{row['retrain_seconds']:.0f} s")
     cells = []
@@ -497,10 +501,6 @@ def _print_seeds(summary: dict[str, Any]) -> None:
     console.print(table)
     if summary["ndcg@10_ratio_to_ease"] is not None:
         console.print(f"mean NDCG@10 over seeds / EASE: {summary['ndcg@10_ratio_to_ease']:.2f}x")
-
-
-def _span(epochs: list[int]) -> str:
-    return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else str(epochs[0])
 
 
 def _lineage_models(serving: dict[str, Any], snapshot: pd.DataFrame,

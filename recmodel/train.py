@@ -647,7 +647,7 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
         if ndcg is not None:
             window.add(epoch, ndcg, model)
         log.info("epoch %d/%d: loss %.4f%s, %.0f s", epoch, epochs, loss_value,
-                 "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f} (epochs {_epoch_span(window.epochs)}: "
+                 "" if ndcg is None else f", validation NDCG@10 {ndcg:.4f} (epochs {epoch_span(window.epochs)}: "
                  f"{window.mean_ndcg:.4f})", elapsed)
         if ndcg is not None and window.mean_ndcg > best_mean:
             best_mean, best_epoch, kept_epochs = window.mean_ndcg, epoch, window.epochs
@@ -668,18 +668,18 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
             else:
                 stopped_by = "early_stopping"
                 log.info("early stop: the mean validation NDCG@10 of %d epochs has not improved for %d epochs; keeping "
-                         "the average of epochs %s", window.size, config.patience, _epoch_span(kept_epochs))
+                         "the average of epochs %s", window.size, config.patience, epoch_span(kept_epochs))
                 break
         if annealed_at is not None and schedule is not None and global_step >= schedule.total_steps:
             stopped_by = "early_stopping"
             log.info("early stop: the decay after the plateau at epoch %d has ended; keeping the average of epochs %s",
-                     annealed_at, _epoch_span(kept_epochs))
+                     annealed_at, epoch_span(kept_epochs))
             break
     kept_ndcg = 0.0
     if best_state is not None:
         load_parameters(model, best_state)
         kept_ndcg = validation_ndcg(model, validation, device)
-        log.info("kept the average of epochs %s: validation NDCG@10 %.4f", _epoch_span(kept_epochs), kept_ndcg)
+        log.info("kept the average of epochs %s: validation NDCG@10 %.4f", epoch_span(kept_epochs), kept_ndcg)
     model.eval()
     scheduled_steps = schedule.total_steps if schedule is not None else epochs * steps_per_epoch
     stats = LoopStats(seconds=loop_seconds, input_seconds=input_seconds, sequences=sequences, tokens=tokens)
@@ -732,5 +732,6 @@ def load_parameters(model: torch.nn.Module, parameters: dict[str, torch.Tensor])
     model.load_state_dict(parameters, strict=False)
 
 
-def _epoch_span(epochs: list[int]) -> str:
+def epoch_span(epochs: list[int]) -> str:
+    """"27-29" for a run of epochs, "18" for one, "-" for none."""
     return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else str(epochs[0]) if epochs else "-"
