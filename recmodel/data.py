@@ -216,23 +216,35 @@ def left_pad(sequences: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
-def training_windows(sequences: dict[int, np.ndarray], max_history: int) -> tuple[np.ndarray, np.ndarray]:
+def training_windows(sequences: dict[int, np.ndarray], max_history: int,
+                     shifts: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Next-item training pairs: inputs (N, L) and targets (N, L), both left-padded.
 
     Each sequence is cut from its end into windows of L+1 items; input = window[:-1], target =
-    window[1:], so every position predicts the item that followed it.
+    window[1:], so every position predicts the item that followed it, and every transition is a target once.
+
+    With `shifts`, a sequence longer than one window is cut at a random shift instead: its most recent
+    window still reads L items, but leaves its first `shift` targets (masked as padding) to the window
+    before it, and every older cut moves with it. Drawn anew each epoch, an item is predicted from a
+    different stretch of its past each time; fixed cuts predict the same items from almost nothing, every epoch.
     """
     windows: list[np.ndarray] = []
+    masked: list[int] = []  # leading targets of each window that an older window predicts instead
     for seq in sequences.values():
         end = len(seq)
+        shift = int(shifts.integers(0, max_history)) if shifts is not None and end > max_history + 1 else 0
         while end >= 2:
             start = max(0, end - max_history - 1)
             windows.append(seq[start:end])
-            end = start + 1 if start > 0 else 0
+            masked.append(shift)
+            end = start + 1 + shift if start > 0 else 0
+            shift = 0
     if not windows:
         return np.zeros((0, max_history), np.int64), np.zeros((0, max_history), np.int64)
     inputs = left_pad([w[:-1] for w in windows], max_history)
     targets = left_pad([w[1:] for w in windows], max_history)
+    for row, count in enumerate(masked):
+        targets[row, :count] = PAD  # a shifted window is a full one, so its first targets are its first columns
     return inputs, targets
 
 

@@ -358,8 +358,8 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
     is kept. `continuing` (the refit) trains on at the end of the decay (`_fit`).
     """
     torch.manual_seed(config.seed)
-    windows_in, windows_out = training_windows(sequences, config.max_history)
-    if len(windows_in) == 0:
+    transitions = [seq[1:] for seq in sequences.values() if len(seq) >= 2]
+    if not transitions:
         raise TrainingError("no user has two or more interactions to learn from")
     model_config = ModelConfig(n_items=len(vocab), max_history=config.max_history, d_model=config.d_model,
                                n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout,
@@ -375,8 +375,8 @@ def fit_sequences(sequences: dict[int, np.ndarray], vocab: Vocab, text_matrix: t
             log.info("warm start from %s: %d of %d items carried over", parent_dir.name, warm_items, len(vocab) - 1)
         else:
             log.warning("champion %s has a different architecture; training from scratch", parent_dir.name)
-    positives = torch.bincount(torch.from_numpy(windows_out[windows_out != PAD]), minlength=len(vocab))
-    result = _fit(model, windows_in, windows_out, config, positives, device or pick_device(), validation,
+    positives = torch.bincount(torch.from_numpy(np.concatenate(transitions)), minlength=len(vocab))
+    result = _fit(model, sequences, config, positives, device or pick_device(), validation,
                   epochs=planned if epochs is None else epochs, budget_seconds=config.train_time_budget_seconds,
                   continuing=continuing)
     model.cpu()
@@ -552,7 +552,7 @@ class WarmupCosine:
         return FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
+def _fit(model: SequentialRecommender, sequences: dict[int, np.ndarray], config: PipelineConfig,
          positives: torch.Tensor, device: torch.device, validation: Validation | None, *, epochs: int,
          budget_seconds: float, continuing: bool = False) -> FitResult:
     """The training loop, with CPU training's thread count and attention set for its duration only.
@@ -568,23 +568,30 @@ def _fit(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, 
         if device.type == "cpu":
             model.encoder.set_attn_implementation(CPU_TRAINING_ATTENTION)
             torch.set_num_threads(min(threads, cpu_threads()))
-        return _train_loop(model, inputs, targets, config, positives, device, validation, epochs=epochs,
+        return _train_loop(model, sequences, config, positives, device, validation, epochs=epochs,
                            budget_seconds=budget_seconds, lr_schedule=lr_schedule, peak_lr=peak_lr)
     finally:
         model.encoder.set_attn_implementation(attention)
         torch.set_num_threads(threads)
 
 
-def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.ndarray, config: PipelineConfig,
+def _train_loop(model: SequentialRecommender, sequences: dict[int, np.ndarray], config: PipelineConfig,
                 positives: torch.Tensor, device: torch.device, validation: Validation | None, *, epochs: int,
                 budget_seconds: float, lr_schedule: str, peak_lr: float) -> FitResult:
     """Stops after `epochs`, early (patience on the window's mean validation NDCG), or when the time budget is
-    spent: then mid-epoch, after one last validation so the partial epoch can still be one of those kept."""
+    spent: then mid-epoch, after one last validation so the partial epoch can still be one of those kept.
+
+    The first epoch cuts long sequences into windows from their end; with `shift_windows`, every later epoch cuts them
+    at a new random shift (`training_windows`).
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01, fused=True)
     generator = torch.Generator().manual_seed(config.seed)
     loss_fn = choose_loss(config, positives, generator)
-    x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
+    x_all, y_all = (torch.from_numpy(a) for a in training_windows(sequences, config.max_history))
+    shifts = np.random.default_rng(config.seed) if config.shift_windows else None  # the first epoch cuts from the end
     lengths = (x_all != PAD).sum(dim=1)
+    first_epoch_windows = len(x_all)
+    # A shifted cut can add a window to a long sequence: the count, and so the steps of an epoch, vary by a few.
     steps_per_epoch = (len(x_all) + config.batch_size - 1) // config.batch_size
     schedule = WarmupCosine(epochs * steps_per_epoch) if lr_schedule == "warmup_cosine" else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda step: 1.0))
@@ -598,7 +605,7 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
     stopped_by, epoch, global_step = "epochs", 0, 0
     started = time.perf_counter()
     loop_seconds = input_seconds = 0.0
-    sequences = tokens = 0
+    windows_seen = tokens = 0
     log.info("training on %s (%d threads): %s loss over the %d items training sequences lead to, %s, up to %d epochs "
              "of %d steps, budget %.0f s",
              device.type, torch.get_num_threads(), loss_fn.name, int((positives[PAD + 1:] > 0).sum()),
@@ -606,6 +613,9 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
              steps_per_epoch, budget_seconds)
     progress = Progress(log, "train", epochs * steps_per_epoch, "steps", limit_seconds=budget_seconds)
     for epoch in range(1, epochs + 1):
+        if shifts is not None and epoch > 1:
+            x_all, y_all = (torch.from_numpy(a) for a in training_windows(sequences, config.max_history, shifts))
+            lengths = (x_all != PAD).sum(dim=1)
         running, steps, out_of_time = 0.0, 0, False
         epoch_started = time.perf_counter()
         for batch in _length_bucketed_batches(lengths, config.batch_size, generator):
@@ -623,7 +633,7 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
             scheduler.step()
             running += loss.item()  # also waits for the device, so the timings above are honest
             steps, global_step = steps + 1, global_step + 1
-            sequences += len(batch)
+            windows_seen += len(batch)
             tokens += int((y != PAD).sum())
             progress.advance(1, f"epoch {epoch}/{epochs}, loss {running / steps:.4f}")
             elapsed = time.perf_counter() - started
@@ -682,12 +692,12 @@ def _train_loop(model: SequentialRecommender, inputs: np.ndarray, targets: np.nd
         log.info("kept the average of epochs %s: validation NDCG@10 %.4f", epoch_span(kept_epochs), kept_ndcg)
     model.eval()
     scheduled_steps = schedule.total_steps if schedule is not None else epochs * steps_per_epoch
-    stats = LoopStats(seconds=loop_seconds, input_seconds=input_seconds, sequences=sequences, tokens=tokens)
+    stats = LoopStats(seconds=loop_seconds, input_seconds=input_seconds, sequences=windows_seen, tokens=tokens)
     return FitResult(loss=loss_fn.name, precision=str(precision or torch.float32).removeprefix("torch."), epochs=epoch,
                      best_epoch=best_epoch or epoch, stopped_by=stopped_by, validation_ndcg=kept_ndcg,
                      kept_epochs=kept_epochs or [epoch], planned_epochs=epochs,
                      scheduled_epochs=round(scheduled_steps / steps_per_epoch, 2), annealed_at_epoch=annealed_at,
-                     curve=curve, final_loss=loss_value, windows=len(inputs), warm_started_items=0, loop=stats)
+                     curve=curve, final_loss=loss_value, windows=first_epoch_windows, warm_started_items=0, loop=stats)
 
 
 class CheckpointWindow:

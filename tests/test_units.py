@@ -52,6 +52,20 @@ def test_training_windows_cover_every_transition_once() -> None:
     assert sum(int((row != 0).sum()) for row in targets) == 6
 
 
+def test_shifted_windows_still_predict_every_transition_once_and_the_latest_from_a_full_window() -> None:
+    sequences = {1: np.arange(1, 30), 2: np.arange(100, 103), 3: np.array([200])}  # 28, 2 and 0 transitions
+    transitions = {(k, k + 1) for k in range(1, 29)} | {(100, 101), (101, 102)}
+    shifts, first_targets = np.random.default_rng(0), set()
+    for _ in range(20):
+        inputs, targets = training_windows(sequences, max_history=5, shifts=shifts)
+        pairs = [(int(i), int(t)) for row_in, row_out in zip(inputs, targets) for i, t in zip(row_in, row_out) if t]
+        assert sorted(pairs) == sorted(transitions)  # each once, each after its own predecessor
+        latest = next(row for row, out in enumerate(targets) if out[-1] == 29)
+        assert inputs[latest].tolist() == [24, 25, 26, 27, 28]  # the next recommendation's context, in full
+        first_targets |= {int(row[row != 0][0]) for row in targets}
+    assert len(first_targets) > 10  # the cuts move: items are predicted after different stretches of their past
+
+
 def test_left_pad_keeps_the_most_recent_items() -> None:
     assert left_pad([np.array([1, 2, 3, 4]), np.array([5])], 3).tolist() == [[2, 3, 4], [0, 0, 5]]
 
